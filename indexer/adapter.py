@@ -1,0 +1,45 @@
+"""Architecture quirks in one place: which modules are linear layers, and how their weights lie.
+
+`nn.Linear` stores W as (out, in); transformers' GPT-2 `Conv1D` stores it as (in, out). Everything
+else in the indexer sees a `Layer` with `in_features`, `out_features` and a `transposed` flag.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class Layer:
+    name: str
+    module: nn.Module
+    in_features: int
+    out_features: int
+    transposed: bool  # True when weight is (in, out), as in Conv1D
+
+
+def _as_layer(name: str, module: nn.Module) -> Layer | None:
+    if isinstance(module, nn.Linear):
+        return Layer(name, module, module.in_features, module.out_features, False)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        n_in, n_out = module.weight.shape
+        return Layer(name, module, n_in, n_out, True)
+    return None
+
+
+def tracked_layers(model: nn.Module, pattern: str | None = None) -> list[Layer]:
+    """Linear layers to track, in module order; by default all but the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    regex = re.compile(pattern) if pattern else None
+    layers = []
+    for name, module in model.named_modules():
+        layer = _as_layer(name, module)
+        if layer is None or module is head:
+            continue
+        if regex is not None and not regex.search(name):
+            continue
+        layers.append(layer)
+    return layers

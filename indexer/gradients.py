@@ -1,0 +1,136 @@
+"""Per-example projected gradients from one batched backward pass (LoGra).
+
+For a linear layer y = W x, one example's weight gradient is Σ_t δ_t x_tᵀ. Projecting both sides,
+P_out (Σ_t δ_t x_tᵀ) P_inᵀ = Σ_t (P_out δ_t)(P_in x_t)ᵀ, so hooks project x_t on the forward pass
+and δ_t on the backward pass and only a (k_out × k_in) matrix per example and layer is ever formed.
+Weight gradients themselves are never computed: parameters are frozen and the backward pass runs
+from the input embeddings, which saves the weight-gradient matmuls (about a third of backward).
+
+Adam normalisation: dividing the gradient elementwise by √v, with v ≈ r cᵀ / mean(v) (a factored
+row × column estimate of Adam's second moment), equals scaling P_out's columns by r^-½ and P_in's
+columns by c^-½ — folded into the projections at no cost per example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from indexer.adapter import tracked_layers
+
+
+@dataclass
+class GradientConfig:
+    """How gradients become features. Defaults keep a 4-layer GPT-2 at 1,024 dims per checkpoint."""
+
+    k_in: int | None = 8  # input-side projection size per layer; None = no projection (exact)
+    k_out: int | None = 8  # output-side projection size per layer; None = no projection (exact)
+    seed: int = 0  # projection seed; recorded in info.json so queries use the same matrices
+    modules: str | None = None  # regex over module names to track; None = every linear layer but the head
+    optimizer_norm: bool = True  # divide by √(Adam second moment) when optimizer.pt is present
+    eps: float = 1e-8  # added to second moments before the square root
+
+    def __post_init__(self):
+        for k in (self.k_in, self.k_out):
+            if k is not None and k < 1:
+                raise ValueError("projection sizes must be positive, or None for exact gradients")
+        if self.modules is not None:
+            re.compile(self.modules)
+
+
+def _gaussian(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randn(rows, cols, generator=g) / rows**0.5
+
+
+class Featurizer:
+    """Hooks a causal LM so that `features(batch)` returns per-example projected gradients (B, D)."""
+
+    def __init__(self, model: nn.Module, config: GradientConfig, second_moments: dict | None = None):
+        self.model, self.config = model, config
+        self.layers = tracked_layers(model, config.modules)
+        if not self.layers:
+            raise ValueError("no linear layers matched; check the --modules pattern")
+        self.p_in, self.p_out, self.normalised = {}, {}, []
+        for layer in self.layers:
+            p_out = self._projection(config.k_out, layer.out_features, f"{layer.name}:out")
+            p_in = self._projection(config.k_in, layer.in_features, f"{layer.name}:in")
+            v = (second_moments or {}).get(layer.name + ".weight") if config.optimizer_norm else None
+            if v is not None:
+                v = v.T if layer.transposed else v  # (out, in)
+                row, col = v.mean(1), v.mean(0)
+                scale = v.mean().clamp_min(config.eps).sqrt()
+                p_out = p_out * (row + config.eps).rsqrt()[None, :] * scale
+                p_in = p_in * (col + config.eps).rsqrt()[None, :]
+                self.normalised.append(layer.name)
+            self.p_out[layer.name], self.p_in[layer.name] = p_out, p_in
+        self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
+        self._x: dict[str, torch.Tensor] = {}
+        self._g: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+
+    def _projection(self, k: int | None, n: int, name: str) -> torch.Tensor:
+        if k is None:
+            return torch.eye(n)
+        return _gaussian(k, n, self.config.seed, name)
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach() * self._mask[..., None]  # (B, T, in), padding zeroed
+            self._x[name] = x @ self.p_in[name].T  # (B, T, k_in)
+            if output.requires_grad:
+                output.register_hook(self._backward_hook(name))
+        return hook
+
+    def _backward_hook(self, name: str):
+        def hook(grad):
+            d = grad.detach() @ self.p_out[name].T  # (B, T, k_out)
+            self._g[name] = torch.einsum("btk,btj->bkj", d, self._x.pop(name))  # (B, k_out, k_in)
+        return hook
+
+    @staticmethod
+    def _embedding_requires_grad(module, inputs, output):
+        return output.detach().requires_grad_(True)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients of each example's mean token loss over `labels` != -100.
+
+        Returns (B, D) float32 in layer order, not normalised.
+        """
+        self._mask = attention_mask.to(torch.float32)
+        self._x.clear(); self._g.clear()
+        handles = [self.model.get_input_embeddings().register_forward_hook(self._embedding_requires_grad)]
+        handles += [l.module.register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
+        flags = [p.requires_grad for p in self.model.parameters()]
+        try:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                loss = per_example_loss(logits, labels).sum()
+                loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for p, f in zip(self.model.parameters(), flags):
+                p.requires_grad_(f)
+        missing = [l.name for l in self.layers if l.name not in self._g]
+        if missing:
+            raise RuntimeError(f"no gradient reached {missing[0]}: is it used by the forward pass?")
+        feats = [self._g.pop(l.name).flatten(1) for l in self.layers]
+        return torch.cat(feats, dim=1)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy per example over positions whose label is not -100. (B,)"""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    tok = nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
+                                      ignore_index=-100, reduction="none")  # (B, T-1)
+    counts = (shift_labels != -100).sum(1).clamp_min(1)
+    return tok.sum(1) / counts
