@@ -1,0 +1,111 @@
+"""SQL schema. Alembic migrations in `db/migrations` create exactly these tables."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Corpus(Base):
+    __tablename__ = "corpora"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str | None] = mapped_column(Text)  # last ingested path
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Document(Base):
+    __tablename__ = "documents"
+    __table_args__ = (UniqueConstraint("corpus_id", "external_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id", ondelete="CASCADE"), index=True)
+    external_id: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    token_count: Mapped[int | None] = mapped_column(Integer)  # by the tokenizer of the first build
+    meta: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    checkpoints: Mapped[list[Checkpoint]] = relationship(order_by="Checkpoint.step", back_populates="model")
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("model_id", "step"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    tokenizer_hash: Mapped[str] = mapped_column(String(64))
+    learning_rate: Mapped[float | None] = mapped_column(Float)
+    optimizer_state_path: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[Model] = relationship(back_populates="checkpoints")
+
+
+class IndexBuild(Base):
+    __tablename__ = "index_builds"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(40))  # "hybrid": gradient + semantic + lexical stores
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="ready")
+    row_count: Mapped[int] = mapped_column(Integer, default=0)
+    store_path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IndexEntry(Base):
+    """Row `position` of a build's stores (and FAISS id `position`) is this document chunk."""
+
+    __tablename__ = "index_entries"
+    build_id: Mapped[int] = mapped_column(ForeignKey("index_builds.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    char_start: Mapped[int] = mapped_column(Integer, default=0)
+    char_end: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Trace(Base):
+    __tablename__ = "traces"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    answer_generated: Mapped[bool] = mapped_column(Boolean, default=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("index_builds.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(40))
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)  # seconds per stage
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    results: Mapped[list[TraceResult]] = relationship(order_by="TraceResult.rank", back_populates="trace",
+                                                      cascade="all, delete-orphan")
+
+
+class TraceResult(Base):
+    __tablename__ = "trace_results"
+    trace_id: Mapped[int] = mapped_column(ForeignKey("traces.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1-based
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(BigInteger)  # row in the build's stores (the chunk)
+    score: Mapped[float] = mapped_column(Float)
+    scores: Mapped[dict] = mapped_column(JSON, default=dict)  # per-method scores kept beside the rank
+    trace: Mapped[Trace] = relationship(back_populates="results")
+    document: Mapped[Document] = relationship()

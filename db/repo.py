@@ -1,0 +1,169 @@
+"""Repositories: every SQL statement of wherefrom lives here. Callers own the transaction."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from db.errors import Conflict, InputError, NotFound
+from db.models import Checkpoint, Corpus, Document, IndexBuild, IndexEntry, Model, Trace, TraceResult
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- corpora and documents -------------------------------------------------------------------
+
+def get_or_create_corpus(s: Session, name: str, source: str | None = None) -> Corpus:
+    corpus = s.scalar(select(Corpus).where(Corpus.name == name))
+    if corpus is None:
+        corpus = Corpus(name=name, source=source)
+        s.add(corpus)
+        s.flush()
+    elif source:
+        corpus.source = source
+    return corpus
+
+
+def corpus_by_name(s: Session, name: str) -> Corpus:
+    corpus = s.scalar(select(Corpus).where(Corpus.name == name))
+    if corpus is None:
+        raise NotFound(f"no corpus named {name!r}: ingest it first with `wherefrom ingest FILE --corpus {name}`")
+    return corpus
+
+
+@dataclass
+class IngestResult:
+    added: int
+    unchanged: int
+
+
+def ingest_documents(s: Session, corpus: Corpus, docs: Iterable[tuple[str, str, dict]]) -> IngestResult:
+    """Add (external id, text, metadata) rows. Re-ingesting the same text is a no-op.
+
+    An id that comes back with different text is refused: silently replacing a document
+    would make every build that indexed it point at text it never saw.
+    """
+    existing = dict(s.execute(select(Document.external_id, Document.sha256)
+                              .where(Document.corpus_id == corpus.id)).all())
+    seen: dict[str, str] = {}
+    rows, unchanged = [], 0
+    for ext_id, text, meta in docs:
+        digest = sha256_text(text)
+        if ext_id in seen:
+            if seen[ext_id] != digest:
+                raise InputError(f"document id {ext_id!r} appears twice with different text: "
+                                 "make ids unique in the file and ingest again")
+            continue
+        seen[ext_id] = digest
+        if ext_id in existing:
+            if existing[ext_id] != digest:
+                raise Conflict(f"document {ext_id!r} changed since it was ingested into corpus "
+                               f"{corpus.name!r}: ingest the new version into a new corpus")
+            unchanged += 1
+            continue
+        rows.append({"corpus_id": corpus.id, "external_id": ext_id, "sha256": digest,
+                     "text": text, "meta": meta})
+    for start in range(0, len(rows), 5000):
+        s.execute(insert(Document), rows[start:start + 5000])
+    return IngestResult(added=len(rows), unchanged=unchanged)
+
+
+def corpus_documents(s: Session, corpus_id: int) -> Sequence[Document]:
+    return s.scalars(select(Document).where(Document.corpus_id == corpus_id).order_by(Document.id)).all()
+
+
+def count_documents(s: Session, corpus_id: int) -> int:
+    return s.scalar(select(func.count()).select_from(Document).where(Document.corpus_id == corpus_id))
+
+
+# --- models ----------------------------------------------------------------------------------
+
+def add_model(s: Session, name: str, path: str, checkpoints: list[dict]) -> tuple[Model, bool]:
+    """Register a model and its checkpoints; returns (model, created). Same weights again: no-op."""
+    model = s.scalar(select(Model).where(Model.name == name))
+    if model is not None:
+        known = {(c.step, c.weights_sha256) for c in model.checkpoints}
+        if known != {(c["step"], c["weights_sha256"]) for c in checkpoints}:
+            raise Conflict(f"model {name!r} is registered with other weights: register the new "
+                           "weights under a new name (`wherefrom model add PATH --name NEW`)")
+        return model, False
+    model = Model(name=name, path=path)
+    s.add(model)
+    s.flush()
+    for c in checkpoints:
+        s.add(Checkpoint(model_id=model.id, **c))
+    s.flush()
+    s.refresh(model)
+    return model, True
+
+
+def model_by_name(s: Session, name: str) -> Model:
+    model = s.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        raise NotFound(f"no model named {name!r}: register it with `wherefrom model add PATH --name {name}`")
+    return model
+
+
+# --- builds ----------------------------------------------------------------------------------
+
+def create_build(s: Session, *, corpus_id: int, model_id: int | None, kind: str, config: dict,
+                 store_path: str, entries: list[tuple[int, int, int]]) -> IndexBuild:
+    """A ready build and its entries (document id, char start, char end), position = list index."""
+    build = IndexBuild(corpus_id=corpus_id, model_id=model_id, kind=kind, config=config,
+                       status="ready", row_count=len(entries), store_path=store_path)
+    s.add(build)
+    s.flush()
+    rows = [{"build_id": build.id, "position": i, "document_id": d, "char_start": a, "char_end": b}
+            for i, (d, a, b) in enumerate(entries)]
+    for start in range(0, len(rows), 5000):
+        s.execute(insert(IndexEntry), rows[start:start + 5000])
+    return build
+
+
+def latest_build(s: Session, corpus_id: int | None = None, model_id: int | None = None) -> IndexBuild:
+    q = select(IndexBuild).where(IndexBuild.status == "ready")
+    if corpus_id is not None:
+        q = q.where(IndexBuild.corpus_id == corpus_id)
+    if model_id is not None:
+        q = q.where(IndexBuild.model_id == model_id)
+    build = s.scalar(q.order_by(IndexBuild.id.desc()).limit(1))
+    if build is None:
+        raise NotFound("no index build matches: build one with `wherefrom index --corpus NAME --model NAME`")
+    return build
+
+
+def entries_at(s: Session, build_id: int, positions: Sequence[int]) -> dict[int, tuple[IndexEntry, Document]]:
+    rows = s.execute(select(IndexEntry, Document).join(Document, Document.id == IndexEntry.document_id)
+                     .where(IndexEntry.build_id == build_id, IndexEntry.position.in_(list(positions))))
+    return {e.position: (e, d) for e, d in rows.all()}
+
+
+def set_token_counts(s: Session, counts: dict[int, int]) -> None:
+    """Fill `documents.token_count` where it is still empty (the first build's tokenizer)."""
+    docs = s.scalars(select(Document).where(Document.id.in_(list(counts)), Document.token_count.is_(None)))
+    for d in docs:
+        d.token_count = counts[d.id]
+
+
+# --- traces ----------------------------------------------------------------------------------
+
+def save_trace(s: Session, trace: Trace, results: list[dict]) -> Trace:
+    s.add(trace)
+    s.flush()
+    for r in results:
+        s.add(TraceResult(trace_id=trace.id, **r))
+    s.flush()
+    return trace
+
+
+def get_trace(s: Session, trace_id: int) -> Trace:
+    trace = s.get(Trace, trace_id)
+    if trace is None:
+        raise NotFound(f"no trace {trace_id}: list traces with `wherefrom traces`")
+    return trace

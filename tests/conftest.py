@@ -1,0 +1,32 @@
+"""Shared fixtures: database URLs on both backends, and a tiny trained world (session-scoped)."""
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+
+PG_ADMIN = os.environ.get("WHEREFROM_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    name = f"wherefrom_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    from db.engine import _ready
+    for url in [u for u in _ready if u.endswith("/" + name)]:
+        _ready.pop(url).dispose()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/wherefrom.db"
+    return request.getfixturevalue("pg_url")
