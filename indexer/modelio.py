@@ -131,3 +131,30 @@ def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"
         if v is not None and v.shape == shapes[name].shape:
             out[name] = v.float()
     return out
+
+
+def check_unchanged(recorded: list[dict]) -> None:
+    """Refuse when a checkpoint's weights differ from those a build was made from.
+
+    `recorded` holds {"path", "weights_sha256", "size", "mtime_ns"} per checkpoint. The stat
+    shortcut skips re-hashing unchanged files, so a trace does not read every weight file.
+    """
+    from db.errors import StaleBuild
+
+    for rec in recorded:
+        files = _weights_files(Path(rec["path"]))
+        if not files:
+            raise StaleBuild(f"checkpoint {rec['path']} has no weights any more: restore it, or rebuild "
+                             "with `wherefrom index`")
+        size = sum(f.stat().st_size for f in files)
+        mtime = max(f.stat().st_mtime_ns for f in files)
+        if size == rec.get("size") and mtime == rec.get("mtime_ns"):
+            continue
+        if sha256_files(files) != rec["weights_sha256"]:
+            raise StaleBuild(f"model weights at {rec['path']} changed since this build: register the new "
+                             "weights (`wherefrom model add`) and rebuild with `wherefrom index`")
+
+
+def weights_stat(path: Path) -> dict:
+    files = _weights_files(Path(path))
+    return {"size": sum(f.stat().st_size for f in files), "mtime_ns": max(f.stat().st_mtime_ns for f in files)}

@@ -1,0 +1,154 @@
+"""Trace one answer against a build's stores: answer, query gradient, candidates, ranking.
+
+The hybrid rule (the default): candidates are the union of the gradient, dense and BM25 top-K;
+each method's scores are standardised over the candidates (z-scores) and summed with weights
+`grad 1, dense 1, bm25 0.5`. Dense and BM25 say "which document states this", gradients say "which
+document moves the answer"; standardising puts cosines and BM25 units on one scale. Every
+method's raw score is kept beside the rank.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from db.errors import InputError
+from indexer import lexical, semantic, store
+from indexer.build import BuildConfig, checkpoint_weights, collate, featurizer_for
+from indexer.modelio import CheckpointInfo
+
+METHODS = ("hybrid", "grad", "dense", "bm25")
+DEFAULT_WEIGHTS = {"grad": 1.0, "dense": 1.0, "bm25": 0.5}
+
+
+@dataclass
+class Hit:
+    position: int  # row of the build's stores
+    score: float  # the ranking score of the chosen method
+    scores: dict[str, float]  # every method's raw score
+
+
+@dataclass
+class Ranking:
+    answer: str
+    answer_generated: bool
+    hits: list[Hit]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def answer_span(text: str) -> str:
+    """The first line and sentence of a generation, without the closing full stop."""
+    text = text.split("\n")[0]
+    for stop in (". ", "? ", "! "):
+        text = text.split(stop)[0]
+    return text.rstrip(".?! ") if text.strip() else text
+
+
+class Tracer:
+    """A build's stores and checkpoints, loaded once and reused across traces."""
+
+    def __init__(self, folder: Path, ckpts: list[CheckpointInfo]):
+        self.folder = Path(folder)
+        self.info = store.read_info(self.folder)
+        self.config = BuildConfig(**self.info["config"])
+        self.ckpts = ckpts
+        self.weights = self.info["gradient"]["weights"]
+        self.grad = store.open_array(self.folder, "grad")
+        self.dense = store.open_array(self.folder, "dense")
+        self.grad_index = store.read_faiss(self.folder / "grad.faiss")
+        self.dense_index = store.read_faiss(self.folder / "dense.faiss")
+        self.lexical = lexical.Lexical(self.folder / "bm25")
+        self._featurizers: dict[int, tuple] = {}
+
+    def _featurizer(self, c: int):
+        if c not in self._featurizers:
+            self._featurizers[c] = featurizer_for(self.ckpts[c], self.config.gradient)
+        return self._featurizers[c]
+
+    def generate(self, question: str, max_new_tokens: int = 16) -> str:
+        """Greedy answer of the last checkpoint."""
+        model, tokenizer, _ = self._featurizer(len(self.ckpts) - 1)
+        ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
+        self._check_length(ids.shape[1] + 1, model)
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return answer_span(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+    @staticmethod
+    def _check_length(n: int, model) -> None:
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if limit and n > limit:
+            raise InputError(f"question and answer take {n} tokens but the model's context is {limit}: "
+                             "shorten the question")
+
+    def query_gradient(self, question: str, answer: str) -> np.ndarray:
+        """Concatenated per-checkpoint query features, loss on the answer tokens only. (D,)"""
+        parts = []
+        for c in range(len(self.ckpts)):
+            model, tokenizer, feat = self._featurizer(c)
+            enc = tokenizer(question + answer, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            first = next((i for i, (a, b) in enumerate(offsets) if b > len(question)), None)
+            if first is None or first == 0:
+                raise InputError("the answer has no tokens of its own after the question: "
+                                 "give a non-empty --answer and a non-empty question")
+            self._check_length(len(ids), model)
+            f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]))[0]
+            parts.append(torch.nn.functional.normalize(f, dim=0).numpy() * self.weights[c])
+        return np.concatenate(parts).astype(np.float32)
+
+    def rank(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
+             candidates: int = 100, weights: dict | None = None) -> Ranking:
+        if not question.strip():
+            raise InputError("the question is empty: ask something")
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        timings, t = {}, time.perf_counter()
+        generated = answer is None
+        if generated:
+            answer = self.generate(question)
+            timings["answer"] = time.perf_counter() - t
+            t = time.perf_counter()
+        if not answer.strip():
+            raise InputError("the answer is empty: pass --answer with the text to trace")
+        q_grad = self.query_gradient(question, answer)
+        timings["query_gradient"] = time.perf_counter() - t
+        t = time.perf_counter()
+        q_text = question + answer
+        q_dense = semantic.embed([q_text])[0]
+        bm25 = self.lexical.scores(q_text)
+        timings["query_embed"] = time.perf_counter() - t
+        t = time.perf_counter()
+        k_cand = min(max(candidates, k), len(bm25))
+        pools = {
+            "grad": self.grad_index.search(q_grad[None], k_cand)[1][0],
+            "dense": self.dense_index.search(q_dense[None], k_cand)[1][0],
+            "bm25": np.argsort(-bm25, kind="stable")[:k_cand],
+        }
+        pool = pools[method] if method != "hybrid" else np.unique(np.concatenate(list(pools.values())))
+        pool = pool[pool >= 0]
+        raw = {
+            "grad": self.grad[pool].astype(np.float32) @ q_grad,
+            "dense": self.dense[pool].astype(np.float32) @ q_dense,
+            "bm25": bm25[pool],
+        }
+        score = combine(raw, weights or DEFAULT_WEIGHTS) if method == "hybrid" else raw[method]
+        top = np.argsort(-score, kind="stable")[:k]
+        hits = [Hit(int(pool[i]), float(score[i]), {m: float(v[i]) for m, v in raw.items()}) for i in top]
+        timings["rank"] = time.perf_counter() - t
+        return Ranking(answer, generated, hits, timings)
+
+
+def combine(raw: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted sum of per-method z-scores over the candidate pool."""
+    total = np.zeros_like(next(iter(raw.values())), dtype=np.float64)
+    for m, w in weights.items():
+        v = raw[m].astype(np.float64)
+        sd = v.std()
+        total += w * ((v - v.mean()) / sd if sd > 0 else 0.0)
+    return total

@@ -1,0 +1,134 @@
+"""Build the stores of one index: gradient features per checkpoint, sentence embeddings, BM25.
+
+Row i of every store is chunk i. Gradient features of each checkpoint are unit-normalised and
+weighted by √(lr_c / Σ lr): the concatenation has unit norm, and an inner product is TracIn's
+learning-rate-weighted sum of per-checkpoint cosines.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from indexer import lexical, semantic, store
+from indexer.corpus import Chunk
+from indexer.gradients import Featurizer, GradientConfig
+from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
+
+Progress = Callable[[str, int, int], None]  # (stage, rows done now, stage total)
+
+
+@dataclass
+class BuildConfig:
+    """What a build computes. Stored in info.json and in the build's SQL row."""
+
+    gradient: GradientConfig = field(default_factory=GradientConfig)
+    batch_size: int = 16  # chunks per forward/backward pass
+    max_tokens: int | None = None  # chunk length; None = the model's context length
+    checkpoint_weights: str = "lr"  # "lr" (TracIn: √lr per checkpoint) or "uniform"
+    append_eos: bool = True  # end each document with eos, as one-document-per-example training does
+    factory: str | None = None  # FAISS factory string; None = chosen from the row count
+
+    def __post_init__(self):
+        if isinstance(self.gradient, dict):
+            self.gradient = GradientConfig(**self.gradient)
+        if self.checkpoint_weights not in ("lr", "uniform"):
+            raise ValueError("checkpoint_weights must be 'lr' or 'uniform'")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+
+def checkpoint_weights(ckpts: list[CheckpointInfo], mode: str) -> list[float]:
+    lrs = [c.learning_rate for c in ckpts]
+    if mode == "uniform" or any(lr is None for lr in lrs) or sum(lrs) <= 0:
+        return [1 / math.sqrt(len(ckpts))] * len(ckpts)
+    total = sum(lrs)
+    return [math.sqrt(lr / total) for lr in lrs]
+
+
+def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = None):
+    """Right-padded (ids, mask, labels); labels are -100 on padding and before `label_from[i]`."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, start in enumerate(label_from or []):
+        labels[i, :start] = -100
+    return ids, mask, labels
+
+
+def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
+    """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there."""
+    model, tokenizer = load_model(ckpt.path)
+    moments = {}
+    if config.optimizer_norm and ckpt.optimizer_state_path:
+        moments = adam_second_moments(model, ckpt.optimizer_state_path)
+    return model, tokenizer, Featurizer(model, config, moments)
+
+
+def gradient_store(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
+                   progress: Progress) -> dict:
+    """Write `grad.npy` (N × Σ D_c, float16). One batched forward/backward per batch and checkpoint."""
+    weights = checkpoint_weights(ckpts, config.checkpoint_weights)
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))  # less padding
+    out, dims, normalised, col = None, [], [], 0
+    total = len(chunks) * len(ckpts)
+    for c, ckpt in enumerate(ckpts):
+        model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
+        if out is None:
+            out = store.create_array(folder, "grad", len(chunks), feat.dim * len(ckpts))
+        pad = tokenizer.pad_token_id
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start:start + config.batch_size]
+            f = feat.features(*collate([chunks[i].token_ids for i in rows], pad))  # (B, D_c)
+            f = torch.nn.functional.normalize(f, dim=1) * weights[c]
+            out[rows, col:col + feat.dim] = f.numpy().astype(np.float16)
+            progress("gradients", len(rows), total)
+        dims.append(feat.dim)
+        normalised.append(feat.normalised)
+        col += feat.dim
+        del model, feat
+    out.flush()
+    return {"dims": dims, "weights": weights, "adam_normalised_layers": [len(n) for n in normalised]}
+
+
+def build_stores(final: Path, chunks: list[Chunk], texts: list[str], ckpts: list[CheckpointInfo],
+                 config: BuildConfig, provenance: dict, progress: Progress) -> tuple[Path, dict]:
+    """Write every store of a build into `<final>.partial/`; return (partial path, info)."""
+    partial = store.partial_dir(final)
+    timings = {}
+    t = time.perf_counter()
+    grad = gradient_store(partial, chunks, ckpts, config, progress)
+    timings["gradients"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dense = store.create_array(partial, "dense", len(texts), semantic.DIM)
+    dense[:] = semantic.embed(texts, progress=lambda n: progress("embeddings", n, len(texts)))
+    dense.flush()
+    timings["embeddings"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    lexical.build(texts, partial / "bm25")
+    factory = config.factory or store.choose_factory(len(chunks))
+    store.build_faiss(store.open_array(partial, "grad"), partial / "grad.faiss", factory)
+    store.build_faiss(store.open_array(partial, "dense"), partial / "dense.faiss", factory)
+    progress("faiss", len(chunks), len(chunks))
+    timings["bm25_faiss"] = time.perf_counter() - t
+
+    info = {
+        **provenance, "config": asdict(config), "rows": len(chunks), "faiss_factory": factory,
+        "gradient": grad, "embedder": semantic.NAME, "code_version": store.code_version(),
+        "projection_seed": config.gradient.seed, "timings_s": timings,
+        "tokens": sum(len(c.token_ids) for c in chunks),
+    }
+    store.write_info(partial, info)
+    return partial, info

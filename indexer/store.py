@@ -1,0 +1,91 @@
+"""Stores on disk: (N × D) float16 memmaps, a self-describing info.json, FAISS indexes as derived caches.
+
+A build is written into `<name>.partial/` and published by one rename, so a reader never sees
+half a store.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+INFO = "info.json"
+BLOCK = 65_536  # rows per block when streaming into FAISS: 65k × 4 KB float32 = 256 MB at most
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Package version, plus the git commit when running from a checkout."""
+    try:
+        version = metadata.version("wherefrom")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{version}+{sha}" if sha else version
+
+
+def create_array(folder: Path, name: str, rows: int, dim: int) -> np.memmap:
+    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float16, shape=(rows, dim))
+
+
+def open_array(folder: Path, name: str) -> np.memmap:
+    return np.load(folder / f"{name}.npy", mmap_mode="r")
+
+
+def write_info(folder: Path, info: dict) -> None:
+    (folder / INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def read_info(folder: Path) -> dict:
+    return json.loads((Path(folder) / INFO).read_text())
+
+
+def choose_factory(rows: int) -> str:
+    """Exact search while it is cheap; an inverted file with fp16 scalar codes beyond."""
+    if rows < 200_000:
+        return "Flat"
+    return f"IVF{int(4 * rows ** 0.5)},SQfp16"
+
+
+def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
+    """Inner-product FAISS index over `vectors`, FAISS id = row position, added in blocks."""
+    import faiss
+    rows, dim = vectors.shape
+    index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    if not index.is_trained:
+        sample = np.random.default_rng(0).choice(rows, size=min(rows, 256 * 1024), replace=False)
+        index.train(np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32))
+    for start in range(0, rows, BLOCK):
+        block = np.ascontiguousarray(vectors[start:start + BLOCK], dtype=np.float32)
+        index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+    faiss.write_index(index, str(path))
+
+
+def read_faiss(path: Path):
+    import faiss
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+
+
+def partial_dir(final: Path) -> Path:
+    """A fresh `<final>.partial` directory; a leftover from a crashed build is removed first."""
+    partial = final.with_name(final.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def publish(partial: Path, final: Path) -> None:
+    if final.exists():
+        raise FileExistsError(f"{final} already exists")
+    partial.rename(final)

@@ -1,0 +1,137 @@
+"""The `wherefrom` command line. Heavy imports stay inside commands so `--help` answers at once."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="wherefrom: which training documents taught a language model this answer?")
+model_app = typer.Typer(no_args_is_help=True, help="Register models.")
+app.add_typer(model_app, name="model")
+
+DataDir = typer.Option(None, "--data-dir", envvar="WHEREFROM_DATA_DIR",
+                       help="Folder for stores and the SQLite database (default ./wherefrom-data).")
+
+
+def _settings(data_dir):
+    from service.settings import Settings
+    return Settings.from_env(data_dir)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True):
+    """A `progress(stage, n, total)` callback drawing one rich bar with ETA per stage."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bars = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=False, disable=not enabled, console=_err())
+    tasks = {}
+
+    def advance(stage: str, n: int, total: int):
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.advance(tasks[stage], n)
+
+    with bars:
+        yield advance
+
+
+def _err():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+@app.command()
+def ingest(path: Path = typer.Argument(..., help="JSONL, Parquet, CSV, a folder of .txt files, or a saved HF dataset."),
+           corpus: str = typer.Option(..., "--corpus", "-c", help="Corpus name to add the documents to."),
+           fmt: str = typer.Option("auto", "--format", help="auto|jsonl|parquet|csv|text|hf"),
+           id_field: str = typer.Option("id", help="Field holding the document id."),
+           text_field: str = typer.Option("text", help="Field holding the document text."),
+           data_dir: Optional[Path] = DataDir):
+    """Add documents to a corpus (idempotent: the same documents again change nothing)."""
+    from service import ops
+    r = ops.ingest(_settings(data_dir), path, corpus, fmt, id_field, text_field)
+    typer.echo(f"corpus {corpus}: {r.added} added, {r.unchanged} already there")
+
+
+@model_app.command("add")
+def model_add(path: Path = typer.Argument(..., help="A save_pretrained folder or a Trainer output folder."),
+              name: str = typer.Option(..., "--name", "-n", help="Name to refer to the model by."),
+              data_dir: Optional[Path] = DataDir):
+    """Register a model and its checkpoints (weights checksums, learning rates, optimizer state)."""
+    from service import ops
+    model_id, n, created = ops.add_model(_settings(data_dir), path, name)
+    typer.echo(f"model {name} (id {model_id}): {n} checkpoint(s){'' if created else ', already registered'}")
+
+
+@app.command()
+def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.Option(..., "--model", "-m"),
+          checkpoints: str = typer.Option("all", help="all | last | comma-separated steps"),
+          proj: int = typer.Option(8, help="Projection size per side and layer (features k×k per layer)."),
+          seed: int = typer.Option(0, help="Projection seed."),
+          batch_size: int = typer.Option(16, help="Chunks per forward/backward pass."),
+          modules: Optional[str] = typer.Option(None, help="Regex of module names to track."),
+          no_adam: bool = typer.Option(False, "--no-adam", help="Skip Adam second-moment normalisation."),
+          data_dir: Optional[Path] = DataDir):
+    """Build gradient, dense and BM25 indexes of a corpus for a model."""
+    from indexer.build import BuildConfig
+    from indexer.gradients import GradientConfig
+    from service import ops
+    try:
+        config = BuildConfig(gradient=GradientConfig(k_in=proj, k_out=proj, seed=seed, modules=modules,
+                                                     optimizer_norm=not no_adam), batch_size=batch_size)
+    except ValueError as e:
+        raise _input_error(str(e))
+    with progress_bars() as progress:
+        out = ops.index(_settings(data_dir), corpus, model, config, checkpoints, progress)
+    typer.echo(f"build {out.build_id}: {out.rows} rows, {len(out.info['checkpoints'])} checkpoint(s), "
+               f"{sum(out.info['gradient']['dims'])} gradient dims, {out.skipped_empty} empty document(s) skipped")
+
+
+def _input_error(msg: str):
+    from db.errors import InputError
+    return InputError(msg)
+
+
+@app.command()
+def trace(question: str = typer.Argument(..., help="The prompt or question the model answered."),
+          answer: Optional[str] = typer.Option(None, help="The answer to trace; default: the model's greedy answer."),
+          k: int = typer.Option(10, "--k", help="How many documents to return."),
+          method: str = typer.Option("hybrid", help="hybrid | grad | dense | bm25"),
+          corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Default: the latest build's."),
+          model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the latest build's."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+          data_dir: Optional[Path] = DataDir):
+    """Which training documents back the model's answer to QUESTION?"""
+    from service import ops
+    out = ops.trace(_settings(data_dir), question, answer, corpus, model, k, method)
+    if as_json:
+        typer.echo(json.dumps(asdict(out), indent=2))
+    else:
+        from service.render import print_trace
+        print_trace(out)
+
+
+@app.command()
+def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if one is there."),
+         questions: int = typer.Option(8, help="How many traced questions to print."),
+         data_dir: Optional[Path] = DataDir):
+    """Generate a world of niche facts, train a small GPT-2, index it and trace answers back to sources."""
+    from service.demo import run_demo
+    run_demo(_settings(data_dir), fresh=fresh, shown=questions)
+
+
+def main():
+    from db.errors import WherefromError
+    try:
+        app()
+    except WherefromError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
