@@ -39,15 +39,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"])
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
         pad_token="<pad>", model_max_length=10**6,
     )
 
 
-def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), progress=None) -> Path:
-    """Train on `texts` (one document per example, eos appended) and save checkpoints to `out_dir`.
+def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), progress=None):
+    """Train on `texts` (one document per example, eos appended), save checkpoints to `out_dir`,
+    and return the Trainer (its in-memory optimizer lets tests check what was saved).
 
     `progress(stage, n, total)` is called after every optimizer step.
     """
@@ -77,7 +78,7 @@ def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), 
         output_dir=str(out_dir), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(1, total // 20), weight_decay=0.01,
-        save_strategy="steps", save_steps=max(1, total // config.n_checkpoints),
+        save_strategy="steps", save_steps=-(-total // config.n_checkpoints),
         logging_steps=max(1, steps_per_epoch), report_to=[], use_cpu=True, seed=config.seed,
         disable_tqdm=True, dataloader_num_workers=0, save_total_limit=None,
     )
@@ -93,4 +94,4 @@ def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), 
                 progress("training", 1, state.max_steps)
         trainer.add_callback(Steps())
     trainer.train()
-    return out_dir
+    return trainer

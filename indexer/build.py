@@ -8,6 +8,7 @@ learning-rate-weighted sum of per-checkpoint cosines.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -103,8 +104,20 @@ def gradient_store(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo
 
 def build_stores(final: Path, chunks: list[Chunk], texts: list[str], ckpts: list[CheckpointInfo],
                  config: BuildConfig, provenance: dict, progress: Progress) -> tuple[Path, dict]:
-    """Write every store of a build into `<final>.partial/`; return (partial path, info)."""
+    """Write every store of a build into `<final>.partial/`; return (partial path, info).
+
+    On any error the partial directory is removed: nothing half-built stays on disk.
+    """
     partial = store.partial_dir(final)
+    try:
+        return partial, _write_stores(partial, chunks, texts, ckpts, config, provenance, progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _write_stores(partial: Path, chunks, texts, ckpts, config: BuildConfig, provenance: dict,
+                  progress: Progress) -> dict:
     timings = {}
     t = time.perf_counter()
     grad = gradient_store(partial, chunks, ckpts, config, progress)
@@ -131,4 +144,4 @@ def build_stores(final: Path, chunks: list[Chunk], texts: list[str], ckpts: list
         "tokens": sum(len(c.token_ids) for c in chunks),
     }
     store.write_info(partial, info)
-    return partial, info
+    return info

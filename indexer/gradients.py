@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from db.errors import InputError
 from indexer.adapter import tracked_layers
 
 
@@ -55,7 +56,8 @@ class Featurizer:
         self.model, self.config = model, config
         self.layers = tracked_layers(model, config.modules)
         if not self.layers:
-            raise ValueError("no linear layers matched; check the --modules pattern")
+            raise InputError(f"no linear layer matches --modules {config.modules!r}: "
+                             "pass a regex that matches module names such as 'attn|mlp'")
         self.p_in, self.p_out, self.normalised = {}, {}, []
         for layer in self.layers:
             p_out = self._projection(config.k_out, layer.out_features, f"{layer.name}:out")

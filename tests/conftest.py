@@ -30,3 +30,28 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/wherefrom.db"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    from bench.world import make_world
+    return make_world(seed=7, n_people=10, n_filler=20)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_world):
+    """A 2-layer GPT-2 trained on the tiny world with the HF Trainer: (model dir, trainer)."""
+    from bench.train import TrainConfig, train
+    out = tmp_path_factory.mktemp("model")
+    config = TrainConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=512, epochs=40, batch_size=8,
+                         n_checkpoints=3, seed=7)
+    trainer = train([d["text"] for d in tiny_world.documents], out, config)
+    return out, trainer
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Embedded default: SQLite and stores under a fresh data dir."""
+    monkeypatch.delenv("WHEREFROM_DATABASE_URL", raising=False)
+    from service.settings import Settings
+    return Settings.from_env(tmp_path / "data")

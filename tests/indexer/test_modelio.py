@@ -1,0 +1,34 @@
+"""Reading a Trainer run: checkpoints, learning rates, and Adam moments mapped to the right weights."""
+
+import json
+
+import torch
+
+from indexer.adapter import tracked_layers
+from indexer.modelio import adam_second_moments, discover_checkpoints, load_model
+
+
+def test_trainer_folder_yields_every_checkpoint_with_its_learning_rate(trained):
+    folder, trainer = trained
+    ckpts = discover_checkpoints(folder)
+    assert len(ckpts) == 3 and [c.step for c in ckpts] == sorted(c.step for c in ckpts)
+    assert all(c.optimizer_state_path and c.optimizer_state_path.exists() for c in ckpts)
+    assert len({c.weights_sha256 for c in ckpts}) == 3
+    assert len({c.tokenizer_hash for c in ckpts}) == 1
+    history = json.loads((ckpts[0].path / "trainer_state.json").read_text())["log_history"]
+    logged = [h["learning_rate"] for h in history if "learning_rate" in h and h["step"] <= ckpts[0].step]
+    assert ckpts[0].learning_rate == logged[-1] > 0
+
+
+def test_adam_moments_map_to_the_parameters_the_optimizer_held(trained):
+    """The last checkpoint's optimizer.pt, mapped by our rule, equals the live optimizer's state."""
+    folder, trainer = trained
+    last = discover_checkpoints(folder)[-1]
+    model, _ = load_model(last.path)
+    moments = adam_second_moments(model, last.optimizer_state_path)
+    live = dict(trainer.model.named_parameters())
+    layers = tracked_layers(model)
+    assert {l.name + ".weight" for l in layers} <= set(moments)
+    for name, v in moments.items():
+        want = trainer.optimizer.state[live[name]]["exp_avg_sq"]
+        assert torch.equal(v, want.float()), name

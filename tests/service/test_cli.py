@@ -1,0 +1,127 @@
+"""The CLI's error paths: one clear line, exit code 2, nothing half-written in SQL or on disk."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import func, select
+
+from db.engine import transaction
+from db.models import Corpus, Document, IndexBuild, Trace
+from service.cli import main
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, settings):
+    monkeypatch.setenv("WHEREFROM_DATA_DIR", str(settings.data_dir))
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["wherefrom", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+    return run
+
+
+def counts(settings):
+    with transaction(settings.database_url) as s:
+        return {m.__tablename__: s.scalar(select(func.count()).select_from(m))
+                for m in (Corpus, Document, IndexBuild, Trace)}
+
+
+def stores(settings):
+    return sorted(p.name for p in settings.stores.iterdir()) if settings.stores.exists() else []
+
+
+def test_help_answers_without_heavy_imports():
+    code = "import sys; from service.cli import app; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"),
+    ('{"id": "a", "body": "x"}\n', "has no 'text' field: pass --text-field"),
+    ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "appears twice with different text"),
+    ("", "holds no documents"),
+])
+def test_bad_corpus_files(cli, settings, tmp_path, content, message):
+    path = tmp_path / "c.jsonl"
+    if content is not None:
+        path.write_text(content)
+    code, out, err = cli("ingest", path, "--corpus", "c")
+    assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert counts(settings)["corpora"] == 0 and counts(settings)["documents"] == 0
+
+
+def test_model_folder_without_weights(cli, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    code, _, err = cli("model", "add", tmp_path / "m", "--name", "m")
+    assert code == 2 and "holds no model weights" in err
+
+
+def test_unknown_names_and_missing_builds(cli, tmp_path):
+    assert "ingest it first" in cli("index", "--corpus", "nope", "--model", "m")[2]
+    code, _, err = cli("trace", "Who?")
+    assert code == 2 and "no index build matches" in err
+
+
+@pytest.fixture
+def built(cli, settings, trained, tiny_world, tmp_path):
+    """A private copy of the trained model, ingested and indexed through the CLI."""
+    model = tmp_path / "model"
+    shutil.copytree(trained[0], model)
+    corpus, _ = tiny_world.write(tmp_path / "world")
+    assert cli("ingest", corpus, "--corpus", "w")[0] == 0
+    assert cli("model", "add", model, "--name", "m")[0] == 0
+    code, out, err = cli("index", "--corpus", "w", "--model", "m")
+    assert code == 0, err
+    return model
+
+
+def test_ingest_twice_changes_nothing(cli, settings, built, tiny_world, tmp_path):
+    before = counts(settings)
+    code, out, _ = cli("ingest", tmp_path / "world" / "corpus.jsonl", "--corpus", "w")
+    assert code == 0 and f"0 added, {len(tiny_world.documents)} already there" in out
+    assert counts(settings) == before
+
+
+def test_trace_json_and_bad_questions(cli, settings, built, tiny_world):
+    q = next(q for q in tiny_world.questions if q.n_paraphrases == 1)
+    code, out, err = cli("trace", q.prompt, "--answer", " " + q.answer, "--k", 3, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert len(data["hits"]) == 3 and data["answer"] == " " + q.answer and not data["answer_generated"]
+    assert set(data["hits"][0]["scores"]) == {"grad", "dense", "bm25"}
+    before = counts(settings)
+    for args, message in [(("", ), "question is empty"), ((q.prompt, "--answer", ""), "answer is empty"),
+                          ((q.prompt, "--k", 0), "k must be between"),
+                          ((q.prompt, "--method", "magic"), "unknown method"),
+                          (("word " * 200, "--answer", " x"), "context")]:
+        code, _, err = cli("trace", *args)
+        assert code == 2 and message in err, (args, err)
+    assert counts(settings) == before
+
+
+def test_failed_build_leaves_nothing(cli, settings, built):
+    before, on_disk = counts(settings), stores(settings)
+    code, _, err = cli("index", "--corpus", "w", "--model", "m", "--modules", "no_such_layer")
+    assert code == 2 and "no linear layer matches" in err
+    assert counts(settings) == before and stores(settings) == on_disk
+
+
+def test_changed_weights_are_refused_with_a_rebuild_hint(cli, settings, built, tiny_world):
+    from safetensors.torch import load_file, save_file
+    last = sorted(built.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    weights = load_file(last / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, last / "model.safetensors", metadata={"format": "pt"})
+    before = counts(settings)
+    code, _, err = cli("trace", tiny_world.questions[0].prompt)
+    assert code == 2 and "changed since this build" in err and "wherefrom index" in err
+    assert counts(settings) == before
