@@ -102,12 +102,14 @@ def index(settings: Settings, corpus: str, model: str, config: BuildConfig | Non
         chunks.extend(parts)
     if not chunks:
         raise InputError(f"no document of corpus {corpus!r} has any tokens: check the text field")
-    texts = [dict(docs)[c.document_id][c.char_start:c.char_end] for c in chunks]
+    by_id = dict(docs)
+    texts = [by_id[c.document_id][c.char_start:c.char_end] for c in chunks]
     final = settings.stores / f"{corpus}-{model}-{uuid.uuid4().hex[:8]}"
     provenance = {"corpus": corpus, "model": model, "tokenizer_hash": ckpts[0].tokenizer_hash,
                   "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
                                    "learning_rate": c.learning_rate, **weights_stat(c.path)} for c in ckpts]}
     partial, info = build_stores(final, chunks, texts, ckpts, config, provenance, progress)
+    published = False
     try:
         with transaction(settings.database_url) as s:
             build = repo.create_build(
@@ -115,22 +117,14 @@ def index(settings: Settings, corpus: str, model: str, config: BuildConfig | Non
                 config={**info["config"], "checkpoint_steps": [c.step for c in ckpts]},
                 store_path=str(final), entries=[(c.document_id, c.char_start, c.char_end) for c in chunks])
             repo.set_token_counts(s, counts)
-            publish(partial, final)
+            publish(partial, final)  # inside the transaction: a failed commit removes it below
+            published = True
             build_id = build.id
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if final.exists() and not _recorded(settings, final):
-            shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(final if published else partial, ignore_errors=True)
         raise
     skipped = sum(1 for n in counts.values() if n == 0)
     return BuildOutcome(build_id, len(chunks), skipped, info)
-
-
-def _recorded(settings: Settings, final: Path) -> bool:
-    from sqlalchemy import select
-    from db.models import IndexBuild
-    with transaction(settings.database_url) as s:
-        return s.scalar(select(IndexBuild.id).where(IndexBuild.store_path == str(final))) is not None
 
 
 @dataclass
