@@ -18,7 +18,8 @@ import torch
 
 from db.errors import InputError
 from indexer import lexical, semantic, store
-from indexer.build import BuildConfig, checkpoint_weights, collate, featurizer_for
+from indexer.build import BuildConfig, collate, featurizer_for
+from indexer.curvature import Curvature
 from indexer.modelio import CheckpointInfo
 
 METHODS = ("hybrid", "grad", "dense", "bm25")
@@ -63,6 +64,8 @@ class Tracer:
         self.dense_index = store.read_faiss(self.folder / "dense.faiss")
         self.lexical = lexical.Lexical(self.folder / "bm25")
         self._featurizers: dict[int, tuple] = {}
+        self.curvatures = [Curvature.load(p) if (p := self.folder / f"curvature-c{c}.npz").exists() else None
+                           for c in range(len(ckpts))]
 
     def _featurizer(self, c: int):
         if c not in self._featurizers:
@@ -98,8 +101,10 @@ class Tracer:
                 raise InputError("the answer has no tokens of its own after the question: "
                                  "give a non-empty --answer and a non-empty question")
             self._check_length(len(ids), model)
-            f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]))[0]
-            parts.append(torch.nn.functional.normalize(f, dim=0).numpy() * self.weights[c])
+            f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first])).numpy()
+            if self.curvatures[c] is not None:
+                f = self.curvatures[c].apply(f)
+            parts.append(f[0] / max(np.linalg.norm(f[0]), 1e-30) * self.weights[c])
         return np.concatenate(parts).astype(np.float32)
 
     def rank(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",

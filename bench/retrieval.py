@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {  # name: (checkpoints, adam normalisation)
-    "all ckpts + adam": ("all", True),
-    "all ckpts, no adam": ("all", False),
-    "first ckpt + adam": ("first", True),
-    "last ckpt + adam": ("last", True),
+VARIANTS = {  # name: (checkpoints, adam normalisation, curvature)
+    "all ckpts, adam, ekfac": ("all", True, "ekfac"),
+    "all ckpts, adam": ("all", True, "none"),
+    "all ckpts, plain": ("all", False, "none"),
+    "first ckpt, adam, ekfac": ("first", True, "ekfac"),
+    "last ckpt, adam, ekfac": ("last", True, "ekfac"),
+    "last ckpt, plain": ("last", False, "none"),
 }
 
 
@@ -64,9 +66,9 @@ def run(seed: int, data: Path) -> dict:
     n_ckpt = len(list(model_dir.glob("checkpoint-*")))
     steps = sorted(int(p.name.split("-")[1]) for p in model_dir.glob("checkpoint-*"))
     results, correct_qs = {}, None
-    for name, (which, adam) in VARIANTS.items():
+    for name, (which, adam, curv) in VARIANTS.items():
         chosen = {"all": "all", "last": "last", "first": str(steps[0])}[which]
-        build = ops.index(settings, "w", "m", BuildConfig(gradient=GradientConfig(optimizer_norm=adam)), chosen)
+        build = ops.index(settings, "w", "m", BuildConfig(gradient=GradientConfig(optimizer_norm=adam, curvature=curv)), chosen)
         with transaction(settings.database_url) as s:
             b = s.get(IndexBuild, build.build_id)
             entries = {p: d.external_id for p, (_, d) in repo.entries_at(s, b.id, range(b.row_count)).items()}

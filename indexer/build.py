@@ -1,12 +1,14 @@
 """Build the stores of one index: gradient features per checkpoint, sentence embeddings, BM25.
 
-Row i of every store is chunk i. Gradient features of each checkpoint are unit-normalised and
-weighted by √(lr_c / Σ lr): the concatenation has unit norm, and an inner product is TracIn's
-learning-rate-weighted sum of per-checkpoint cosines.
+Row i of every store is chunk i. Gradients are computed in shards (raw projected gradients plus
+K-FAC factor sums), then finalised: EK-FAC preconditioning fitted on the reduced statistics,
+unit norm per checkpoint, and weights √(lr_c / Σ lr). The concatenation has unit norm, and an
+inner product is TracIn's learning-rate-weighted sum of per-checkpoint influence cosines.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -17,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer import lexical, semantic, store
+from indexer import curvature, lexical, semantic, store
 from indexer.corpus import Chunk
+from indexer.curvature import Stats
 from indexer.gradients import Featurizer, GradientConfig
 from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
 
@@ -76,30 +79,73 @@ def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
     return model, tokenizer, Featurizer(model, config, moments)
 
 
-def gradient_store(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
-                   progress: Progress) -> dict:
-    """Write `grad.npy` (N × Σ D_c, float16). One batched forward/backward per batch and checkpoint."""
-    weights = checkpoint_weights(ckpts, config.checkpoint_weights)
+def compute_shard(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
+                  progress: Progress) -> dict:
+    """Raw projected gradients of `chunks` (rows in list order) and K-FAC factor sums, per checkpoint.
+
+    Writes `raw-c{c}.npy` (n × D_c, float32) and `stats-c{c}.npz` into `folder`. One batched
+    forward/backward per batch and checkpoint; shards of a build can run anywhere and be merged
+    by `finalize_gradients`, which reduces their statistics instead of recomputing them.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))  # less padding
-    out, dims, normalised, col = None, [], [], 0
+    meta = {"rows": len(chunks), "dims": [], "adam_normalised_layers": []}
     total = len(chunks) * len(ckpts)
     for c, ckpt in enumerate(ckpts):
         model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
-        if out is None:
-            out = store.create_array(folder, "grad", len(chunks), feat.dim * len(ckpts))
-        pad = tokenizer.pad_token_id
+        feat.stats = Stats()
+        raw = np.lib.format.open_memmap(folder / f"raw-c{c}.npy", mode="w+", dtype=np.float32,
+                                        shape=(len(chunks), feat.dim))
         for start in range(0, len(order), config.batch_size):
             rows = order[start:start + config.batch_size]
-            f = feat.features(*collate([chunks[i].token_ids for i in rows], pad))  # (B, D_c)
-            f = torch.nn.functional.normalize(f, dim=1) * weights[c]
-            out[rows, col:col + feat.dim] = f.numpy().astype(np.float16)
+            raw[rows] = feat.features(*collate([chunks[i].token_ids for i in rows], tokenizer.pad_token_id)).numpy()
             progress("gradients", len(rows), total)
-        dims.append(feat.dim)
-        normalised.append(feat.normalised)
-        col += feat.dim
-        del model, feat
+        raw.flush()
+        feat.stats.save(folder / f"stats-c{c}.npz")
+        meta["dims"].append(feat.dim)
+        meta["adam_normalised_layers"].append(len(feat.normalised))
+        del model, feat, raw
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+def _blocks(shards: list[Path], c: int):
+    for shard in shards:
+        raw = np.load(shard / f"raw-c{c}.npy", mmap_mode="r")
+        for start in range(0, len(raw), store.BLOCK):
+            yield raw[start:start + store.BLOCK]
+
+
+def finalize_gradients(folder: Path, shards: list[Path], ckpts: list[CheckpointInfo], config: BuildConfig,
+                       progress: Progress) -> dict:
+    """Merge shards into `grad.npy`: EK-FAC fitted on the reduced statistics, unit norm, √lr weights.
+
+    Also writes `curvature-c{c}.npz`, which traces apply to query gradients.
+    """
+    metas = [json.loads((s / "meta.json").read_text()) for s in shards]
+    dims, rows = metas[0]["dims"], sum(m["rows"] for m in metas)
+    weights = checkpoint_weights(ckpts, config.checkpoint_weights)
+    out = store.create_array(folder, "grad", rows, sum(dims))
+    col = 0
+    for c, dim in enumerate(dims):
+        curv = None
+        if config.gradient.curvature == "ekfac":
+            stats = Stats()
+            for shard in shards:
+                stats.add(Stats.load(shard / f"stats-c{c}.npz"))
+            curv = curvature.fit(stats, _blocks(shards, c), config.gradient.damping)
+            curv.save(folder / f"curvature-c{c}.npz")
+        row = 0
+        for block in _blocks(shards, c):
+            f = curv.apply(block) if curv else np.asarray(block, dtype=np.float32)
+            f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-30)
+            out[row:row + len(f), col:col + dim] = (f * weights[c]).astype(np.float16)
+            row += len(f)
+        col += dim
+        progress("curvature", 1, len(dims))
     out.flush()
-    return {"dims": dims, "weights": weights, "adam_normalised_layers": [len(n) for n in normalised]}
+    return {"dims": dims, "weights": weights, "curvature": config.gradient.curvature,
+            "adam_normalised_layers": metas[0]["adam_normalised_layers"]}
 
 
 def build_stores(final: Path, chunks: list[Chunk], texts: list[str], ckpts: list[CheckpointInfo],
@@ -120,7 +166,10 @@ def _write_stores(partial: Path, chunks, texts, ckpts, config: BuildConfig, prov
                   progress: Progress) -> dict:
     timings = {}
     t = time.perf_counter()
-    grad = gradient_store(partial, chunks, ckpts, config, progress)
+    shard = partial / "shards" / "0"
+    compute_shard(shard, chunks, ckpts, config, progress)
+    grad = finalize_gradients(partial, [shard], ckpts, config, progress)
+    shutil.rmtree(partial / "shards")  # raw gradients are intermediate: the store keeps features
     timings["gradients"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -17,11 +17,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from db.errors import InputError
 from indexer.adapter import tracked_layers
+from indexer.curvature import LayerStats, Stats
 
 
 @dataclass
@@ -34,8 +36,14 @@ class GradientConfig:
     modules: str | None = None  # regex over module names to track; None = every linear layer but the head
     optimizer_norm: bool = True  # divide by √(Adam second moment) when optimizer.pt is present
     eps: float = 1e-8  # added to second moments before the square root
+    curvature: str = "ekfac"  # "ekfac": precondition by EK-FAC fitted in the projected space; "none"
+    damping: float = 0.1  # EK-FAC damping, relative to each layer's mean corrected eigenvalue
 
     def __post_init__(self):
+        if self.curvature not in ("ekfac", "none"):
+            raise ValueError("curvature must be 'ekfac' or 'none'")
+        if self.damping < 0:
+            raise ValueError("damping must be non-negative")
         for k in (self.k_in, self.k_out):
             if k is not None and k < 1:
                 raise ValueError("projection sizes must be positive, or None for exact gradients")
@@ -75,6 +83,11 @@ class Featurizer:
         self._x: dict[str, torch.Tensor] = {}
         self._g: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
+        self.stats: Stats | None = None  # set to a Stats() to accumulate K-FAC factor sums
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """(k_out, k_in) of each layer's block, in feature order."""
+        return [(self.p_out[l.name].shape[0], self.p_in[l.name].shape[0]) for l in self.layers]
 
     def _projection(self, k: int | None, n: int, name: str) -> torch.Tensor:
         if k is None:
@@ -84,16 +97,27 @@ class Featurizer:
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
             x = inputs[0].detach() * self._mask[..., None]  # (B, T, in), padding zeroed
-            self._x[name] = x @ self.p_in[name].T  # (B, T, k_in)
+            self._x[name] = x = x @ self.p_in[name].T  # (B, T, k_in)
+            if self.stats is not None:
+                self._layer_stats(name).a_sum += torch.einsum("btk,btj->kj", x, x).double().numpy()
+                self._layer_stats(name).tokens += float(self._mask.sum())
             if output.requires_grad:
                 output.register_hook(self._backward_hook(name))
         return hook
 
     def _backward_hook(self, name: str):
         def hook(grad):
-            d = grad.detach() @ self.p_out[name].T  # (B, T, k_out)
+            d = (grad.detach() * self._mask[..., None]) @ self.p_out[name].T  # (B, T, k_out)
+            if self.stats is not None:
+                self._layer_stats(name).s_sum += torch.einsum("btk,btj->kj", d, d).double().numpy()
             self._g[name] = torch.einsum("btk,btj->bkj", d, self._x.pop(name))  # (B, k_out, k_in)
         return hook
+
+    def _layer_stats(self, name: str) -> LayerStats:
+        if name not in self.stats.layers:
+            k_out, k_in = self.p_out[name].shape[0], self.p_in[name].shape[0]
+            self.stats.layers[name] = LayerStats(np.zeros((k_in, k_in)), np.zeros((k_out, k_out)))
+        return self.stats.layers[name]
 
     @staticmethod
     def _embedding_requires_grad(module, inputs, output):

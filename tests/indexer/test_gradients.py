@@ -99,3 +99,21 @@ def test_factored_adam_normalisation_folds_into_projections():
         parts.append((plain.p_out[l.name] @ g @ plain.p_in[l.name].T).flatten())
     want = torch.cat(parts)
     assert (got - want).norm() / want.norm() <= 1e-4
+
+
+def test_kfac_statistics_ignore_padding():
+    """Factor sums from a padded batch equal the sums over examples run one at a time."""
+    from indexer.curvature import Stats
+    model = tiny_gpt2()
+    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4))
+    feat.stats = Stats()
+    feat.features(*padded_batch(SEQS))
+    batched = feat.stats
+    feat.stats = Stats()
+    for seq in SEQS:
+        feat.features(*padded_batch([seq]))
+    for name, s in batched.layers.items():
+        one = feat.stats.layers[name]
+        assert s.tokens == one.tokens == sum(map(len, SEQS))
+        assert abs(s.a_sum - one.a_sum).max() <= 1e-4 * abs(one.a_sum).max()
+        assert abs(s.s_sum - one.s_sum).max() <= 1e-4 * abs(one.s_sum).max()
