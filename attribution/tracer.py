@@ -64,8 +64,15 @@ class Tracer:
         self.dense_index = store.read_faiss(self.folder / "dense.faiss")
         self.lexical = lexical.Lexical(self.folder / "bm25")
         self._featurizers: dict[int, tuple] = {}
+        self._cache: dict[str, object] = {}
         self.curvatures = [Curvature.load(p) if (p := self.folder / f"curvature-c{c}.npz").exists() else None
                            for c in range(len(ckpts))]
+
+    def cached(self, key: str, make):
+        """Per-build objects that are costly to make (a tail-patcher, …), made once."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def _featurizer(self, c: int):
         if c not in self._featurizers:

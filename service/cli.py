@@ -105,13 +105,15 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
           answer: Optional[str] = typer.Option(None, help="The answer to trace; default: the model's greedy answer."),
           k: int = typer.Option(10, "--k", help="How many documents to return."),
           method: str = typer.Option("hybrid", help="hybrid | grad | dense | bm25"),
+          rerank: Optional[str] = typer.Option(None, help="exact: rescore the top candidates with full gradients (captum TracInCP)."),
+          verify: bool = typer.Option(False, "--verify", help="Tail-patch and lexical check of each document."),
           corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Default: the latest build's."),
           model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the latest build's."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           data_dir: Optional[Path] = DataDir):
     """Which training documents back the model's answer to QUESTION?"""
     from service import ops
-    out = ops.trace(_settings(data_dir), question, answer, corpus, model, k, method)
+    out = ops.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
     else:

@@ -147,6 +147,7 @@ class TraceOutcome:
     method: str
     hits: list[TraceHit]
     timings: dict
+    supported: bool | None = None  # None unless verified; False: no document backs the answer
 
 
 _tracers: dict[str, object] = {}
@@ -162,12 +163,19 @@ def tracer_for(store_path: str, ckpts: list[CheckpointInfo]):
 
 
 def trace(settings: Settings, question: str, answer: str | None = None, corpus: str | None = None,
-          model: str | None = None, k: int = 10, method: str = "hybrid") -> TraceOutcome:
-    """Trace one answer and store the trace and its ranked results in one transaction."""
+          model: str | None = None, k: int = 10, method: str = "hybrid", rerank: str | None = None,
+          verify: bool = False) -> TraceOutcome:
+    """Trace one answer and store the trace and its ranked results in one transaction.
+
+    `rerank="exact"` rescores the top candidates with full gradients (captum TracInCP);
+    `verify` adds a tail-patch and a lexical check to every returned document.
+    """
     from indexer.store import read_info
 
     if not 1 <= k <= 1000:
         raise InputError("k must be between 1 and 1000")
+    if rerank not in (None, "exact"):
+        raise InputError(f"unknown rerank {rerank!r}: use --rerank exact, or leave it out")
     with transaction(settings.database_url) as s:
         corpus_id = repo.corpus_by_name(s, corpus).id if corpus else None
         model_id = repo.model_by_name(s, model).id if model else None
@@ -177,7 +185,13 @@ def trace(settings: Settings, question: str, answer: str | None = None, corpus: 
     info = read_info(Path(store_path))
     check_unchanged(info["checkpoints"])
     ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
-    ranking = tracer_for(store_path, ckpts).rank(question, answer, k=k, method=method)
+    from attribution.rerank import RERANK_N
+    tracer = tracer_for(store_path, ckpts)
+    ranking = tracer.rank(question, answer, k=max(k, RERANK_N) if rerank else k, method=method)
+    with transaction(settings.database_url) as s:
+        entries = repo.entries_at(s, build_id, [h.position for h in ranking.hits])
+        texts = {p: d.text[e.char_start:e.char_end] for p, (e, d) in entries.items()}
+    supported = _refine(tracer, question, ranking, texts, k, rerank, verify)
     with transaction(settings.database_url) as s:
         entries = repo.entries_at(s, build_id, [h.position for h in ranking.hits])
         t = repo.save_trace(s, Trace(question=question, answer=ranking.answer, answer_generated=ranking.answer_generated,
@@ -188,4 +202,25 @@ def trace(settings: Settings, question: str, answer: str | None = None, corpus: 
                          entries[h.position][0].char_start, entries[h.position][0].char_end, h.score, h.scores)
                 for r, h in enumerate(ranking.hits, 1)]
         trace_id = t.id
-    return TraceOutcome(trace_id, question, ranking.answer, ranking.answer_generated, method, hits, ranking.timings)
+    return TraceOutcome(trace_id, question, ranking.answer, ranking.answer_generated, method, hits,
+                        ranking.timings, supported)
+
+
+def _refine(tracer, question: str, ranking, texts: dict, k: int, rerank: str | None, verify: bool) -> bool | None:
+    """Exact rerank and verification, in place on `ranking`; returns support when verified."""
+    import time
+    from attribution.rerank import rerank_exact
+    from attribution.verify import verify_hits
+
+    if rerank:
+        t = time.perf_counter()
+        ranking.hits = rerank_exact(tracer, question, ranking.answer, ranking.hits,
+                                    [texts[h.position] for h in ranking.hits])
+        ranking.timings["rerank_exact"] = time.perf_counter() - t
+    ranking.hits = ranking.hits[:k]
+    if not verify:
+        return None
+    t = time.perf_counter()
+    supported = verify_hits(tracer, question, ranking.answer, ranking.hits, [texts[h.position] for h in ranking.hits])
+    ranking.timings["verify"] = time.perf_counter() - t
+    return supported
