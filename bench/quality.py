@@ -1,12 +1,12 @@
 """Quality on the trap world: retrieval per method, what misled wrong answers, tail-patch.
 
     python -m bench.quality --seed 101                 # the test seed: the numbers we report
-    python -m bench.quality --seed 100 --tune          # the dev seed: tune the hybrid weights here
+    python -m bench.quality --seed 100                 # the dev seed: pick the hybrid weights here
 
 Trains the demo-sized GPT-2 on the trap world of `--seed` (cached under bench/out/), indexes it with
 the product's default build, and scores every row for every question with every method.
-Writes bench/out/quality-seed{seed}.json and prints the tables. Leave-top-k-out retraining is
-`bench/leave_out.py`.
+Writes bench/out/quality-seed{seed}.json and prints the tables and the hybrid weight grid (read
+it on the dev seed only). Leave-top-k-out retraining is `bench/leave_out.py`.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def run(seed: int, rerank_n: int = 20) -> dict:
     scorer = Scorer(folder, tracer, tokens)
     patcher = TailPatcher.from_checkpoint(tracer.ckpts[0])  # as `trace --verify` does
     rng = random.Random(seed)
-    records, tail_cache = [], {}
+    records, tail_cache, pools = [], {}, []
     patch_ids = set(rng.sample(range(len(world.questions)), min(len(world.questions), 4 * TAIL_PATCH_QUESTIONS)))
     started = time.perf_counter()
     for qi, q in enumerate(world.questions):
@@ -102,19 +102,46 @@ def run(seed: int, rerank_n: int = 20) -> dict:
         exact = exact_scores(tracer, q.prompt, a, [tokens[p] for p in head])
         orders["hybrid + exact rerank"] = np.concatenate([head[np.argsort(-exact, kind="stable")], orders["hybrid"][rerank_n:]])
         truth = {pos_of[i] for i in q.source_ids}
+        if correct:
+            pools.append((hybrid_pool(scores), truth, q.is_trap))
         rec = {"q": qi, "style": q.style, "trap": q.is_trap, "traps": q.traps, "n": q.n_paraphrases,
                "correct": correct, "answer": answer,
                "ranks": {m: first_rank(o, truth) for m, o in orders.items()}}
         if not correct and answer.strip():
             rec["misled@10"] = {m: any(lexical_match(texts[p], answer) for p in o[:10]) for m, o in orders.items()}
-        if correct and qi in patch_ids and sum(r["tail"] is not None for r in records if "tail" in r) < TAIL_PATCH_QUESTIONS:
+        if correct and qi in patch_ids and sum("tail" in r for r in records) < TAIL_PATCH_QUESTIONS:
             need = sorted({int(p) for o in orders.values() for p in o[:10]} - {k[1] for k in tail_cache if k[0] == qi})
             for p, d in zip(need, patcher.deltas(q.prompt, a, [tokens[p] for p in need])):
                 tail_cache[(qi, p)] = d
             rec["tail"] = {m: float(np.mean([tail_cache[(qi, int(p))] for p in o[:10]])) for m, o in orders.items()}
         records.append(rec)
     return {"seed": seed, "records": records, "seconds": round(time.perf_counter() - started, 1),
-            "rows": len(ext), "questions": len(world.questions)}
+            "rows": len(ext), "questions": len(world.questions), "weight_grid": tune(pools)}
+
+
+def hybrid_pool(scores: dict, k: int = 100) -> dict:
+    """The hybrid's candidate pool and raw scores, as `Tracer.rank` forms them."""
+    parts = {"grad": scores["trackstar"], "dense": scores["dense (q+a)"], "bm25": scores["bm25 (q+a)"]}
+    pool = np.unique(np.concatenate([np.argsort(-v, kind="stable")[:k] for v in parts.values()]))
+    return {"pool": pool, **{m: v[pool] for m, v in parts.items()}}
+
+
+def tune(pools) -> list[dict]:
+    """MRR of the hybrid rule for a grid of weights (use on the dev seed only)."""
+    from attribution.tracer import combine
+    grid = []
+    for wg, wd, wb in itertools.product((0, 0.25, 0.5, 1, 2), (0, 0.5, 1, 2), (0, 0.25, 0.5, 1)):
+        if wg == wd == wb == 0:
+            continue
+        weights, rr, rr_trap = {"grad": wg, "dense": wd, "bm25": wb}, [], []
+        for p, truth, trap in pools:
+            order = p["pool"][np.argsort(-combine({m: p[m] for m in weights}, weights), kind="stable")]
+            r = first_rank(order, truth)
+            rr.append(1 / r if r else 0.0)
+            if trap:
+                rr_trap.append(rr[-1])
+        grid.append({"weights": weights, "mrr": float(np.mean(rr)), "trap_mrr": float(np.mean(rr_trap or [0]))})
+    return sorted(grid, key=lambda g: (-g["mrr"], -g["trap_mrr"]))
 
 
 def tables(report: dict) -> dict:
@@ -158,6 +185,7 @@ def main():
     report = run(args.seed)
     t = tables(report)
     print_tables(t, args.seed)
+    print("hybrid weight grid, best first:", *report["weight_grid"][:5], sep="\n  ")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"quality-seed{args.seed}.json").write_text(json.dumps({**report, "tables": t}, indent=1))
 
