@@ -31,7 +31,7 @@ class CheckpointInfo:
     optimizer_state_path: Path | None
 
 
-def _weights_files(folder: Path) -> list[Path]:
+def weights_files(folder: Path) -> list[Path]:
     files = [folder / n for n in WEIGHT_FILES if (folder / n).exists()]
     return files or sorted(folder.glob("model-*.safetensors"))
 
@@ -65,7 +65,7 @@ def _learning_rate(folder: Path, step: int) -> float | None:
 
 
 def read_checkpoint(folder: Path, step: int = 0) -> CheckpointInfo:
-    weights = _weights_files(folder)
+    weights = weights_files(folder)
     if not (folder / "config.json").exists() or not weights:
         raise InputError(f"{folder} holds no model weights (config.json and model.safetensors): "
                          "point to a folder written by save_pretrained or a Trainer output folder")
@@ -142,7 +142,7 @@ def check_unchanged(recorded: list[dict]) -> None:
     from db.errors import StaleBuild
 
     for rec in recorded:
-        files = _weights_files(Path(rec["path"]))
+        files = weights_files(Path(rec["path"]))
         if not files:
             raise StaleBuild(f"checkpoint {rec['path']} has no weights any more: restore it, or rebuild "
                              "with `wherefrom index`")
@@ -156,5 +156,5 @@ def check_unchanged(recorded: list[dict]) -> None:
 
 
 def weights_stat(path: Path) -> dict:
-    files = _weights_files(Path(path))
+    files = weights_files(Path(path))
     return {"size": sum(f.stat().st_size for f in files), "mtime_ns": max(f.stat().st_mtime_ns for f in files)}

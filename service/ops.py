@@ -6,6 +6,7 @@ The CLI (and later the jobs and the API) call these; they never write SQL themse
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,13 +148,22 @@ class TraceOutcome:
     method: str
     hits: list[TraceHit]
     timings: dict
+    model: str | None = None
+    build_id: int | None = None
+    created_at: str | None = None
 
 
 _tracers: dict[str, object] = {}
+# A tracer's featurizer hooks hold per-call state and one build's models are cached per process:
+# the API's worker threads and background jobs take this lock around any use of a tracer.
+model_lock = threading.RLock()
 
 
 def tracer_for(store_path: str, ckpts: list[CheckpointInfo]):
-    """Tracers stay loaded per build within a process (the demo and workers trace many questions)."""
+    """Tracers stay loaded per build within a process (the demo and workers trace many questions).
+
+    Hold `model_lock` while using the returned tracer.
+    """
     from attribution.tracer import Tracer
     if store_path not in _tracers:
         _tracers.clear()  # one build's models in memory at a time
@@ -164,28 +174,94 @@ def tracer_for(store_path: str, ckpts: list[CheckpointInfo]):
 def trace(settings: Settings, question: str, answer: str | None = None, corpus: str | None = None,
           model: str | None = None, k: int = 10, method: str = "hybrid") -> TraceOutcome:
     """Trace one answer and store the trace and its ranked results in one transaction."""
-    from indexer.store import read_info
-
     if not 1 <= k <= 1000:
         raise InputError("k must be between 1 and 1000")
-    with transaction(settings.database_url) as s:
-        corpus_id = repo.corpus_by_name(s, corpus).id if corpus else None
-        model_id = repo.model_by_name(s, model).id if model else None
-        build = repo.latest_build(s, corpus_id, model_id)
-        build_id, store_path, m_id = build.id, build.store_path, build.model_id
-        by_step = {c.step: c for c in _checkpoint_infos(s.get(Model, m_id))}
-    info = read_info(Path(store_path))
-    check_unchanged(info["checkpoints"])
-    ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
-    ranking = tracer_for(store_path, ckpts).rank(question, answer, k=k, method=method)
+    target = resolve_build(settings, corpus, model)
+    with model_lock:
+        ranking = build_tracer(target.store_path, target.by_step).rank(question, answer, k=k, method=method)
+    build_id, m_id = target.build_id, target.model_id
     with transaction(settings.database_url) as s:
         entries = repo.entries_at(s, build_id, [h.position for h in ranking.hits])
         t = repo.save_trace(s, Trace(question=question, answer=ranking.answer, answer_generated=ranking.answer_generated,
                                      model_id=m_id, build_id=build_id, method=method, timings=ranking.timings),
                             [{"rank": r, "document_id": entries[h.position][1].id, "position": h.position,
                               "score": h.score, "scores": h.scores} for r, h in enumerate(ranking.hits, 1)])
-        hits = [TraceHit(r, entries[h.position][1].external_id, entries[h.position][1].text,
-                         entries[h.position][0].char_start, entries[h.position][0].char_end, h.score, h.scores)
-                for r, h in enumerate(ranking.hits, 1)]
-        trace_id = t.id
-    return TraceOutcome(trace_id, question, ranking.answer, ranking.answer_generated, method, hits, ranking.timings)
+        s.refresh(t, ["results"])
+        return _outcome(t, s.get(Model, m_id).name, entries)
+
+
+@dataclass
+class BuildTarget:
+    build_id: int
+    store_path: str
+    model_id: int
+    by_step: dict[int, CheckpointInfo]
+
+
+def resolve_build(settings: Settings, corpus: str | None = None, model: str | None = None) -> BuildTarget:
+    """The latest ready build of a corpus and model (either may be None: any); NotFound if none."""
+    with transaction(settings.database_url) as s:
+        corpus_id = repo.corpus_by_name(s, corpus).id if corpus else None
+        model_id = repo.model_by_name(s, model).id if model else None
+        build = repo.latest_build(s, corpus_id, model_id)
+        return BuildTarget(build.id, build.store_path, build.model_id, checkpoints_by_step(s.get(Model, build.model_id)))
+
+
+def build_tracer(store_path: str, by_step: dict[int, CheckpointInfo]):
+    """The tracer of a build, refused when its checkpoints' weights changed since it was built."""
+    from indexer.store import read_info
+
+    info = read_info(Path(store_path))
+    check_unchanged(info["checkpoints"])
+    return tracer_for(store_path, [by_step[c["step"]] for c in info["checkpoints"]])
+
+
+def checkpoints_by_step(model: Model) -> dict[int, CheckpointInfo]:
+    return {c.step: c for c in _checkpoint_infos(model)}
+
+
+def ping_database(settings: Settings) -> None:
+    with transaction(settings.database_url) as s:
+        repo.ping(s)
+
+
+def ingest_records(settings: Settings, corpus: str, docs: list[tuple[str, str, dict]]) -> repo.IngestResult:
+    """Ingest documents given in memory (the API's JSON body), with the file path's checks."""
+    with transaction(settings.database_url) as s:
+        return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus), docs)
+
+
+def _outcome(t: Trace, model_name: str, entries: dict) -> TraceOutcome:
+    hits = [TraceHit(r.rank, r.document.external_id, r.document.text, entries[r.position][0].char_start,
+                     entries[r.position][0].char_end, r.score, r.scores) for r in t.results]
+    return TraceOutcome(t.id, t.question, t.answer, t.answer_generated, t.method, hits, t.timings,
+                        model_name, t.build_id, t.created_at.isoformat())
+
+
+def get_trace(settings: Settings, trace_id: int) -> TraceOutcome:
+    with transaction(settings.database_url) as s:
+        t = repo.get_trace(s, trace_id)
+        entries = repo.entries_at(s, t.build_id, [r.position for r in t.results])
+        return _outcome(t, s.get(Model, t.model_id).name, entries)
+
+
+@dataclass
+class TraceSummary:
+    trace_id: int
+    question: str
+    answer: str
+    model: str
+    method: str
+    hits: int
+    created_at: str
+
+
+def list_traces(settings: Settings, model: str | None = None, contains: str | None = None,
+                limit: int = 20, offset: int = 0) -> tuple[list[TraceSummary], int]:
+    """A page of past traces, newest first, and how many match in all."""
+    if not 1 <= limit <= 500 or offset < 0:
+        raise InputError("limit must be between 1 and 500 and offset at least 0")
+    with transaction(settings.database_url) as s:
+        rows, total = repo.list_traces(s, model, contains, limit, offset)
+        return [TraceSummary(r.trace.id, r.trace.question, r.trace.answer, r.model, r.trace.method, r.hits,
+                             r.trace.created_at.isoformat()) for r in rows], total

@@ -99,3 +99,16 @@ def test_factored_adam_normalisation_folds_into_projections():
         parts.append((plain.p_out[l.name] @ g @ plain.p_in[l.name].T).flatten())
     want = torch.cat(parts)
     assert (got - want).norm() / want.norm() <= 1e-4
+
+
+def test_per_token_terms_sum_to_the_feature():
+    """The report's token highlights split a feature into per-position terms; they must add up."""
+    model = tiny_gpt2()
+    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=1))
+    batch = padded_batch(SEQS)
+    whole = feat.features(*batch)
+    terms = feat.features(*batch, per_token=True)
+    assert terms.shape == (len(SEQS), batch[0].shape[1], whole.shape[1])
+    torch.testing.assert_close(terms.sum(1), whole, rtol=1e-4, atol=1e-6)
+    padding = batch[1] == 0
+    assert terms[padding].abs().max() == 0  # padded positions carry nothing
