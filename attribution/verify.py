@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -35,19 +36,21 @@ def lexical_spans(text: str, answer: str) -> list[tuple[int, int]]:
 
 
 class TailPatcher:
-    """Takes one Adam step on a document from a checkpoint and measures the answer's change.
+    """Takes one optimizer step on a document from a checkpoint and measures the answer's change.
 
     The step is Adam's with the momentum zeroed, so that it is the document's alone:
-    Δθ = −lr · g / (√(β2 v + (1 − β2) g²) + ε), with v the checkpoint's second moments when its
-    optimizer state is known (otherwise v = 0, Adam's very first step: lr · sign(g) / √(1−β2)
-    is too large, so v = g² is used: lr · sign(g)). The model is copied once; its weights are
-    restored after every document, so the caller's model is never changed.
+    Δθ = −lr · g / (√(β2 v + (1 − β2) g²) + ε), v being the checkpoint's second moments; where
+    none are known, v = g², which makes the step lr · sign(g), as Adam's very first step.
+    `measure(model)` is the quantity watched (log p of the answer). The model is copied once and
+    its weights restored after every document, so the caller's model never changes.
     """
 
-    def __init__(self, model, tokenizer, second_moments: dict[str, torch.Tensor], lr: float):
-        self.source, self.tokenizer, self.lr = model, tokenizer, lr
+    def __init__(self, model, tokenizer, second_moments: dict[str, torch.Tensor], lr: float,
+                 measure: Callable[[torch.nn.Module], float], step: int | None = None):
+        self.source, self.tokenizer, self.moments = model, tokenizer, second_moments
+        self.lr, self.measure, self.step = lr, measure, step
         self.model = copy.deepcopy(model).eval()
-        self.moments = second_moments
+        self.before = measure(model)
 
     def _restore(self) -> None:
         with torch.no_grad():
@@ -55,11 +58,11 @@ class TailPatcher:
                 p.copy_(q)
 
     def _step(self, doc_ids: list[int]) -> None:
-        named = [(n, p) for n, p in self.model.named_parameters()]
-        for _, p in named:
-            p.requires_grad_(True)
+        named = list(self.model.named_parameters())
         ids, mask, labels = collate([doc_ids], self.tokenizer.pad_token_id)
         with torch.enable_grad():
+            for _, p in named:
+                p.requires_grad_(True)
             loss = per_example_loss(self.model(input_ids=ids, attention_mask=mask).logits, labels).sum()
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
         with torch.no_grad():
@@ -70,10 +73,10 @@ class TailPatcher:
                 v = g * g if v is None else BETA2 * v + (1 - BETA2) * g * g
                 p -= self.lr * g / (v.sqrt() + EPS)
 
-    def delta(self, doc_ids: list[int], before: float, measure) -> float:
-        """`measure(model)` after one step on `doc_ids`, minus `before`."""
+    def delta(self, doc_ids: list[int]) -> float:
+        """`measure` after one step on the document, minus `measure` before it."""
         try:
             self._step(doc_ids)
-            return measure(self.model) - before
+            return self.measure(self.model) - self.before
         finally:
             self._restore()

@@ -64,6 +64,14 @@ def _learning_rate(folder: Path, step: int) -> float | None:
     return float(before[-1]) if before else None
 
 
+def train_batch_size(folder: Path) -> int | None:
+    """Examples per optimizer step per device, from trainer_state.json; None when unknown."""
+    state = Path(folder) / "trainer_state.json"
+    if not state.exists():
+        return None
+    return json.loads(state.read_text()).get("train_batch_size")
+
+
 def read_checkpoint(folder: Path, step: int = 0) -> CheckpointInfo:
     weights = weights_files(folder)
     if not (folder / "config.json").exists() or not weights:

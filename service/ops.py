@@ -9,6 +9,7 @@ import shutil
 import threading
 import uuid
 from dataclasses import dataclass
+from datetime import timezone
 from pathlib import Path
 
 from db import repo
@@ -231,11 +232,17 @@ def ingest_records(settings: Settings, corpus: str, docs: list[tuple[str, str, d
         return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus), docs)
 
 
+def iso_utc(moment) -> str:
+    """ISO 8601 in UTC; SQLite hands stored times back without their zone, PostgreSQL in the session's."""
+    utc = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return utc.isoformat()
+
+
 def _outcome(t: Trace, model_name: str, entries: dict) -> TraceOutcome:
     hits = [TraceHit(r.rank, r.document.external_id, r.document.text, entries[r.position][0].char_start,
                      entries[r.position][0].char_end, r.score, r.scores) for r in t.results]
     return TraceOutcome(t.id, t.question, t.answer, t.answer_generated, t.method, hits, t.timings,
-                        model_name, t.build_id, t.created_at.isoformat())
+                        model_name, t.build_id, iso_utc(t.created_at))
 
 
 def get_trace(settings: Settings, trace_id: int) -> TraceOutcome:
@@ -264,4 +271,4 @@ def list_traces(settings: Settings, model: str | None = None, contains: str | No
     with transaction(settings.database_url) as s:
         rows, total = repo.list_traces(s, model, contains, limit, offset)
         return [TraceSummary(r.trace.id, r.trace.question, r.trace.answer, r.model, r.trace.method, r.hits,
-                             r.trace.created_at.isoformat()) for r in rows], total
+                             iso_utc(r.trace.created_at)) for r in rows], total

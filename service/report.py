@@ -16,7 +16,7 @@ from db.models import Model
 from service import ops
 from service.settings import Settings
 
-DEFAULT_TAIL_PATCH_LR = 1e-3  # when no checkpoint of the build recorded its learning rate
+DEFAULT_TAIL_PATCH_LR = 1e-4  # when the checkpoint recorded no learning rate or batch size
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Report:
     cards: list[Card]
     more: list[dict] = field(default_factory=list)  # ranked hits beyond the explained ones
     tail_patch_lr: float | None = None
+    tail_patch_step: int | None = None  # the checkpoint the tail-patch steps from
     generated_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
@@ -74,7 +75,6 @@ def _load(settings: Settings, trace_id: int):
 def build_report(settings: Settings, trace_id: int, top: int = 5, tail_patch: bool = True) -> Report:
     """Explain the top `top` documents of a stored trace (token shares, checkpoints, tail-patch)."""
     from attribution import explain
-    from attribution.verify import lexical_spans
 
     t, store_path, model_name, by_step, rows = _load(settings, trace_id)
     with ops.model_lock:
@@ -82,20 +82,24 @@ def build_report(settings: Settings, trace_id: int, top: int = 5, tail_patch: bo
         q_grad = tracer.query_gradient(t.question, t.answer)
         shown = rows[:top]
         cosines = explain.checkpoint_cosines(tracer, q_grad, [r.position for r, _, _ in shown])
-        patcher = _patcher(tracer) if tail_patch and shown else None
+        patcher = _patcher(tracer, t.question, t.answer) if tail_patch and shown else None
         cards = [_card(tracer, q_grad, t, r, e, d, cos, patcher) for (r, e, d), cos in zip(shown, cosines)]
         logprobs = explain.answer_logprobs(tracer, t.question, t.answer)
         words = explain.word_attribution(tracer, t.question, t.answer)
         stating = next((c for c in cards if c.answer_spans), None)
-        exposed = explain.exposure(tracer, stating.position, t.answer, _text_of(settings, t.build_id)) \
+        exposed = explain.exposure(tracer, stating.position, t.question, t.answer, _text_of(settings, t.build_id)) \
             if stating else explain.Exposure(0, explain.EXPOSURE_THRESHOLD, [], [])
         steps = [c.step for c in tracer.ckpts]
-    more = [{"rank": r.rank, "external_id": d.external_id, "score": r.score, "scores": r.scores,
-             "text": d.text[e.char_start:e.char_end], "lexical": bool(lexical_spans(d.text[e.char_start:e.char_end], t.answer))}
-            for r, e, d in rows[top:]]
+    more = [_more(r, d.external_id, d.text[e.char_start:e.char_end], t.answer) for r, e, d in rows[top:]]
     return Report(t.id, t.question, t.answer, t.answer_generated, model_name, t.method, t.build_id,
-                  t.created_at.isoformat(), steps, logprobs, words, exposed.count, exposed.threshold, cards, more,
-                  patcher.lr if patcher else None)
+                  ops.iso_utc(t.created_at), steps, logprobs, words, exposed.count, exposed.threshold, cards, more,
+                  patcher.lr if patcher else None, patcher.step if patcher else None)
+
+
+def _more(result, external_id: str, text: str, answer: str) -> dict:
+    from attribution.verify import lexical_spans
+    return {"rank": result.rank, "external_id": external_id, "score": result.score, "scores": result.scores,
+            "text": text, "lexical": bool(lexical_spans(text, answer))}
 
 
 def _text_of(settings: Settings, build_id: int):
@@ -105,32 +109,38 @@ def _text_of(settings: Settings, build_id: int):
     return text_of
 
 
-def _patcher(tracer):
-    from attribution.verify import TailPatcher
-    from indexer.modelio import adam_second_moments
+def _patcher(tracer, question: str, answer: str):
+    """Tail-patch from the build's earliest checkpoint: facts are not learned yet there, so one
+    document's step shows (the demo's true sources gain 0.8-2.7 nats there, 0.02 at the last).
 
-    last = tracer.ckpts[-1]
-    model, tokenizer, _ = tracer.featurizer(len(tracer.ckpts) - 1)
-    moments = adam_second_moments(model, last.optimizer_state_path) if last.optimizer_state_path else {}
-    # the step size of training at its busiest: late checkpoints of a decayed schedule record ~0
-    lrs = [c.learning_rate for c in tracer.ckpts if c.learning_rate]
-    return TailPatcher(model, tokenizer, moments, max(lrs) if lrs else DEFAULT_TAIL_PATCH_LR)
+    The step is the document's share of one training step: that checkpoint's learning rate over
+    the run's batch size (1.8e-3 / 16 in the demo); the full rate on one document overshoots
+    and lowers the answer for every document, true sources included.
+    """
+    from attribution.explain import answer_logprob
+    from attribution.verify import TailPatcher
+    from indexer.modelio import adam_second_moments, train_batch_size
+
+    first = tracer.ckpts[0]
+    model, tokenizer, _ = tracer.featurizer(0)
+    moments = adam_second_moments(model, first.optimizer_state_path) if first.optimizer_state_path else {}
+    batch = train_batch_size(first.path)
+    lr = first.learning_rate / batch if first.learning_rate and batch else DEFAULT_TAIL_PATCH_LR
+    return TailPatcher(model, tokenizer, moments, lr, lambda m: answer_logprob(m, tokenizer, question, answer),
+                       step=first.step)
 
 
 def _card(tracer, q_grad, t, result, entry, doc, cosines, patcher) -> Card:
     from attribution import explain
     from attribution.verify import lexical_spans
 
-    model, tokenizer, _ = tracer.featurizer(len(tracer.ckpts) - 1)
+    _, tokenizer, _ = tracer.featurizer(len(tracer.ckpts) - 1)
     toks = explain.document_tokens(tokenizer, doc.text, entry.char_start, entry.char_end,
                                    tracer.config.append_eos)
     shares = explain.token_contributions(tracer, q_grad, toks.ids)
     start = entry.char_start
     text = doc.text[start:entry.char_end]
-    delta = None
-    if patcher is not None:
-        before = explain.answer_logprob(model, tokenizer, t.question, t.answer)
-        delta = patcher.delta(toks.ids, before, lambda m: explain.answer_logprob(m, tokenizer, t.question, t.answer))
+    delta = patcher.delta(toks.ids) if patcher is not None else None
     return Card(result.rank, doc.external_id, result.position, text, result.score, dict(result.scores),
                 lexical_spans(text, t.answer), [(a - start, b - start, float(w)) for (a, b), w in zip(toks.spans, shares)],
                 [float(c) for c in cosines], delta)

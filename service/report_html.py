@@ -60,23 +60,27 @@ def _heat(w: float, scale: float) -> str:
 
 
 def highlighted(text: str, tokens: list[tuple[int, int, float]], spans: list[tuple[int, int]]) -> str:
-    """The text cut at token and answer-span boundaries; tokens coloured, answer spans marked."""
+    """The text cut at token and answer-span boundaries; tokens coloured, each answer span one <mark>."""
     scale = max((abs(w) for _, _, w in tokens), default=0.0)
     cuts = sorted({0, len(text), *(x for a, b, _ in tokens for x in (a, b)), *(x for s in spans for x in s)})
     starts = [a for a, _, _ in tokens]
-    out = []
+    out, marked = [], False
     for x, y in zip(cuts, cuts[1:]):
         if x >= y or x >= len(text):
             continue
+        inside = any(a <= x and y <= b for a, b in spans)
+        if inside != marked:
+            out.append("<mark>" if inside else "</mark>")
+            marked = inside
         piece = escape(text[x:y])
         i = bisect_right(starts, x) - 1
         if i >= 0 and tokens[i][0] <= x and y <= tokens[i][1]:
             a, b, w = tokens[i]
             piece = (f'<span class="tok" style="background:{_heat(w, scale)}" '
                      f'title="{escape(text[a:b])}: {w:+.4f}">{piece}</span>')
-        if any(a <= x and y <= b for a, b in spans):
-            piece = f"<mark>{piece}</mark>"
         out.append(piece)
+    if marked:
+        out.append("</mark>")
     for a, b, w in tokens:  # end-of-document tokens have no characters of their own
         if a == b:
             out.append(f'<span class="eos" style="background:{_heat(w, scale)}" title="eos: {w:+.4f}">eos</span>')
@@ -124,15 +128,20 @@ def _question(report: Report) -> str:
     return f'<div class="question">{"".join(chips)}</div>'
 
 
+def _verb(n: int) -> str:
+    return "states" if n == 1 else "state"
+
+
 def _banner(report: Report) -> str:
     stating = [c for c in report.cards if c.answer_spans]
     if not stating:
         return (f'<div class="banner bad" id="verdict">Unsupported: none of the top {len(report.cards)} documents '
                 f'states “{escape(report.answer.strip())}”. The model may have inferred, memorised from elsewhere, '
                 f'or made it up — treat this answer with care.</div>')
+    plural = "" if report.exposure == 1 else "s"
     return (f'<div class="banner ok" id="verdict">Backed by the training data: {len(stating)} of the top '
-            f'{len(report.cards)} documents state “{escape(report.answer.strip())}”; the fact appears in '
-            f'{report.exposure} document(s) of the corpus.</div>')
+            f'{len(report.cards)} documents {_verb(len(stating))} “{escape(report.answer.strip())}”, and '
+            f'{report.exposure} document{plural} {_verb(report.exposure)} the fact in the whole corpus.</div>')
 
 
 def _learned_at(report: Report) -> str:
@@ -148,7 +157,7 @@ def _tiles(report: Report) -> str:
     tiles = [(report.exposure, "documents state the fact (exposure)"),
              (f"{final:.0%}", "p(answer) at the last checkpoint"),
              (_learned_at(report), "first checkpoint with p(answer) ≥ 50%"),
-             (best, "best tail-patch Δ log p (nats)")]
+             (best, "largest tail-patch change in log p (nats)")]
     return '<div class="tiles">' + "".join(f'<div class="tile"><b>{escape(str(v))}</b><span>{escape(t)}</span></div>'
                                            for v, t in tiles) + "</div>"
 
@@ -185,15 +194,14 @@ def _card(card: Card, maxima: dict[str, float], steps: list[int], colour: str) -
     if card.tail_patch is not None:
         kind = "up" if card.tail_patch > 0 else "down"
         patch = (f'<span class="badge {kind}" title="change in log p(answer) after one training step on this '
-                 f'document">tail-patch {card.tail_patch:+.3f} nats</span>')
-    spark = line_chart(steps, [("cosine", card.cosines, colour)], min(0.0, *card.cosines), max(0.1, *card.cosines),
-                       width=250, height=84)
+                 f'document">tail-patch {card.tail_patch:+.2f} nats</span>')
+    by_step = " · ".join(f'<span title="step {s}">{c:.2f}</span>' for s, c in zip(steps, card.cosines))
     return (f'<section class="doc" data-rank="{card.rank}"><div class="doc-head"><span class="rank">{card.rank}</span>'
             f'<span class="docid">{escape(card.external_id)}</span>{lex}{patch}'
             f'<span class="meta">score {card.score:.2f}</span></div>'
             f'<div class="text">{highlighted(card.text, card.tokens, card.answer_spans)}</div>'
-            f'<div class="bars">{_bars(card, maxima)}<div class="spark">gradient cosine per checkpoint{spark}'
-            f'</div></div></section>')
+            f'<div class="bars">{_bars(card, maxima)}<div class="spark"><span class="sw" style="background:{colour}">'
+            f'</span>cosine by checkpoint: {by_step}</div></div></section>')
 
 
 def _more(report: Report) -> str:
@@ -214,8 +222,8 @@ def render(report: Report) -> str:
     maxima = {m: max((s.get(m, 0.0) for s in all_scores), default=0.0) for m in METHODS}
     cards = "".join(_card(c, maxima, report.steps, SERIES[i % len(SERIES)]) for i, c in enumerate(report.cards))
     generated = " (the model's own answer)" if report.answer_generated else " (given)"
-    patch_note = (f"one Adam step at learning rate {report.tail_patch_lr:g} from the last checkpoint"
-                  if report.tail_patch_lr else "not run")
+    patch_note = (f"one Adam step on the document alone (learning rate {report.tail_patch_lr:.2g}) from checkpoint "
+                  f"step {report.tail_patch_step}, then the change in log p(answer)" if report.tail_patch_lr else "not run")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>wherefrom · trace {report.trace_id}</title><style>{CSS}</style></head>
@@ -229,11 +237,11 @@ method {escape(report.method)} · {escape(report.created_at[:19].replace("T", " 
 {_banner(report)}{_tiles(report)}{_charts(report)}
 <h2>Documents that back the answer</h2>{cards}{_more(report)}
 <div class="legend">Token colours: <span class="sw" style="background:rgba(245,158,11,.8)"></span>tokens whose
-gradient terms align with the answer's gradient (they raise the document's gradient score),
-<span class="sw" style="background:rgba(59,130,246,.8)"></span>tokens that pull against it; the shares add up to the
-gradient score. <mark style="background:none;font-weight:700;border-bottom:3px solid #16a34a">Underlined</mark>: the
+prediction, in training on this document, aligns with the answer's gradient (they raise the document's gradient
+score), <span class="sw" style="background:rgba(59,130,246,.8)"></span>tokens that pull against it; the shares add up
+to the gradient score. <mark style="background:none;font-weight:700;border-bottom:3px solid #16a34a">Underlined</mark>: the
 answer as it occurs in the document. Score bars: each method's raw score, scaled to the best document of this trace.
 Exposure: neighbours of the first stating document in the semantic index with cosine ≥ {report.exposure_threshold:.2f}
-that contain the answer. Tail-patch: {escape(patch_note)}. Generated {escape(report.generated_at[:19])} UTC.</div>
+that contain the answer and every name of the question. Tail-patch: {escape(patch_note)}. Generated {escape(report.generated_at[:19])} UTC.</div>
 </main></body></html>
 """

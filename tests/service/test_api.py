@@ -70,7 +70,7 @@ def test_healthz_needs_no_token_and_everything_else_does(anon):
         r = anon.request(method, path, json={})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path)
         assert "bearer token" in r.json()["error"]
-    for wrong in ["Bearer " + TOKEN[:-1] + "y", "Bearer " + TOKEN + "x", "Bearer ", "Basic " + TOKEN, TOKEN]:
+    for wrong in ["Bearer " + TOKEN[:-1] + "y", "Bearer " + TOKEN + "x", "Bearer", "Basic " + TOKEN, TOKEN]:
         r = anon.get("/traces", headers={"Authorization": wrong})
         assert r.status_code == 401, wrong
 
