@@ -9,7 +9,6 @@ event loop, and `ops.model_lock` keeps one trace at a time on the loaded models.
 from __future__ import annotations
 
 import hmac
-from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -20,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from db.errors import Forbidden, WherefromError
 from service import api_schemas as sc
-from service.jobs import InProcessJobs, JobQueue
+from service.jobs import InProcessJobs, JobQueue, JobView
 from service.settings import ApiSettings, Settings
 
 
@@ -128,7 +127,7 @@ def create_app(settings: Settings, api: ApiSettings, jobs: JobQueue | None = Non
         return {"status": "ok"}
 
     @app.post("/traces", dependencies=authed, responses={**errors, 202: {"model": sc.JobAccepted}},
-              status_code=201, response_model=sc.TraceOut)
+              status_code=201, response_model=ops.TraceOutcome)
     def create_trace(body: sc.TraceRequest):
         """Trace an answer now (201), or with `"async": true` queue it and answer 202 with a job."""
         if body.run_async:
@@ -136,18 +135,18 @@ def create_app(settings: Settings, api: ApiSettings, jobs: JobQueue | None = Non
             job_id = jobs.submit("trace", body.trace_params())
             return JSONResponse(sc.JobAccepted(job_id=job_id, status="queued", url=f"/jobs/{job_id}").model_dump(),
                                 status_code=202, headers={"Location": f"/jobs/{job_id}"})
-        return asdict(ops.trace(settings, **body.trace_params()))
+        return ops.trace(settings, **body.trace_params())
 
     @app.get("/traces", dependencies=authed, responses=errors, response_model=sc.TracePage)
     def list_traces(model: str | None = Query(None, description="Only this model's traces."),
                     q: str | None = Query(None, max_length=500, description="Question contains (any case)."),
                     limit: int = Query(20, ge=1, le=500), offset: int = Query(0, ge=0)):
         items, total = ops.list_traces(settings, model, q, limit, offset)
-        return {"items": [asdict(i) for i in items], "total": total, "limit": limit, "offset": offset}
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
 
-    @app.get("/traces/{trace_id}", dependencies=authed, responses=errors, response_model=sc.TraceOut)
+    @app.get("/traces/{trace_id}", dependencies=authed, responses=errors, response_model=ops.TraceOutcome)
     def get_trace(trace_id: int):
-        return asdict(ops.get_trace(settings, trace_id))
+        return ops.get_trace(settings, trace_id)
 
     @app.get("/traces/{trace_id}/report", dependencies=authed, responses=errors, response_class=HTMLResponse)
     def trace_report(trace_id: int, top: int = Query(5, ge=1, le=20)):
@@ -156,9 +155,9 @@ def create_app(settings: Settings, api: ApiSettings, jobs: JobQueue | None = Non
         from service.report_html import render
         return HTMLResponse(render(build_report(settings, trace_id, top=top)))
 
-    @app.get("/jobs/{job_id}", dependencies=authed, responses=errors, response_model=sc.JobOut)
+    @app.get("/jobs/{job_id}", dependencies=authed, responses=errors, response_model=JobView)
     def get_job(job_id: str):
-        return asdict(jobs.get(job_id))
+        return jobs.get(job_id)
 
     @app.post("/corpora/{corpus}/documents", dependencies=authed, responses=errors, status_code=201,
               response_model=sc.IngestOut)

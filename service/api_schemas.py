@@ -1,10 +1,16 @@
-"""Request and response bodies of the HTTP API (they make its OpenAPI schema)."""
+"""Request and response bodies of the HTTP API (they make its OpenAPI schema).
+
+Responses that are plain results of `service.ops` (a trace, a trace summary, a job) use those
+dataclasses directly; FastAPI turns them into schemas.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.ops import TraceSummary
 
 Method = Literal["hybrid", "grad", "dense", "bm25"]
 
@@ -33,56 +39,11 @@ class TraceRequest(BaseModel):
         return self.model_dump(exclude={"run_async"})
 
 
-class Hit(BaseModel):
-    rank: int
-    external_id: str
-    text: str
-    char_start: int
-    char_end: int
-    score: float
-    scores: dict[str, float]
-
-
-class TraceOut(BaseModel):
-    trace_id: int
-    question: str
-    answer: str
-    answer_generated: bool
-    method: str
-    model: str | None
-    build_id: int | None
-    created_at: str | None
-    timings: dict[str, float]
-    hits: list[Hit]
-
-
-class TraceSummaryOut(BaseModel):
-    trace_id: int
-    question: str
-    answer: str
-    model: str
-    method: str
-    hits: int
-    created_at: str
-
-
 class TracePage(BaseModel):
-    items: list[TraceSummaryOut]
+    items: list[TraceSummary]
     total: int
     limit: int
     offset: int
-
-
-class JobOut(BaseModel):
-    id: str
-    kind: str
-    status: Literal["queued", "running", "succeeded", "failed"]
-    params: dict
-    result: dict | None
-    error: str | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
 
 
 class JobAccepted(BaseModel):
