@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from db.errors import Forbidden, WherefromError
+from db.errors import Forbidden, InputError, WherefromError
 from service import api_schemas as sc
+from service import ops
 from service.jobs import InProcessJobs, JobQueue, JobView
 from service.settings import ApiSettings, Settings
 
@@ -82,93 +84,117 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
-def _auth(token: str):
-    bearer = HTTPBearer(auto_error=False, description="WHEREFROM_API_TOKEN")
+_bearer = HTTPBearer(auto_error=False, description="WHEREFROM_API_TOKEN")
 
-    def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        given = credentials.credentials.encode() if credentials else b""
-        # constant time: the comparison does not reveal how many leading characters were right
-        if not hmac.compare_digest(given, token.encode()):
-            raise StarletteHTTPException(401, "missing or wrong bearer token: send "
-                                              "`Authorization: Bearer $WHEREFROM_API_TOKEN`",
-                                         headers={"WWW-Authenticate": "Bearer"})
-    return check
+
+def _require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    given = credentials.credentials.encode() if credentials else b""
+    # constant time: the comparison does not reveal how many leading characters were right
+    if not hmac.compare_digest(given, request.app.state.api.token.encode()):
+        raise StarletteHTTPException(401, "missing or wrong bearer token: send "
+                                          "`Authorization: Bearer $WHEREFROM_API_TOKEN`",
+                                     headers={"WWW-Authenticate": "Bearer"})
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _jobs(request: Request) -> JobQueue:
+    return request.app.state.jobs
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+JobsDep = Annotated[JobQueue, Depends(_jobs)]
+ERRORS = {c: {"model": sc.ErrorOut} for c in (400, 401, 403, 404, 409, 413, 422)}
+# the report is one self-contained page: forbid it every fetch, script and frame
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+open_routes = APIRouter()
+routes = APIRouter(dependencies=[Depends(_require_token)], responses=ERRORS)
 
 
 def inside_data_dir(settings: Settings, path: str) -> Path:
     """Resolve `path` (relative to the data directory) and refuse anything outside it."""
     root = settings.data_dir.resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks and .. resolved
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks and .. resolved
+    except (ValueError, OSError) as e:  # a NUL byte, a symlink loop
+        raise InputError(f"{path!r} is not a usable path ({e})") from None
     if not resolved.is_relative_to(root):
         raise Forbidden(f"{path} is outside the data directory: copy the file under {root} "
                         "or send the documents in the body")
     return resolved
 
 
+@open_routes.get("/healthz", responses={503: {"model": sc.ErrorOut}})
+def healthz(settings: SettingsDep):
+    """Liveness and database reachability; no token needed."""
+    try:
+        ops.ping_database(settings)
+    except Exception as e:  # any failure to reach the database is "not healthy", with its reason
+        return _error(503, f"database unreachable: {type(e).__name__}")
+    return {"status": "ok"}
+
+
+@routes.post("/traces", status_code=201, response_model=ops.TraceOutcome, responses={202: {"model": sc.JobAccepted}})
+def create_trace(body: sc.TraceRequest, settings: SettingsDep, jobs: JobsDep):
+    """Trace an answer now (201), or with `"async": true` queue it and answer 202 with a job."""
+    if not body.run_async:
+        return ops.trace(settings, **body.trace_params())
+    ops.resolve_build(settings, body.corpus, body.model)  # unknown names: 404 now, not a failed job
+    job_id = jobs.submit("trace", body.trace_params())
+    return JSONResponse(sc.JobAccepted(job_id=job_id, status="queued", url=f"/jobs/{job_id}").model_dump(),
+                        status_code=202, headers={"Location": f"/jobs/{job_id}"})
+
+
+@routes.get("/traces", response_model=sc.TracePage)
+def list_traces(settings: SettingsDep, model: str | None = Query(None, description="Only this model's traces."),
+                q: str | None = Query(None, max_length=500, description="Question contains (any case)."),
+                limit: int = Query(20, ge=1, le=500), offset: int = Query(0, ge=0)):
+    items, total = ops.list_traces(settings, model, q, limit, offset)
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+@routes.get("/traces/{trace_id}", response_model=ops.TraceOutcome)
+def get_trace(trace_id: int, settings: SettingsDep):
+    return ops.get_trace(settings, trace_id)
+
+
+@routes.get("/traces/{trace_id}/report", response_class=HTMLResponse)
+def trace_report(trace_id: int, settings: SettingsDep, top: int = Query(5, ge=1, le=20)):
+    """The self-contained HTML report of a trace (seconds: it runs the explanations)."""
+    from service.report import build_report
+    from service.report_html import render
+    return HTMLResponse(render(build_report(settings, trace_id, top=top)),
+                        headers={"Content-Security-Policy": REPORT_CSP})
+
+
+@routes.get("/jobs/{job_id}", response_model=JobView)
+def get_job(job_id: str, jobs: JobsDep):
+    return jobs.get(job_id)
+
+
+@routes.post("/corpora/{corpus}/documents", status_code=201, response_model=sc.IngestOut)
+def ingest(corpus: str, body: sc.DocumentsIn, settings: SettingsDep):
+    """Add documents to a corpus (created if new); the same documents again change nothing."""
+    if body.path is not None:
+        result = ops.ingest(settings, inside_data_dir(settings, body.path), corpus)
+    else:
+        result = ops.ingest_records(settings, corpus, [(d.id, d.text, d.metadata) for d in body.documents])
+    return {"corpus": corpus, "added": result.added, "unchanged": result.unchanged}
+
+
 def create_app(settings: Settings, api: ApiSettings, jobs: JobQueue | None = None) -> FastAPI:
     """The API over one data directory; `jobs` defaults to the in-process queue."""
-    from service import ops
-
-    jobs = jobs or InProcessJobs(settings)
     app = FastAPI(title="wherefrom", version="0.1.0",
                   description="Which training documents taught a language model this answer?")
+    app.state.settings, app.state.api = settings, api
+    app.state.jobs = jobs or InProcessJobs(settings)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=api.max_body_bytes)
-    authed = [Depends(_auth(api.token))]
-    errors = {c: {"model": sc.ErrorOut} for c in (400, 401, 403, 404, 409, 413, 422)}
-
-    @app.get("/healthz", responses={503: {"model": sc.ErrorOut}})
-    def healthz():
-        """Liveness and database reachability; no token needed."""
-        try:
-            ops.ping_database(settings)
-        except Exception as e:  # any failure to reach the database is "not healthy", with its reason
-            return _error(503, f"database unreachable: {type(e).__name__}")
-        return {"status": "ok"}
-
-    @app.post("/traces", dependencies=authed, responses={**errors, 202: {"model": sc.JobAccepted}},
-              status_code=201, response_model=ops.TraceOutcome)
-    def create_trace(body: sc.TraceRequest):
-        """Trace an answer now (201), or with `"async": true` queue it and answer 202 with a job."""
-        if body.run_async:
-            ops.resolve_build(settings, body.corpus, body.model)  # unknown names: 404 now, not a failed job
-            job_id = jobs.submit("trace", body.trace_params())
-            return JSONResponse(sc.JobAccepted(job_id=job_id, status="queued", url=f"/jobs/{job_id}").model_dump(),
-                                status_code=202, headers={"Location": f"/jobs/{job_id}"})
-        return ops.trace(settings, **body.trace_params())
-
-    @app.get("/traces", dependencies=authed, responses=errors, response_model=sc.TracePage)
-    def list_traces(model: str | None = Query(None, description="Only this model's traces."),
-                    q: str | None = Query(None, max_length=500, description="Question contains (any case)."),
-                    limit: int = Query(20, ge=1, le=500), offset: int = Query(0, ge=0)):
-        items, total = ops.list_traces(settings, model, q, limit, offset)
-        return {"items": items, "total": total, "limit": limit, "offset": offset}
-
-    @app.get("/traces/{trace_id}", dependencies=authed, responses=errors, response_model=ops.TraceOutcome)
-    def get_trace(trace_id: int):
-        return ops.get_trace(settings, trace_id)
-
-    @app.get("/traces/{trace_id}/report", dependencies=authed, responses=errors, response_class=HTMLResponse)
-    def trace_report(trace_id: int, top: int = Query(5, ge=1, le=20)):
-        """The self-contained HTML report of a trace (seconds: it runs the explanations)."""
-        from service.report import build_report
-        from service.report_html import render
-        return HTMLResponse(render(build_report(settings, trace_id, top=top)))
-
-    @app.get("/jobs/{job_id}", dependencies=authed, responses=errors, response_model=JobView)
-    def get_job(job_id: str):
-        return jobs.get(job_id)
-
-    @app.post("/corpora/{corpus}/documents", dependencies=authed, responses=errors, status_code=201,
-              response_model=sc.IngestOut)
-    def ingest(corpus: str, body: sc.DocumentsIn):
-        """Add documents to a corpus (created if new); the same documents again change nothing."""
-        if body.path is not None:
-            result = ops.ingest(settings, inside_data_dir(settings, body.path), corpus)
-        else:
-            result = ops.ingest_records(settings, corpus, [(d.id, d.text, d.metadata) for d in body.documents])
-        return {"corpus": corpus, "added": result.added, "unchanged": result.unchanged}
-
+    app.include_router(open_routes)
+    app.include_router(routes)
     return app
 
 

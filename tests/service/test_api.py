@@ -103,6 +103,13 @@ def test_bad_trace_requests_get_a_clear_4xx(api, body, status, message):
     assert api.get("/traces", params={"limit": 1}).json()["total"] == before
 
 
+def test_a_corpus_without_a_build_is_a_404_that_says_how_to_build(api):
+    assert api.post("/corpora/unbuilt/documents", json={"documents": [{"id": "a", "text": "x"}]}).status_code == 201
+    for run_async in (False, True):
+        r = api.post("/traces", json={"question": "Who?", "corpus": "unbuilt", "async": run_async})
+        assert r.status_code == 404 and "wherefrom index" in r.json()["error"]
+
+
 def test_not_json_and_unknown_ids(api):
     r = api.post("/traces", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.json()["error"]
@@ -194,11 +201,14 @@ def test_ingest_from_a_path_only_inside_the_data_dir(api, indexed, tmp_path):
     outside = tmp_path / "outside.jsonl"
     outside.write_text('{"id": "o", "text": "secret"}\n')
     (data / "uploads" / "link.jsonl").symlink_to(outside)
-    for path in [str(outside), "../outside.jsonl", "uploads/../../outside.jsonl", "uploads/link.jsonl", "/etc/passwd"]:
+    for path in [str(outside), "../outside.jsonl", "uploads/../../outside.jsonl", "uploads/link.jsonl", "/etc/passwd",
+                 str(data) + "-sibling/x.jsonl"]:
         r = api.post("/corpora/path-corpus/documents", json={"path": path})
         assert r.status_code == 403 and "outside the data directory" in r.json()["error"], path
     r = api.post("/corpora/path-corpus/documents", json={"path": "uploads/missing.jsonl"})
     assert r.status_code == 400 and "does not exist" in r.json()["error"]
+    r = api.post("/corpora/path-corpus/documents", json={"path": "up\u0000loads"})
+    assert r.status_code == 400 and "not a usable path" in r.json()["error"]
 
 
 def test_oversized_bodies_get_413_declared_or_streamed(api):
@@ -219,5 +229,6 @@ def test_report_is_served_as_html(api, indexed):
     made = api.post("/traces", json={"question": q.prompt, "k": 2}).json()
     r = api.get(f"/traces/{made['trace_id']}/report", params={"top": 1})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.headers["content-security-policy"].startswith("default-src 'none'")
     assert "<!doctype html>" in r.text and "http://" not in r.text.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert api.get("/traces/999999/report").status_code == 404
