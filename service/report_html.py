@@ -44,7 +44,7 @@ color:#5b21b6}.badge.down{background:#ffedd5;color:#9a3412}.text{font-size:15px;
 .eos{font-size:10px;color:#57534e;border:1px solid #d6d3d1;border-radius:4px;padding:0 3px;margin-left:3px}
 .bars{font-size:12px}.bar{display:grid;grid-template-columns:64px 1fr 52px;align-items:center;gap:6px;margin:3px 0}
 .track{background:#f5f5f4;border-radius:4px;height:9px;overflow:hidden}.fill{height:100%;border-radius:4px}
-.num{text-align:right;font-variant-numeric:tabular-nums;color:#57534e}.spark{margin-top:6px;color:#78716c}
+.num{text-align:right;font-variant-numeric:tabular-nums;color:#57534e}.spark{margin-top:6px;color:#78716c;white-space:nowrap}
 table{width:100%;border-collapse:collapse;font-size:13px;background:#fff;border-radius:12px;overflow:hidden}
 td,th{padding:7px 10px;text-align:left;border-bottom:1px solid #f0efeb}th{color:#78716c;font-weight:600}
 .legend{font-size:12px;color:#78716c;margin-top:28px;line-height:1.7}.sw{display:inline-block;width:26px;height:11px;
@@ -200,8 +200,9 @@ def _card(card: Card, maxima: dict[str, float], steps: list[int], colour: str) -
             f'<span class="docid">{escape(card.external_id)}</span>{lex}{patch}'
             f'<span class="meta">score {card.score:.2f}</span></div>'
             f'<div class="text">{highlighted(card.text, card.tokens, card.answer_spans)}</div>'
-            f'<div class="bars">{_bars(card, maxima)}<div class="spark"><span class="sw" style="background:{colour}">'
-            f'</span>cosine by checkpoint: {by_step}</div></div></section>')
+            f'<div class="bars">{_bars(card, maxima)}<div class="spark" title="gradient cosine with the answer at each '
+            f'checkpoint (the line in the chart above)"><span class="sw" style="background:{colour}"></span>'
+            f'by checkpoint: {by_step}</div></div></section>')
 
 
 def _more(report: Report) -> str:
