@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from db.errors import Forbidden, InputError, WherefromError
 from service import api_schemas as sc
 from service import ops
-from service.jobs import InProcessJobs, JobQueue, JobView
+from service.jobs import JobQueue, JobView, job_queue
 from service.settings import ApiSettings, Settings
 
 
@@ -186,11 +186,11 @@ def ingest(corpus: str, body: sc.DocumentsIn, settings: SettingsDep):
 
 
 def create_app(settings: Settings, api: ApiSettings, jobs: JobQueue | None = None) -> FastAPI:
-    """The API over one data directory; `jobs` defaults to the in-process queue."""
+    """The API over one data directory; `jobs` defaults to `service.jobs.job_queue(settings)`."""
     app = FastAPI(title="wherefrom", version="0.1.0",
                   description="Which training documents taught a language model this answer?")
     app.state.settings, app.state.api = settings, api
-    app.state.jobs = jobs or InProcessJobs(settings)
+    app.state.jobs = jobs or job_queue(settings)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=api.max_body_bytes)
     app.include_router(open_routes)

@@ -7,8 +7,8 @@ task can call the very same function.
 `InProcessJobs` is the embedded default: one worker thread in the serving process, status kept
 in memory (lost on restart; ids are random so an old id is a clean 404, never another job).
 One thread because every trace takes `ops.model_lock` anyway: more threads would only queue.
-A SQL-backed queue (Celery + a jobs table) implements the same two methods and replaces it in
-`service.api.create_app(jobs=...)`.
+A SQL-backed queue (Celery + a jobs table) implements the same two methods; `job_queue` is the
+one place that picks the implementation for `wherefrom serve`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ TASKS: dict[str, Callable[[Settings, dict], dict]] = {"trace": run_trace}
 
 
 class InProcessJobs:
-    """Runs jobs on one background thread of this process; keeps the latest `keep` jobs."""
+    """Runs jobs on one background thread of this process; remembers about `keep` jobs."""
 
     def __init__(self, settings: Settings, keep: int = 10_000):
         self.settings, self.keep = settings, keep
@@ -75,8 +75,11 @@ class InProcessJobs:
         job = JobView(id=uuid.uuid4().hex, kind=kind, status="queued", params=params)
         with self._lock:
             self._jobs[job.id] = job
-            while len(self._jobs) > self.keep:  # dicts keep insertion order: drop the oldest
-                self._jobs.pop(next(iter(self._jobs)))
+            # forget the oldest finished jobs beyond `keep` (dicts keep insertion order); never
+            # one still waiting or running, which its thread will update
+            finished = [i for i, j in self._jobs.items() if j.status in ("succeeded", "failed")]
+            for i in finished[:max(0, len(self._jobs) - self.keep)]:
+                del self._jobs[i]
         self._pool.submit(self._run, job.id)
         return job.id
 
@@ -107,3 +110,9 @@ class InProcessJobs:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def job_queue(settings: Settings) -> JobQueue:
+    """The queue `wherefrom serve` hands to the API. With a broker (WHEREFROM_BROKER_URL), a Celery
+    queue over the jobs table belongs here; without one, jobs run in this process."""
+    return InProcessJobs(settings)
