@@ -32,7 +32,7 @@ MAX_ABLATED_WORDS = 48  # one forward pass per word; longer questions skip word 
 
 @dataclass
 class DocumentTokens:
-    """A chunk's tokens as the build saw them: ids, char spans in the document, eos flag."""
+    """A chunk's tokens as the build saw them: ids and their char spans in the document."""
 
     ids: list[int]
     spans: list[tuple[int, int]]  # (start, end) in the document text; (end, end) for eos
