@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from attribution.tracer import encode_qa
 from indexer.adapter import tracked_layers
 from indexer.build import collate
 from indexer.gradients import per_example_loss
@@ -41,10 +42,9 @@ def exact_scores(tracer, question: str, answer: str, documents: list[list[int]])
 
     total = np.zeros(len(documents))
     for c, ckpt in enumerate(tracer.ckpts):
-        model, tokenizer, _ = tracer._featurizer(c)
-        enc = tokenizer(question + answer, add_special_tokens=False, return_offsets_mapping=True)
-        first = next(i for i, (_, b) in enumerate(enc["offset_mapping"]) if b > len(question))
-        query = collate([enc["input_ids"]], tokenizer.pad_token_id, label_from=[first])
+        model, tokenizer, _ = tracer.featurizer(c)
+        ids, first = encode_qa(tokenizer, question, answer)
+        query = collate([ids], tokenizer.pad_token_id, label_from=[first])
         wrapper = _LogitsOnly(model)
         layers = ["lm." + l.name for l in tracked_layers(model, tracer.config.gradient.modules)]
         flags = [p.requires_grad for p in model.parameters()]
@@ -68,7 +68,7 @@ RERANK_N = 20  # candidates rescored exactly: ~0.1 s each on the demo model, 4 c
 
 def rerank_exact(tracer, question: str, answer: str, hits, texts: list[str]):
     """Reorder hits by exact TracIn cosine; keeps the index score and adds `exact` to scores."""
-    tok = tracer._featurizer(len(tracer.ckpts) - 1)[1]
+    tok = tracer.featurizer(len(tracer.ckpts) - 1)[1]
     docs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
     exact = exact_scores(tracer, question, answer, docs)
     for h, e in zip(hits, exact):

@@ -49,6 +49,17 @@ def answer_span(text: str) -> str:
     return text.rstrip(".?! ") if text.strip() else text
 
 
+def encode_qa(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of question + answer, and the index of the first answer token."""
+    enc = tokenizer(question + answer, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    first = next((i for i, (a, b) in enumerate(offsets) if b > len(question)), None)
+    if first is None or first == 0:
+        raise InputError("the answer has no tokens of its own after the question: "
+                         "give a non-empty --answer and a non-empty question")
+    return ids, first
+
+
 class Tracer:
     """A build's stores and checkpoints, loaded once and reused across traces."""
 
@@ -74,14 +85,15 @@ class Tracer:
             self._cache[key] = make()
         return self._cache[key]
 
-    def _featurizer(self, c: int):
+    def featurizer(self, c: int):
+        """(model, tokenizer, featurizer) of checkpoint `c`, loaded once."""
         if c not in self._featurizers:
             self._featurizers[c] = featurizer_for(self.ckpts[c], self.config.gradient)
         return self._featurizers[c]
 
     def generate(self, question: str, max_new_tokens: int = 16) -> str:
         """Greedy answer of the last checkpoint."""
-        model, tokenizer, _ = self._featurizer(len(self.ckpts) - 1)
+        model, tokenizer, _ = self.featurizer(len(self.ckpts) - 1)
         ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
         self._check_length(ids.shape[1] + 1, model)
         with torch.inference_mode():
@@ -100,13 +112,8 @@ class Tracer:
         """Concatenated per-checkpoint query features, loss on the answer tokens only. (D,)"""
         parts = []
         for c in range(len(self.ckpts)):
-            model, tokenizer, feat = self._featurizer(c)
-            enc = tokenizer(question + answer, add_special_tokens=False, return_offsets_mapping=True)
-            ids, offsets = enc["input_ids"], enc["offset_mapping"]
-            first = next((i for i, (a, b) in enumerate(offsets) if b > len(question)), None)
-            if first is None or first == 0:
-                raise InputError("the answer has no tokens of its own after the question: "
-                                 "give a non-empty --answer and a non-empty question")
+            model, tokenizer, feat = self.featurizer(c)
+            ids, first = encode_qa(tokenizer, question, answer)
             self._check_length(len(ids), model)
             f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first])).numpy()
             if self.curvatures[c] is not None:

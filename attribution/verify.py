@@ -12,33 +12,41 @@ and no step can raise it (measured on the demo: the true source scored −0.5 na
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
+from attribution.tracer import encode_qa
 from indexer.build import collate
 from indexer.gradients import per_example_loss
-from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
+from indexer.modelio import CheckpointInfo, adam_second_moments, load_model, train_batch_size
+
+
+def lexical_spans(text: str, answer: str) -> list[tuple[int, int]]:
+    """Character spans of the answer in `text`; words may be separated by any whitespace."""
+    words = answer.split()
+    if not words:
+        return []
+    pattern = r"\s+".join(re.escape(w) for w in words)
+    # word boundaries only where the answer itself starts/ends with a word character, so that
+    # " 1873" does not match inside "18731" but "U.S." still matches
+    if re.match(r"\w", words[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.search(r"\w$", words[-1]):
+        pattern += r"(?!\w)"
+    return [m.span() for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
 
 
 def lexical_match(document: str, answer: str) -> bool:
     """Does the document contain the answer span (case- and whitespace-insensitive, whole words)?"""
-    span = " ".join(answer.split()).strip(" .,;:!?").lower()
-    if not span:
-        return False
-    text = " ".join(document.split()).lower()
-    return re.search(r"(?<!\w)" + re.escape(span) + r"(?!\w)", text) is not None
+    return bool(lexical_spans(document, answer.strip().rstrip(".,;:!?")))
 
 
 def step_size(ckpt: CheckpointInfo) -> float:
     """The checkpoint's learning rate over the training batch size (1e-3 / 1 when unknown)."""
-    state = Path(ckpt.path) / "trainer_state.json"
-    batch = json.loads(state.read_text()).get("train_batch_size") if state.exists() else None
-    return (ckpt.learning_rate or 1e-3) / (batch or 1)
+    return (ckpt.learning_rate or 1e-3) / (train_batch_size(ckpt.path) or 1)
 
 
 @dataclass
@@ -49,18 +57,19 @@ class TailPatcher:
     tokenizer: object
     moments: dict[str, torch.Tensor]
     lr: float
+    step: int | None = None  # the checkpoint's training step, for display
     eps: float = 1e-8
 
     @classmethod
-    def from_checkpoint(cls, ckpt: CheckpointInfo) -> TailPatcher:
-        model, tokenizer = load_model(ckpt.path)
+    def from_checkpoint(cls, ckpt: CheckpointInfo, loaded: tuple | None = None) -> TailPatcher:
+        """`loaded`: (model, tokenizer) already in memory for this checkpoint; weights are never changed."""
+        model, tokenizer = loaded or load_model(ckpt.path)
         moments = adam_second_moments(model, ckpt.optimizer_state_path) if ckpt.optimizer_state_path else {}
-        return cls(model, tokenizer, moments, step_size(ckpt))
+        return cls(model, tokenizer, moments, step_size(ckpt), ckpt.step)
 
     def _answer_batch(self, question: str, answer: str):
-        enc = self.tokenizer(question + answer, add_special_tokens=False, return_offsets_mapping=True)
-        first = next(i for i, (_, b) in enumerate(enc["offset_mapping"]) if b > len(question))
-        return collate([enc["input_ids"]], self.tokenizer.pad_token_id, label_from=[first])
+        ids, first = encode_qa(self.tokenizer, question, answer)
+        return collate([ids], self.tokenizer.pad_token_id, label_from=[first])
 
     def _answer_logprob(self, params: dict, batch) -> float:
         ids, mask, labels = batch
@@ -94,16 +103,28 @@ class TailPatcher:
         return out
 
 
+def tail_patcher(tracer) -> TailPatcher:
+    """The build's tail-patcher: its earliest checkpoint, sharing the tracer's loaded model."""
+    return tracer.cached("tail_patcher", lambda: TailPatcher.from_checkpoint(tracer.ckpts[0], tracer.featurizer(0)[:2]))
+
+
 SUPPORT_DELTA = 0.01  # nats: a tail-patch gain above this counts as support even without the span
 
 
+def supported(scores: list[dict]) -> bool | None:
+    """Whether any verified document backs the answer: it states the span, or training on it raises
+    the answer's log-probability by more than SUPPORT_DELTA. None when nothing was verified."""
+    if not scores or "lexical" not in scores[0]:
+        return None
+    return any(s["lexical"] or s["tail_patch"] > SUPPORT_DELTA for s in scores)
+
+
 def verify_hits(tracer, question: str, answer: str, hits, texts: list[str]) -> bool:
-    """Add `tail_patch` and `lexical` to each hit's scores; return whether any document supports
-    the answer (states its span, or raises its log-probability by more than SUPPORT_DELTA)."""
-    patcher = tracer.cached("tail_patcher", lambda: TailPatcher.from_checkpoint(tracer.ckpts[0]))
+    """Add `tail_patch` and `lexical` to each hit's scores; return `supported` of them."""
+    patcher = tail_patcher(tracer)
     tok = patcher.tokenizer
     docs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
     for h, text, delta in zip(hits, texts, patcher.deltas(question, answer, docs)):
         h.scores["tail_patch"] = delta
         h.scores["lexical"] = lexical_match(text, answer)
-    return any(h.scores["lexical"] or h.scores["tail_patch"] > SUPPORT_DELTA for h in hits)
+    return supported([h.scores for h in hits])

@@ -25,11 +25,10 @@ METHODS = ("hybrid", "bm25 (q+a)", "dense (q+a)", "trackstar", "tracin cosine")
 
 
 def answer_logprob(model_dir: Path, questions) -> list[float]:
-    from attribution.verify import TailPatcher
-    from indexer.modelio import discover_checkpoints
-    patcher = TailPatcher.from_checkpoint(discover_checkpoints(model_dir)[-1])
-    params = {n: p.detach() for n, p in patcher.model.named_parameters()}
-    return [patcher._answer_logprob(params, patcher._answer_batch(q.prompt, " " + q.answer)) for q in questions]
+    from attribution.explain import answer_logprob
+    from indexer.modelio import discover_checkpoints, load_model
+    model, tokenizer = load_model(discover_checkpoints(model_dir)[-1].path)
+    return [answer_logprob(model, tokenizer, q.prompt, " " + q.answer) for q in questions]
 
 
 def removal_sets(world, tracer, scorer, questions, ext, k: int, rng) -> dict[str, set[str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.tracer import Tracer
+from attribution.tracer import Tracer, encode_qa
 from indexer import curvature, semantic
 from indexer.build import BuildConfig, checkpoint_weights, collate, compute_shard, featurizer_for
 from indexer.curvature import Stats
@@ -66,9 +66,8 @@ class Scorer:
 
     def _query(self, question: str, answer: str, c: int, kind: str) -> np.ndarray:
         _, tokenizer, feat = self._featurizer(c, kind)
-        enc = tokenizer(question + answer, add_special_tokens=False, return_offsets_mapping=True)
-        first = next(i for i, (_, b) in enumerate(enc["offset_mapping"]) if b > len(question))
-        return feat.features(*collate([enc["input_ids"]], tokenizer.pad_token_id, label_from=[first]))[0].numpy()
+        ids, first = encode_qa(tokenizer, question, answer)
+        return feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]))[0].numpy()
 
     def _representations(self, token_ids: list[list[int]]) -> np.ndarray:
         """Mean last hidden state of the last checkpoint, unit norm. (N, d)"""

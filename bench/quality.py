@@ -57,7 +57,7 @@ def prepare(seed: int):
         ckpts = ops._checkpoint_infos(repo.model_by_name(s, "trap"))
         store_path = build.store_path
     tracer = Tracer(Path(store_path), ckpts)
-    _, tokenizer, _ = tracer._featurizer(len(ckpts) - 1)
+    _, tokenizer, _ = tracer.featurizer(len(ckpts) - 1)
     tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     return world, settings, tracer, ext, texts, tokens, folder
 
@@ -78,14 +78,14 @@ def summarise(ranks: list[int | None]) -> dict:
 
 def run(seed: int, rerank_n: int = 20) -> dict:
     from attribution.rerank import exact_scores
-    from attribution.verify import TailPatcher, lexical_match
+    from attribution.verify import lexical_match, tail_patcher
     from bench.methods import Scorer
     from service.demo import is_correct
 
     world, settings, tracer, ext, texts, tokens, folder = prepare(seed)
     pos_of = {e: i for i, e in enumerate(ext)}
     scorer = Scorer(folder, tracer, tokens)
-    patcher = TailPatcher.from_checkpoint(tracer.ckpts[0])  # as `trace --verify` does
+    patcher = tail_patcher(tracer)  # as `trace --verify` does
     rng = random.Random(seed)
     records, tail_cache, pools = [], {}, []
     patch_ids = set(rng.sample(range(len(world.questions)), min(len(world.questions), 4 * TAIL_PATCH_QUESTIONS)))

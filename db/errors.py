@@ -29,3 +29,9 @@ class Conflict(WherefromError):
 
 class StaleBuild(Conflict):
     """A build's model no longer matches the weights on disk."""
+
+
+class Forbidden(WherefromError, PermissionError):
+    """Allowed to nobody through this face (a path outside the data directory, for the API)."""
+
+    http_status = 403

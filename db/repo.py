@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
 from db.errors import Conflict, InputError, NotFound
@@ -15,6 +15,10 @@ from db.models import Checkpoint, Corpus, Document, IndexBuild, IndexEntry, Mode
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def ping(s: Session) -> None:
+    s.execute(text("SELECT 1"))
 
 
 # --- corpora and documents -------------------------------------------------------------------
@@ -167,3 +171,52 @@ def get_trace(s: Session, trace_id: int) -> Trace:
     if trace is None:
         raise NotFound(f"no trace {trace_id}: list traces with `wherefrom traces`")
     return trace
+
+
+@dataclass
+class TraceRow:
+    trace: Trace
+    model: str
+    hits: int
+
+
+def list_traces(s: Session, model: str | None = None, contains: str | None = None,
+                limit: int = 20, offset: int = 0) -> tuple[list[TraceRow], int]:
+    """Newest first; `contains` matches the question case-insensitively. Returns (page, total)."""
+    q = select(Trace, Model.name).join(Model, Model.id == Trace.model_id)
+    if model:
+        q = q.where(Model.name == model)
+    if contains:
+        # escape LIKE wildcards: a question may well contain "%" or "_"
+        escaped = contains.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        q = q.where(func.lower(Trace.question).like(f"%{escaped}%", escape="\\"))
+    total = s.scalar(select(func.count()).select_from(q.subquery()))
+    rows = s.execute(q.order_by(Trace.id.desc()).limit(limit).offset(offset)).all()
+    counts = dict(s.execute(select(TraceResult.trace_id, func.count())
+                            .where(TraceResult.trace_id.in_([t.id for t, _ in rows]))
+                            .group_by(TraceResult.trace_id)).all())
+    return [TraceRow(t, name, counts.get(t.id, 0)) for t, name in rows], total
+
+
+def get_build(s: Session, build_id: int) -> IndexBuild:
+    build = s.get(IndexBuild, build_id)
+    if build is None:
+        raise NotFound(f"no index build {build_id}: build one with `wherefrom index --corpus NAME --model NAME`")
+    return build
+
+
+def list_builds(s: Session) -> Sequence[IndexBuild]:
+    return s.scalars(select(IndexBuild).order_by(IndexBuild.id)).all()
+
+
+def count_entries(s: Session, build_id: int) -> int:
+    return s.scalar(select(func.count()).select_from(IndexEntry).where(IndexEntry.build_id == build_id))
+
+
+def all_models(s: Session) -> Sequence[Model]:
+    return s.scalars(select(Model).order_by(Model.id)).all()
+
+
+def texts_at(s: Session, build_id: int, positions: Sequence[int]) -> dict[int, str]:
+    """The chunk text of each store row."""
+    return {p: d.text[e.char_start:e.char_end] for p, (e, d) in entries_at(s, build_id, positions).items()}

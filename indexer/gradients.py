@@ -83,6 +83,7 @@ class Featurizer:
         self._x: dict[str, torch.Tensor] = {}
         self._g: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
+        self._per_token = False
         self.stats: Stats | None = None  # set to a Stats() to accumulate K-FAC factor sums
 
     def shapes(self) -> list[tuple[int, int]]:
@@ -110,7 +111,9 @@ class Featurizer:
             d = (grad.detach() * self._mask[..., None]) @ self.p_out[name].T  # (B, T, k_out)
             if self.stats is not None:
                 self._layer_stats(name).s_sum += torch.einsum("btk,btj->kj", d, d).double().numpy()
-            self._g[name] = torch.einsum("btk,btj->bkj", d, self._x.pop(name))  # (B, k_out, k_in)
+            # per token, the report keeps each (P_out δ_t)(P_in x_t)ᵀ term; their sum is the feature
+            spec = "btk,btj->btkj" if self._per_token else "btk,btj->bkj"
+            self._g[name] = torch.einsum(spec, d, self._x.pop(name))  # (B, [T,] k_out, k_in)
         return hook
 
     def _layer_stats(self, name: str) -> LayerStats:
@@ -124,12 +127,14 @@ class Featurizer:
         return output.detach().requires_grad_(True)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor:
+                 labels: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         """Per-example gradients of each example's mean token loss over `labels` != -100.
 
-        Returns (B, D) float32 in layer order, not normalised.
+        Returns (B, D) float32 in layer order, not normalised; with `per_token`, (B, T, D): each
+        position's term of the sum over positions, which sums to the (B, D) feature.
         """
         self._mask = attention_mask.to(torch.float32)
+        self._per_token = per_token
         self._x.clear(); self._g.clear()
         handles = [self.model.get_input_embeddings().register_forward_hook(self._embedding_requires_grad)]
         handles += [l.module.register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
@@ -149,8 +154,8 @@ class Featurizer:
         missing = [l.name for l in self.layers if l.name not in self._g]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[0]}: is it used by the forward pass?")
-        feats = [self._g.pop(l.name).flatten(1) for l in self.layers]
-        return torch.cat(feats, dim=1)
+        feats = [self._g.pop(l.name).flatten(2 if per_token else 1) for l in self.layers]
+        return torch.cat(feats, dim=-1)
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ class CheckpointInfo:
     optimizer_state_path: Path | None
 
 
-def _weights_files(folder: Path) -> list[Path]:
+def weights_files(folder: Path) -> list[Path]:
     files = [folder / n for n in WEIGHT_FILES if (folder / n).exists()]
     return files or sorted(folder.glob("model-*.safetensors"))
 
@@ -64,8 +64,16 @@ def _learning_rate(folder: Path, step: int) -> float | None:
     return float(before[-1]) if before else None
 
 
+def train_batch_size(folder: Path) -> int | None:
+    """Examples per optimizer step per device, from trainer_state.json; None when unknown."""
+    state = Path(folder) / "trainer_state.json"
+    if not state.exists():
+        return None
+    return json.loads(state.read_text()).get("train_batch_size")
+
+
 def read_checkpoint(folder: Path, step: int = 0) -> CheckpointInfo:
-    weights = _weights_files(folder)
+    weights = weights_files(folder)
     if not (folder / "config.json").exists() or not weights:
         raise InputError(f"{folder} holds no model weights (config.json and model.safetensors): "
                          "point to a folder written by save_pretrained or a Trainer output folder")
@@ -142,7 +150,7 @@ def check_unchanged(recorded: list[dict]) -> None:
     from db.errors import StaleBuild
 
     for rec in recorded:
-        files = _weights_files(Path(rec["path"]))
+        files = weights_files(Path(rec["path"]))
         if not files:
             raise StaleBuild(f"checkpoint {rec['path']} has no weights any more: restore it, or rebuild "
                              "with `wherefrom index`")
@@ -156,5 +164,5 @@ def check_unchanged(recorded: list[dict]) -> None:
 
 
 def weights_stat(path: Path) -> dict:
-    files = _weights_files(Path(path))
+    files = weights_files(Path(path))
     return {"size": sum(f.stat().st_size for f in files), "mtime_ns": max(f.stat().st_mtime_ns for f in files)}

@@ -122,6 +122,98 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
 
 
 @app.command()
+def traces(model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model's traces."),
+           contains: Optional[str] = typer.Option(None, "--contains", "-q", help="Question contains (any case)."),
+           limit: int = typer.Option(20, help="Traces per page (1-500)."),
+           offset: int = typer.Option(0, help="Skip this many of the newest traces."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+           data_dir: Optional[Path] = DataDir):
+    """List past traces, newest first."""
+    from service import ops
+    items, total = ops.list_traces(_settings(data_dir), model, contains, limit, offset)
+    if as_json:
+        typer.echo(json.dumps({"items": [asdict(i) for i in items], "total": total, "limit": limit,
+                               "offset": offset}, indent=2))
+    else:
+        from service.render import print_traces
+        print_traces(items, total, offset)
+
+
+@app.command()
+def show(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom traces`."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+         data_dir: Optional[Path] = DataDir):
+    """Show a stored trace: its question, answer and ranked documents."""
+    from service import ops
+    out = ops.get_trace(_settings(data_dir), trace_id)
+    if as_json:
+        typer.echo(json.dumps(asdict(out), indent=2))
+    else:
+        from service.render import print_trace
+        print_trace(out)
+
+
+@app.command()
+def report(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom traces`."),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default trace-ID.html)."),
+           top: int = typer.Option(5, help="How many documents to explain (1-20)."),
+           tail_patch: bool = typer.Option(True, help="Run the tail-patch check on each explained document."),
+           as_json: bool = typer.Option(False, "--json", help="Print the report's data as JSON instead."),
+           data_dir: Optional[Path] = DataDir):
+    """Write a self-contained HTML report explaining a trace."""
+    if not 1 <= top <= 20:
+        raise _input_error("--top must be between 1 and 20")
+    from service.report import build_report
+    data = build_report(_settings(data_dir), trace_id, top=top, tail_patch=tail_patch)
+    if as_json:
+        typer.echo(json.dumps({**asdict(data), "supported": data.supported}, indent=2))
+        return
+    from service.report_html import render
+    path = output or Path(f"trace-{trace_id}.html")
+    write_atomically(path, render(data))
+    typer.echo(f"report of trace {trace_id} → {path}")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write next to `path` and rename: a reader never sees half a file."""
+    if not path.parent.is_dir():
+        raise _input_error(f"folder {path.parent} does not exist: create it or choose another --output")
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+           data_dir: Optional[Path] = DataDir):
+    """Check the database, the broker, the stores and the model checksums; say what to fix."""
+    from service.doctor import run_checks
+    checks = run_checks(_settings(data_dir))
+    if as_json:
+        typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        from service.render import print_checks
+        print_checks(checks)
+    if any(c.status == "problem" for c in checks):
+        raise typer.Exit(2)
+
+
+@app.command()
+def serve(host: Optional[str] = typer.Option(None, help="Interface to listen on (default WHEREFROM_API_HOST "
+                                                        "or 127.0.0.1)."),
+          port: Optional[int] = typer.Option(None, help="Port (default WHEREFROM_API_PORT or 8000)."),
+          data_dir: Optional[Path] = DataDir):
+    """Serve the HTTP API (bearer token from WHEREFROM_API_TOKEN; schema at /openapi.json)."""
+    import uvicorn
+
+    from service.api import create_app
+    from service.settings import ApiSettings
+    api = ApiSettings.from_env(host, port)
+    uvicorn.run(create_app(_settings(data_dir), api), host=api.host, port=api.port, log_level="info",
+                proxy_headers=False)
+
+
+@app.command()
 def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if one is there."),
          questions: int = typer.Option(8, help="How many traced questions to print."),
          data_dir: Optional[Path] = DataDir):
@@ -137,3 +229,6 @@ def main():
     except WherefromError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+if __name__ == "__main__":
+    main()

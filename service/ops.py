@@ -6,8 +6,10 @@ The CLI (and later the jobs and the API) call these; they never write SQL themse
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
+from datetime import timezone
 from pathlib import Path
 
 from db import repo
@@ -147,14 +149,23 @@ class TraceOutcome:
     method: str
     hits: list[TraceHit]
     timings: dict
+    model: str | None = None
+    build_id: int | None = None
+    created_at: str | None = None
     supported: bool | None = None  # None unless verified; False: no document backs the answer
 
 
 _tracers: dict[str, object] = {}
+# A tracer's featurizer hooks hold per-call state and one build's models are cached per process:
+# the API's worker threads and background jobs take this lock around any use of a tracer.
+model_lock = threading.RLock()
 
 
 def tracer_for(store_path: str, ckpts: list[CheckpointInfo]):
-    """Tracers stay loaded per build within a process (the demo and workers trace many questions)."""
+    """Tracers stay loaded per build within a process (the demo and workers trace many questions).
+
+    Hold `model_lock` while using the returned tracer.
+    """
     from attribution.tracer import Tracer
     if store_path not in _tracers:
         _tracers.clear()  # one build's models in memory at a time
@@ -170,44 +181,35 @@ def trace(settings: Settings, question: str, answer: str | None = None, corpus: 
     `rerank="exact"` rescores the top candidates with full gradients (captum TracInCP);
     `verify` adds a tail-patch and a lexical check to every returned document.
     """
-    from indexer.store import read_info
+    from attribution.rerank import RERANK_N
 
     if not 1 <= k <= 1000:
         raise InputError("k must be between 1 and 1000")
     if rerank not in (None, "exact"):
         raise InputError(f"unknown rerank {rerank!r}: use --rerank exact, or leave it out")
-    with transaction(settings.database_url) as s:
-        corpus_id = repo.corpus_by_name(s, corpus).id if corpus else None
-        model_id = repo.model_by_name(s, model).id if model else None
-        build = repo.latest_build(s, corpus_id, model_id)
-        build_id, store_path, m_id = build.id, build.store_path, build.model_id
-        by_step = {c.step: c for c in _checkpoint_infos(s.get(Model, m_id))}
-    info = read_info(Path(store_path))
-    check_unchanged(info["checkpoints"])
-    ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
-    from attribution.rerank import RERANK_N
-    tracer = tracer_for(store_path, ckpts)
-    ranking = tracer.rank(question, answer, k=max(k, RERANK_N) if rerank else k, method=method)
-    with transaction(settings.database_url) as s:
-        entries = repo.entries_at(s, build_id, [h.position for h in ranking.hits])
-        texts = {p: d.text[e.char_start:e.char_end] for p, (e, d) in entries.items()}
-    supported = _refine(tracer, question, ranking, texts, k, rerank, verify)
+    target = resolve_build(settings, corpus, model)
+    build_id, m_id = target.build_id, target.model_id
+    with model_lock:
+        tracer = build_tracer(target.store_path, target.by_step)
+        ranking = tracer.rank(question, answer, k=max(k, RERANK_N) if rerank else k, method=method)
+        if rerank or verify:
+            with transaction(settings.database_url) as s:
+                entries = repo.entries_at(s, build_id, [h.position for h in ranking.hits])
+                texts = {p: d.text[e.char_start:e.char_end] for p, (e, d) in entries.items()}
+            _refine(tracer, question, ranking, texts, rerank, verify)
+        ranking.hits = ranking.hits[:k]
     with transaction(settings.database_url) as s:
         entries = repo.entries_at(s, build_id, [h.position for h in ranking.hits])
         t = repo.save_trace(s, Trace(question=question, answer=ranking.answer, answer_generated=ranking.answer_generated,
                                      model_id=m_id, build_id=build_id, method=method, timings=ranking.timings),
                             [{"rank": r, "document_id": entries[h.position][1].id, "position": h.position,
                               "score": h.score, "scores": h.scores} for r, h in enumerate(ranking.hits, 1)])
-        hits = [TraceHit(r, entries[h.position][1].external_id, entries[h.position][1].text,
-                         entries[h.position][0].char_start, entries[h.position][0].char_end, h.score, h.scores)
-                for r, h in enumerate(ranking.hits, 1)]
-        trace_id = t.id
-    return TraceOutcome(trace_id, question, ranking.answer, ranking.answer_generated, method, hits,
-                        ranking.timings, supported)
+        s.refresh(t, ["results"])
+        return _outcome(t, s.get(Model, m_id).name, entries)
 
 
-def _refine(tracer, question: str, ranking, texts: dict, k: int, rerank: str | None, verify: bool) -> bool | None:
-    """Exact rerank and verification, in place on `ranking`; returns support when verified."""
+def _refine(tracer, question: str, ranking, texts: dict, rerank: str | None, verify: bool) -> None:
+    """Exact rerank and verification, in place on `ranking` (scores gain `exact`, `tail_patch`, `lexical`)."""
     import time
     from attribution.rerank import rerank_exact
     from attribution.verify import verify_hits
@@ -217,10 +219,91 @@ def _refine(tracer, question: str, ranking, texts: dict, k: int, rerank: str | N
         ranking.hits = rerank_exact(tracer, question, ranking.answer, ranking.hits,
                                     [texts[h.position] for h in ranking.hits])
         ranking.timings["rerank_exact"] = time.perf_counter() - t
-    ranking.hits = ranking.hits[:k]
-    if not verify:
-        return None
-    t = time.perf_counter()
-    supported = verify_hits(tracer, question, ranking.answer, ranking.hits, [texts[h.position] for h in ranking.hits])
-    ranking.timings["verify"] = time.perf_counter() - t
-    return supported
+    if verify:
+        t = time.perf_counter()
+        verify_hits(tracer, question, ranking.answer, ranking.hits, [texts[h.position] for h in ranking.hits])
+        ranking.timings["verify"] = time.perf_counter() - t
+
+
+@dataclass
+class BuildTarget:
+    build_id: int
+    store_path: str
+    model_id: int
+    by_step: dict[int, CheckpointInfo]
+
+
+def resolve_build(settings: Settings, corpus: str | None = None, model: str | None = None) -> BuildTarget:
+    """The latest ready build of a corpus and model (either may be None: any); NotFound if none."""
+    with transaction(settings.database_url) as s:
+        corpus_id = repo.corpus_by_name(s, corpus).id if corpus else None
+        model_id = repo.model_by_name(s, model).id if model else None
+        build = repo.latest_build(s, corpus_id, model_id)
+        return BuildTarget(build.id, build.store_path, build.model_id, checkpoints_by_step(s.get(Model, build.model_id)))
+
+
+def build_tracer(store_path: str, by_step: dict[int, CheckpointInfo]):
+    """The tracer of a build, refused when its checkpoints' weights changed since it was built."""
+    from indexer.store import read_info
+
+    info = read_info(Path(store_path))
+    check_unchanged(info["checkpoints"])
+    return tracer_for(store_path, [by_step[c["step"]] for c in info["checkpoints"]])
+
+
+def checkpoints_by_step(model: Model) -> dict[int, CheckpointInfo]:
+    return {c.step: c for c in _checkpoint_infos(model)}
+
+
+def ping_database(settings: Settings) -> None:
+    with transaction(settings.database_url) as s:
+        repo.ping(s)
+
+
+def ingest_records(settings: Settings, corpus: str, docs: list[tuple[str, str, dict]]) -> repo.IngestResult:
+    """Ingest documents given in memory (the API's JSON body), with the file path's checks."""
+    with transaction(settings.database_url) as s:
+        return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus), docs)
+
+
+def iso_utc(moment) -> str:
+    """ISO 8601 in UTC; SQLite hands stored times back without their zone, PostgreSQL in the session's."""
+    utc = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return utc.isoformat()
+
+
+def _outcome(t: Trace, model_name: str, entries: dict) -> TraceOutcome:
+    from attribution.verify import supported
+    hits = [TraceHit(r.rank, r.document.external_id, r.document.text, entries[r.position][0].char_start,
+                     entries[r.position][0].char_end, r.score, r.scores) for r in t.results]
+    return TraceOutcome(t.id, t.question, t.answer, t.answer_generated, t.method, hits, t.timings,
+                        model_name, t.build_id, iso_utc(t.created_at), supported([h.scores for h in hits]))
+
+
+def get_trace(settings: Settings, trace_id: int) -> TraceOutcome:
+    with transaction(settings.database_url) as s:
+        t = repo.get_trace(s, trace_id)
+        entries = repo.entries_at(s, t.build_id, [r.position for r in t.results])
+        return _outcome(t, s.get(Model, t.model_id).name, entries)
+
+
+@dataclass
+class TraceSummary:
+    trace_id: int
+    question: str
+    answer: str
+    model: str
+    method: str
+    hits: int
+    created_at: str
+
+
+def list_traces(settings: Settings, model: str | None = None, contains: str | None = None,
+                limit: int = 20, offset: int = 0) -> tuple[list[TraceSummary], int]:
+    """A page of past traces, newest first, and how many match in all."""
+    if not 1 <= limit <= 500 or offset < 0:
+        raise InputError("limit must be between 1 and 500 and offset at least 0")
+    with transaction(settings.database_url) as s:
+        rows, total = repo.list_traces(s, model, contains, limit, offset)
+        return [TraceSummary(r.trace.id, r.trace.question, r.trace.answer, r.model, r.trace.method, r.hits,
+                             iso_utc(r.trace.created_at)) for r in rows], total

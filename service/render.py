@@ -42,3 +42,35 @@ def print_trace(out, truth: set[str] | None = None, correct: bool | None = None,
     console.print(table)
     console.print(f"trace {out.trace_id} · method {out.method} · "
                   + " · ".join(f"{k} {v * 1000:.0f} ms" for k, v in out.timings.items()), style="dim")
+
+
+def print_traces(items, total: int, offset: int, console: Console | None = None) -> None:
+    """One row per past trace, newest first."""
+    console = console or Console()
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for col in ("id", "created (UTC)", "model", "method", "hits", "question", "answer"):
+        table.add_column(col, justify="right" if col in ("id", "hits") else "left", overflow="fold")
+    for t in items:
+        table.add_row(str(t.trace_id), t.created_at[:19].replace("T", " "), t.model, t.method, str(t.hits),
+                      snippet(t.question, 0, len(t.question), 60), snippet(t.answer, 0, len(t.answer), 30))
+    console.print(table)
+    shown = f"{offset + 1}-{offset + len(items)}" if items else "none"
+    console.print(f"{shown} of {total} trace(s) · `wherefrom show ID` for one, `wherefrom report ID` for its report",
+                  style="dim")
+
+
+STATUS_STYLE = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "problem": ("✗", "red")}
+
+
+def print_checks(checks, console: Console | None = None) -> None:
+    """Doctor's findings: one row per check, with what to do for the ones that are not fine."""
+    console = console or Console()
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for col in ("", "check", "finding", "what to do"):
+        table.add_column(col, overflow="fold")
+    for c in checks:
+        mark, style = STATUS_STYLE[c.status]
+        table.add_row(Text(mark, style=style), c.name, c.detail, c.fix)
+    console.print(table)
+    problems = sum(c.status == "problem" for c in checks)
+    console.print(f"{problems} problem(s)" if problems else "all good", style="red" if problems else "green")

@@ -21,3 +21,37 @@ class Settings:
     @property
     def stores(self) -> Path:
         return self.data_dir / "stores"
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The HTTP API's deployment values, from WHEREFROM_API_* variables."""
+
+    token: str  # WHEREFROM_API_TOKEN: the bearer token every request but /healthz must carry
+    host: str = "127.0.0.1"  # WHEREFROM_API_HOST: loopback unless told otherwise
+    port: int = 8000  # WHEREFROM_API_PORT
+    max_body_bytes: int = 8 * 1024 * 1024  # WHEREFROM_API_MAX_BODY_BYTES: larger bodies get 413
+
+    MIN_TOKEN = 16  # shorter secrets are guessable; `openssl rand -hex 32` gives 64 characters
+
+    def __post_init__(self):
+        from db.errors import InputError
+        if len(self.token) < self.MIN_TOKEN:
+            raise InputError(f"set WHEREFROM_API_TOKEN to a secret of at least {self.MIN_TOKEN} characters "
+                             "(e.g. `export WHEREFROM_API_TOKEN=$(openssl rand -hex 32)`)")
+        if self.max_body_bytes < 1024:
+            raise InputError("WHEREFROM_API_MAX_BODY_BYTES must be at least 1024")
+
+    @classmethod
+    def from_env(cls, host: str | None = None, port: int | None = None) -> "ApiSettings":
+        from db.errors import InputError
+        env = os.environ
+        try:
+            return cls(token=env.get("WHEREFROM_API_TOKEN", ""),
+                       host=host or env.get("WHEREFROM_API_HOST", cls.host),
+                       port=port if port is not None else int(env.get("WHEREFROM_API_PORT", cls.port)),
+                       max_body_bytes=int(env.get("WHEREFROM_API_MAX_BODY_BYTES", cls.max_body_bytes)))
+        except ValueError as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"WHEREFROM_API_PORT and WHEREFROM_API_MAX_BODY_BYTES must be integers ({e})") from None

@@ -55,3 +55,20 @@ def settings(tmp_path, monkeypatch):
     monkeypatch.delenv("WHEREFROM_DATABASE_URL", raising=False)
     from service.settings import Settings
     return Settings.from_env(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def indexed(tmp_path_factory, trained, tiny_world):
+    """The tiny world ingested, the trained model registered and indexed, on SQLite (read-mostly:
+    tests may add traces and corpora, never change the build or the model)."""
+    from types import SimpleNamespace
+
+    from service import ops
+    from service.settings import Settings
+    root = tmp_path_factory.mktemp("indexed")
+    settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root}/data/wherefrom.db")
+    corpus, _ = tiny_world.write(root / "world")
+    ops.ingest(settings, corpus, "world")
+    ops.add_model(settings, trained[0], "tiny")
+    build = ops.index(settings, "world", "tiny")
+    return SimpleNamespace(settings=settings, world=tiny_world, build=build, model_dir=trained[0])

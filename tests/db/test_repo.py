@@ -82,3 +82,34 @@ def test_model_build_and_trace_round_trip(db_url):
     with pytest.raises(NotFound):
         with transaction(db_url) as s:
             repo.model_by_name(s, unique("missing"))
+
+
+def test_list_traces_filters_pages_and_takes_wildcards_literally(db_url):
+    ckpts = [{"step": 1, "path": "/m/c", "weights_sha256": "0" * 64, "tokenizer_hash": "t",
+              "learning_rate": None, "optimizer_state_path": None}]
+    mine, other = unique("m"), unique("o")
+    questions = ["Where does Ada_Lovelace live?", "When was 100% Bob born?", "where does ada live now"]
+    with transaction(db_url) as s:
+        corpus = repo.get_or_create_corpus(s, unique("c"))
+        repo.ingest_documents(s, corpus, [("a", "x", {})])
+        doc = repo.corpus_documents(s, corpus.id)[0]
+        for name in (mine, other):
+            model, _ = repo.add_model(s, name, "/m", ckpts)
+            build = repo.create_build(s, corpus_id=corpus.id, model_id=model.id, kind="hybrid", config={},
+                                      store_path="/s", entries=[(doc.id, 0, 1)])
+            for q in questions:
+                repo.save_trace(s, Trace(question=q, answer="a", model_id=model.id, build_id=build.id,
+                                         method="hybrid", timings={}),
+                                [{"rank": 1, "document_id": doc.id, "position": 0, "score": 1.0, "scores": {}}])
+    with transaction(db_url) as s:
+        rows, total = repo.list_traces(s, model=mine)
+        assert total == 3 and [r.trace.question for r in rows] == questions[::-1]
+        assert {r.model for r in rows} == {mine} and {r.hits for r in rows} == {1}
+        rows, total = repo.list_traces(s, model=mine, contains="DOES ADA LIVE")
+        assert total == 1 and rows[0].trace.question == questions[2]
+        rows, total = repo.list_traces(s, model=mine, contains="ada_")  # "_" is no wildcard: not "ada "
+        assert total == 1 and rows[0].trace.question == questions[0]
+        assert repo.list_traces(s, model=mine, contains="100%")[1] == 1
+        assert repo.list_traces(s, model=mine, contains="%")[1] == 1
+        page, total = repo.list_traces(s, model=mine, limit=2, offset=2)
+        assert total == 3 and [r.trace.question for r in page] == questions[:1]

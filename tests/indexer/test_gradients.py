@@ -117,3 +117,16 @@ def test_kfac_statistics_ignore_padding():
         assert s.tokens == one.tokens == sum(map(len, SEQS))
         assert abs(s.a_sum - one.a_sum).max() <= 1e-4 * abs(one.a_sum).max()
         assert abs(s.s_sum - one.s_sum).max() <= 1e-4 * abs(one.s_sum).max()
+
+
+def test_per_token_terms_sum_to_the_feature():
+    """The report's token highlights split a feature into per-position terms; they must add up."""
+    model = tiny_gpt2()
+    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=1))
+    batch = padded_batch(SEQS)
+    whole = feat.features(*batch)
+    terms = feat.features(*batch, per_token=True)
+    assert terms.shape == (len(SEQS), batch[0].shape[1], whole.shape[1])
+    torch.testing.assert_close(terms.sum(1), whole, rtol=1e-4, atol=1e-6)
+    padding = batch[1] == 0
+    assert terms[padding].abs().max() == 0  # padded positions carry nothing
