@@ -108,15 +108,16 @@ def tail_patcher(tracer) -> TailPatcher:
     return tracer.cached("tail_patcher", lambda: TailPatcher.from_checkpoint(tracer.ckpts[0], tracer.featurizer(0)[:2]))
 
 
-SUPPORT_DELTA = 0.01  # nats: a tail-patch gain above this counts as support even without the span
-
-
 def supported(scores: list[dict]) -> bool | None:
-    """Whether any verified document backs the answer: it states the span, or training on it raises
-    the answer's log-probability by more than SUPPORT_DELTA. None when nothing was verified."""
+    """Whether any verified document states the answer span. None when nothing was verified.
+
+    Tail-patch is reported beside it but does not decide: on a small model one step on an unrelated
+    document moves an unlikely answer by more than a nat (measured: +1.7 nats for " zebra crossing"
+    from a "was born in" document), so a tail-patch threshold would call nonsense supported.
+    """
     if not scores or "lexical" not in scores[0]:
         return None
-    return any(s["lexical"] or s["tail_patch"] > SUPPORT_DELTA for s in scores)
+    return any(s["lexical"] for s in scores)
 
 
 def verify_hits(tracer, question: str, answer: str, hits, texts: list[str]) -> bool:

@@ -26,7 +26,7 @@ def print_trace(out, truth: set[str] | None = None, correct: bool | None = None,
     console.print(head)
     if out.supported is False:
         console.print("unsupported: probably not learned from this corpus — no returned document states "
-                      "the answer or raises its probability when trained on", style="bold red")
+                      "the answer", style="bold red")
     verified = out.supported is not None
     extra = ("tail-patch", "states it") if verified else ()
     table = Table(show_edge=False, pad_edge=False, header_style="bold")

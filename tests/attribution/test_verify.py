@@ -40,6 +40,7 @@ def test_verify_supports_true_sources_and_flags_unsupported_answers(indexed, tin
     assert np.median(true_deltas) > np.median(other_deltas)
     nonsense = ops.trace(indexed, single[0].prompt, answer=" zebra crossing", k=5, verify=True)
     assert not any(h.scores["lexical"] for h in nonsense.hits)
+    assert nonsense.supported is False
 
 
 def test_exact_rerank_orders_by_full_gradient_tracin(indexed, tiny_world):
