@@ -29,3 +29,13 @@ class Conflict(WherefromError):
 
 class StaleBuild(Conflict):
     """A build's model no longer matches the weights on disk."""
+
+
+class JobFinished(Conflict):
+    """Another run of the same job (a redelivered task) finished it first; this run has nothing to add."""
+
+
+class Unavailable(WherefromError):
+    """A service wherefrom needs (the job broker, the database) cannot be reached."""
+
+    http_status = 503

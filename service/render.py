@@ -36,3 +36,18 @@ def print_trace(out, truth: set[str] | None = None, correct: bool | None = None,
     console.print(table)
     console.print(f"trace {out.trace_id} · method {out.method} · "
                   + " · ".join(f"{k} {v * 1000:.0f} ms" for k, v in out.timings.items()), style="dim")
+
+
+def print_jobs(views, console: Console | None = None) -> None:
+    """One row per job: status, progress, what it is doing, its result or error."""
+    console = console or Console()
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for col in ("job", "kind", "status", "progress", "stage", "tries", "worker", "updated", "result / error"):
+        table.add_column(col, justify="right" if col in ("job", "progress", "tries") else "left")
+    colour = {"succeeded": "green", "failed": "red", "running": "yellow"}
+    for v in views:
+        outcome = v.error or (", ".join(f"{k} {x}" for k, x in v.result.items() if k != "answer") if v.result else "")
+        table.add_row(v.id, v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
+                      v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[:19].replace("T", " "),
+                      outcome)
+    console.print(table if views else "no jobs")
