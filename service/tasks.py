@@ -28,8 +28,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 TASK_NAMES = {"job": "wherefrom.run_job", "shard": "wherefrom.index_shard", "merge": "wherefrom.index_merge"}
-# every task gives up on the broker after ~30 s (a restarting Redis), then the job fails with a hint
-PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+# workers wait ~30 s for a restarting broker before their job fails; a person at the CLI ~1 s
+PATIENT = {"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+QUICK = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
 
 
 class Inline:
@@ -54,14 +55,14 @@ class Broker:
 
     progress = None
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, retry: dict = PATIENT):
         from service.worker import celery_app
-        self.settings, self.app = settings, celery_app(settings)
+        self.settings, self.app, self.retry = settings, celery_app(settings), retry
 
     def send(self, task: str, *args) -> None:
         try:
             self.app.send_task(TASK_NAMES[task], args=list(args), queue=self.settings.queue,
-                               retry=True, retry_policy=PUBLISH_RETRY)
+                               retry=True, retry_policy=self.retry)
         except Exception as e:  # kombu raises its transport's own errors (redis, socket, …)
             raise Unavailable(f"cannot reach the broker at {self.settings.broker_url} ({type(e).__name__}): "
                                     f"start Redis, then `wherefrom jobs resume {args[0]}`") from e
@@ -73,16 +74,7 @@ def submit(settings: Settings, kind: str, params: dict, progress=None) -> int:
         raise InputError(f"unknown job kind {kind!r}: use one of {', '.join(KINDS)}")
     with transaction(settings.database_url) as s:
         job_id = job_repo.create_job(s, kind, params).id
-    if settings.broker_url:
-        try:
-            Broker(settings).send("job", job_id)
-        except Unavailable as e:
-            _fail(settings, job_id, str(e))
-            raise
-    else:
-        dispatch = Inline(progress)
-        dispatch.send("job", job_id)
-        dispatch.drain(settings)
+    _start(settings, job_id, progress)
     return job_id
 
 
@@ -90,9 +82,19 @@ def resume(settings: Settings, job_id: int) -> None:
     """Queue a failed or stuck job again; it continues from whatever its earlier runs finished."""
     with transaction(settings.database_url) as s:
         job_repo.requeue_job(s, job_id)
-    dispatch = Broker(settings) if settings.broker_url else Inline()
-    dispatch.send("job", job_id)
-    if isinstance(dispatch, Inline):
+    _start(settings, job_id)
+
+
+def _start(settings: Settings, job_id: int, progress=None) -> None:
+    if settings.broker_url:
+        try:
+            Broker(settings, QUICK).send("job", job_id)
+        except Unavailable as e:  # recorded, so the job does not sit "queued" for ever
+            _fail(settings, job_id, str(e))
+            raise
+    else:
+        dispatch = Inline(progress)
+        dispatch.send("job", job_id)
         dispatch.drain(settings)
 
 

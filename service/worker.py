@@ -41,7 +41,6 @@ def celery_app(settings: Settings):
             "unacked_restore_interval": max(1, min(10, vt // 10)),
             "unacked_restore_throttle": 1,
         },
-        worker_hijack_root_logger=False,
     )
     _register(app, settings)
     return app

@@ -1,0 +1,29 @@
+"""docker-compose's topology, natively: PostgreSQL + Redis + two `wherefrom worker` processes.
+
+Each test module gets its own queue on a Redis database number of its own, so concurrent test
+sessions and other Redis users never take each other's tasks.
+"""
+
+import uuid
+
+import pytest
+
+from service.settings import Settings
+from bench.cluster import REDIS, VISIBILITY_TIMEOUT, Workers, forget_queue
+
+
+@pytest.fixture(scope="module")
+def cluster(pg_url, tmp_path_factory):
+    """Settings for the test process plus two running workers, `a` and `b`, on the shared Redis."""
+    root = tmp_path_factory.mktemp("cluster")
+    settings = Settings(data_dir=root / "data", database_url=pg_url, broker_url=REDIS,
+                        queue=f"wherefrom-test-{uuid.uuid4().hex[:8]}", visibility_timeout=VISIBILITY_TIMEOUT)
+    (root / "logs").mkdir()
+    workers = Workers(settings, root / "logs")
+    try:
+        workers.start("a")
+        workers.start("b")
+        yield settings, workers
+    finally:
+        workers.stop()
+        forget_queue(REDIS, settings.queue)
