@@ -105,14 +105,14 @@ def run_task(settings: Settings, task: str, args: tuple, dispatch, worker: str) 
         RUNNERS[task](settings, *args, dispatch=dispatch, worker=worker)
     except JobFinished as e:
         log.info("%s %s: %s, nothing to do", task, args, e)
-    except WherefromError as e:
-        if _fail(settings, job_id, str(e), discard=True):
+    except WherefromError as e:  # the user's to fix; partial files are useless then, unless the broker was down
+        if _fail(settings, job_id, str(e), discard=not isinstance(e, Unavailable)):
             raise
     except BaseException as e:
         reason = "interrupted" if not isinstance(e, Exception) else f"internal error ({type(e).__name__}: {e})"
         first_line = reason.splitlines()[0][:300]
         if _fail(settings, job_id, f"{first_line}; see the worker log, then `wherefrom jobs resume {job_id}` "
-                                   "continues from the finished shards"):
+                                   "(a build keeps its finished shards)"):
             raise
         log.info("%s %s failed after its job finished (a concurrent run won): %s", task, args, reason)
 
@@ -150,23 +150,15 @@ def trace_params(question: str, answer: str | None = None, corpus: str | None = 
     return {"question": question, "answer": answer, "corpus": corpus, "model": model, "k": k, "method": method}
 
 
-def _index(settings, job, dispatch, worker):
-    from service import build_job
-    build_job.plan(settings, job, dispatch, worker)
+def _build_stage(name: str):
+    def run(settings, *args, **kwargs):
+        from service import build_job  # imports torch: only where a build runs, not for `wherefrom jobs`
+        return getattr(build_job, name)(settings, *args, **kwargs)
+    return run
 
 
-def _shard(settings, job_id, shard, dispatch, worker):
-    from service import build_job
-    build_job.run_shard(settings, job_id, shard, dispatch, worker)
-
-
-def _merge(settings, job_id, dispatch, worker):
-    from service import build_job
-    build_job.run_merge(settings, job_id, dispatch, worker)
-
-
-KINDS = {"index": _index, "trace": run_trace}
-RUNNERS = {"job": run_job, "shard": _shard, "merge": _merge}
+KINDS = {"index": _build_stage("plan"), "trace": run_trace}  # a job's first task, by kind
+RUNNERS = {"job": run_job, "shard": _build_stage("run_shard"), "merge": _build_stage("run_merge")}
 
 
 # --- reading jobs (CLI, API) -----------------------------------------------------------------
@@ -225,6 +217,9 @@ class SqlJobs:
     def submit(self, kind: str, params: dict) -> str:
         if kind == "trace":
             params = trace_params(**params)
+        elif kind == "index":
+            from service.build_job import index_params
+            params = index_params(self.settings, **params)
         return str(submit(self.settings, kind, params))
 
     def get(self, job_id: str) -> JobView:
