@@ -25,19 +25,20 @@ def create_job(s: Session, kind: str, params: dict) -> Job:
     return job
 
 
-def get_job(s: Session, job_id: int) -> Job:
-    job = s.get(Job, job_id)
+def _found(job: Job | None, job_id: int) -> Job:
     if job is None:
         raise NotFound(f"no job {job_id}: list jobs with `wherefrom jobs`")
     return job
+
+
+def get_job(s: Session, job_id: int) -> Job:
+    return _found(s.get(Job, job_id), job_id)
 
 
 def lock_job(s: Session, job_id: int) -> Job:
     """The job row, locked until the transaction ends (PostgreSQL; SQLite serialises writers anyway)."""
-    job = s.scalar(select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True))
-    if job is None:
-        raise NotFound(f"no job {job_id}: list jobs with `wherefrom jobs`")
-    return job
+    return _found(s.scalar(select(Job).where(Job.id == job_id).with_for_update()
+                           .execution_options(populate_existing=True)), job_id)
 
 
 def lock_open_job(s: Session, job_id: int) -> Job:

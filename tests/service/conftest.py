@@ -4,6 +4,7 @@ Each test module gets its own queue on a Redis database number of its own, so co
 sessions and other Redis users never take each other's tasks.
 """
 
+import sys
 import uuid
 
 import pytest
@@ -27,3 +28,19 @@ def cluster(pg_url, tmp_path_factory):
     finally:
         workers.stop()
         forget_queue(REDIS, settings.queue)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """`run_cli(*args, env={...})`: (exit code, stdout, stderr) of `wherefrom ARGS`, run in this process."""
+    from service.cli import main
+
+    def run(*args, env=None):
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(sys, "argv", ["wherefrom", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+    return run

@@ -2,7 +2,6 @@
 every task is safe to run again, a cut-off build resumes to the same store, failures are recorded."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from indexer import store
 from indexer.build import BuildConfig
 from indexer.gradients import GradientConfig
 from service import build_job, ops, tasks
-from service.cli import main
 from service.settings import Settings
 from bench.cluster import REDIS
 
@@ -87,21 +85,12 @@ def test_a_failed_build_is_recorded_and_leaves_no_files(world):
 
 
 @pytest.fixture
-def cli(world, monkeypatch, capsys):
+def cli(world, monkeypatch, run_cli):
     settings, _ = world
     monkeypatch.setenv("WHEREFROM_DATA_DIR", str(settings.data_dir))
     for name in ("WHEREFROM_DATABASE_URL", "WHEREFROM_BROKER_URL", "WHEREFROM_QUEUE"):
         monkeypatch.delenv(name, raising=False)
-
-    def run(*args, env=None):
-        for k, v in (env or {}).items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setattr(sys, "argv", ["wherefrom", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            main()
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
-    return run
+    return run_cli
 
 
 def test_trace_async_without_a_broker_runs_the_job_here(cli, world, tiny_world):
