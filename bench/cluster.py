@@ -36,8 +36,9 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2, logs=N
 class Workers:
     """`wherefrom worker` processes sharing one database, data directory, broker and queue."""
 
-    def __init__(self, settings: Settings, logs: Path):
+    def __init__(self, settings: Settings, logs: Path, threads: int | None = None):
         self.settings, self.logs, self.procs = settings, logs, {}
+        self.options = ["--threads", str(threads)] if threads else []
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "WHEREFROM_DATA_DIR": str(settings.data_dir),
                     "WHEREFROM_DATABASE_URL": settings.database_url, "WHEREFROM_BROKER_URL": settings.broker_url,
                     "WHEREFROM_QUEUE": settings.queue,
@@ -49,7 +50,7 @@ class Workers:
     def start(self, name: str) -> None:
         """Start `wherefrom worker --name NAME@test` and wait until it consumes."""
         with open(self.log(name), "ab") as log:
-            proc = subprocess.Popen([WHEREFROM, "worker", "--name", f"{name}@test", "--loglevel", "info"],
+            proc = subprocess.Popen([WHEREFROM, "worker", "--name", f"{name}@test", "--loglevel", "info", *self.options],
                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         wait_for(lambda: proc.poll() is not None or b" ready." in self.log(name).read_bytes(), 120,

@@ -1,6 +1,6 @@
 """Throughput of trace jobs on the scale-out topology: PostgreSQL + Redis + `wherefrom worker`s.
 
-    python -m bench.jobs --workers 2 --jobs 50 --runs 5
+    python -m bench.jobs --workers 2 --threads 1 --jobs 50 --runs 5
 
 The tests' tiny world and model (2-layer GPT-2, 3 checkpoints, 197 documents), indexed in-process
 into a throwaway PostgreSQL database; then N worker processes on the local Redis. Each run submits
@@ -74,7 +74,7 @@ def setup_world(settings, root: Path, name: str):
     return [q.prompt for q in world.questions]
 
 
-def run(n_workers: int, n_jobs: int, runs: int) -> dict:
+def run(n_workers: int, n_jobs: int, runs: int, threads: int | None = None) -> dict:
     from service.settings import Settings
 
     name = "bench"
@@ -84,7 +84,7 @@ def run(n_workers: int, n_jobs: int, runs: int) -> dict:
                             queue=f"wherefrom-bench-{uuid.uuid4().hex[:8]}", visibility_timeout=600)
         prompts = setup_world(settings, root, name)
         (root / "logs").mkdir()
-        workers = Workers(settings, root / "logs")
+        workers = Workers(settings, root / "logs", threads)
         try:
             for i in range(n_workers):
                 workers.start(f"w{i}")
@@ -93,7 +93,8 @@ def run(n_workers: int, n_jobs: int, runs: int) -> dict:
         finally:
             workers.stop()
         baseline = inline_baseline(settings, prompts, n_jobs, name)
-    return {"workers": n_workers, "runs": results, "median_jobs_per_s": statistics.median(r["jobs_per_s"] for r in results),
+    return {"workers": n_workers, "threads_per_worker": threads or "torch default", "runs": results,
+            "median_jobs_per_s": statistics.median(r["jobs_per_s"] for r in results),
             "in_process_sequential": baseline, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}
 
 
@@ -102,9 +103,10 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/jobs.json"))
     args = parser.parse_args()
-    result = run(args.workers, args.jobs, args.runs)
+    result = run(args.workers, args.jobs, args.runs, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     for r in result["runs"]:

@@ -186,6 +186,8 @@ def _print_jobs(views, as_json: bool) -> None:
 def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker name (default celery@HOST)."),
            loglevel: str = typer.Option("info", help="debug | info | warning | error"),
            check: bool = typer.Option(False, "--check", help="Only check the broker and the database, then exit."),
+           threads: Optional[int] = typer.Option(None, min=1, help="Torch threads (default: one per core); "
+                                                                   "workers sharing a machine should split its cores."),
            data_dir: Optional[Path] = DataDir):
     """Run a job worker: it takes index shards, merges and traces from WHEREFROM_BROKER_URL."""
     from service import worker as workers
@@ -193,7 +195,7 @@ def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker
     if check:
         typer.echo(workers.check(settings))
         return
-    workers.start(settings, name, loglevel)
+    workers.start(settings, name, loglevel, threads)
 
 
 @db_app.command("upgrade")

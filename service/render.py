@@ -38,16 +38,24 @@ def print_trace(out, truth: set[str] | None = None, correct: bool | None = None,
                   + " · ".join(f"{k} {v * 1000:.0f} ms" for k, v in out.timings.items()), style="dim")
 
 
+def _outcome(v) -> str:
+    if v.error:
+        return v.error
+    r = v.result or {}
+    if "build_id" in r:
+        return f"build {r['build_id']}: {r['rows']} rows, checksum {r['checksum'][:12]}"
+    return f"trace {r['trace_id']}" if "trace_id" in r else ""
+
+
 def print_jobs(views, console: Console | None = None) -> None:
     """One row per job: status, progress, what it is doing, its result or error."""
     console = console or Console()
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    for col in ("job", "kind", "status", "progress", "stage", "tries", "worker", "updated", "result / error"):
-        table.add_column(col, justify="right" if col in ("job", "progress", "tries") else "left")
+    for col in ("job", "kind", "status", "done", "stage", "tries", "worker", "updated", "result / error"):
+        table.add_column(col, justify="right" if col in ("job", "done", "tries") else "left",
+                         no_wrap=col not in ("stage", "result / error"))
     colour = {"succeeded": "green", "failed": "red", "running": "yellow"}
     for v in views:
-        outcome = v.error or (", ".join(f"{k} {x}" for k, x in v.result.items() if k != "answer") if v.result else "")
         table.add_row(v.id, v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
-                      v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[:19].replace("T", " "),
-                      outcome)
+                      v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[11:19], _outcome(v))
     console.print(table if views else "no jobs")

@@ -95,9 +95,16 @@ def check(settings: Settings) -> str:
     return f"broker {settings.broker_url} and database reachable"
 
 
-def start(settings: Settings, name: str | None, loglevel: str) -> None:
-    """Run a worker in this process until it is stopped (SIGTERM: finish the current task, then exit)."""
+def start(settings: Settings, name: str | None, loglevel: str, threads: int | None = None) -> None:
+    """Run a worker in this process until it is stopped (SIGTERM: finish the current task, then exit).
+
+    `threads`: torch's threads for this worker. Several workers on one machine should split its
+    cores (2 workers × 2 threads on 2 cores ran 50 traces 3× slower than 1 worker: BENCHMARKS.md).
+    """
     check(settings)  # fails fast, and migrates the database to head now rather than mid-task
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     argv = ["worker", "--pool=solo", "--without-mingle", "--without-gossip", "--without-heartbeat",
             f"--queues={settings.queue}", f"--loglevel={loglevel}"]
     if name:

@@ -20,7 +20,7 @@ def cluster(pg_url, tmp_path_factory):
     settings = Settings(data_dir=root / "data", database_url=pg_url, broker_url=REDIS,
                         queue=f"wherefrom-test-{uuid.uuid4().hex[:8]}", visibility_timeout=VISIBILITY_TIMEOUT)
     (root / "logs").mkdir()
-    workers = Workers(settings, root / "logs")
+    workers = Workers(settings, root / "logs", threads=1)  # 2 workers on 2 cores; in-process builds use 2
     try:
         workers.start("a")
         workers.start("b")

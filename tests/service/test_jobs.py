@@ -105,6 +105,8 @@ def test_trace_async_without_a_broker_runs_the_job_here(cli, world, tiny_world):
         assert trace.job_id == int(job["id"]) and len(trace.results) == 3
     code, out, _ = cli("jobs", "--kind", "trace", "--json")
     assert code == 0 and json.loads(out)[0]["id"] == job["id"]
+    code, out, _ = cli("jobs", "--limit", 1, env={"COLUMNS": "200"})
+    assert code == 0 and f"trace {job['result']['trace_id']}" in out and "succeeded" in out
     code, _, err = cli("jobs", "resume", job["id"])
     assert code == 2 and "already succeeded" in err
     code, _, err = cli("trace", "", "--async")

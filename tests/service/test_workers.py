@@ -144,7 +144,7 @@ def test_the_broker_restarted_mid_build(cluster, world, tmp_path):
     redis.start()
     settings = replace(base, broker_url=redis.url, queue=f"wherefrom-test-{uuid.uuid4().hex[:8]}")
     (tmp_path / "logs").mkdir()
-    workers = Workers(settings, tmp_path / "logs")
+    workers = Workers(settings, tmp_path / "logs", threads=1)
     try:
         workers.start("c")
         workers.start("d")
