@@ -7,7 +7,7 @@ into a throwaway PostgreSQL database; then N worker processes on the local Redis
 J trace jobs at once (generated answers, k=5, hybrid) and measures from the first job's creation
 to the last one's finish, as recorded in the jobs table. Workers are warmed first (each loads the
 build's tracer once). Also times the same traces one after another in this process, without jobs,
-as the baseline. Reports per-run throughput and the median.
+as the baseline, with one worker's threads. Reports per-run throughput and the median.
 """
 
 from __future__ import annotations
@@ -47,9 +47,13 @@ def submit_and_wait(settings, workers, prompts, n: int, name: str) -> dict:
     return {"jobs": n, "failed": failed, "seconds": round(seconds, 2), "jobs_per_s": round(n / seconds, 2)}
 
 
-def inline_baseline(settings, prompts, n: int, name: str) -> dict:
+def inline_baseline(settings, prompts, n: int, name: str, threads: int | None) -> dict:
+    import torch
+
     from service import ops
 
+    if threads:  # the same threads as one worker: the baseline is one worker without the job machinery
+        torch.set_num_threads(threads)
     ops.trace(settings, prompts[0], corpus=name, model=name, k=5)  # load the tracer
     t = time.perf_counter()
     for i in range(n):
@@ -92,7 +96,7 @@ def run(n_workers: int, n_jobs: int, runs: int, threads: int | None = None) -> d
             results = [submit_and_wait(settings, workers, prompts, n_jobs, name) for _ in range(runs)]
         finally:
             workers.stop()
-        baseline = inline_baseline(settings, prompts, n_jobs, name)
+        baseline = inline_baseline(settings, prompts, n_jobs, name, threads)
     return {"workers": n_workers, "threads_per_worker": threads or "torch default", "runs": results,
             "median_jobs_per_s": statistics.median(r["jobs_per_s"] for r in results),
             "in_process_sequential": baseline, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}

@@ -90,3 +90,18 @@ def test_models_match_the_migrations(pg_url):
     from db.models import Base
     with get_engine(pg_url).connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+@pytest.mark.parametrize("own_db_url", ["postgresql"], indirect=True)
+def test_workers_starting_together_migrate_the_database_once(own_db_url):
+    from concurrent.futures import ThreadPoolExecutor
+    # lock_timeout: a regression fails here instead of hanging (without the advisory lock they block)
+    engines = [create_engine(own_db_url, connect_args={"options": "-c lock_timeout=30s"}) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(len(engines)) as pool:
+            list(pool.map(upgrade, engines))
+        with engines[0].connect() as c:
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
+    finally:
+        for e in engines:
+            e.dispose()
