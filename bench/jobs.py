@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -62,23 +64,27 @@ def inline_baseline(settings, prompts, n: int, name: str, threads: int | None) -
     return {"jobs": n, "seconds": round(seconds, 2), "jobs_per_s": round(n / seconds, 2)}
 
 
-def setup_world(settings, root: Path, name: str):
+def setup_world(settings, root: Path, name: str, cache: Path):
     from bench.train import TrainConfig, train
     from bench.world import make_world
     from service import ops
 
     world = make_world(seed=7, n_people=10, n_filler=20)
     corpus, _ = world.write(root / "world")
-    model = root / "model"
-    train([d["text"] for d in world.documents], model,
-          TrainConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=512, epochs=40, batch_size=8, n_checkpoints=3, seed=7))
+    model = cache / "model"  # trained once (seeded), reused by later runs of the benchmark
+    if not any(model.glob("checkpoint-*/model.safetensors")):
+        shutil.rmtree(cache / "model.partial", ignore_errors=True)  # a run cut off mid-training
+        train([d["text"] for d in world.documents], cache / "model.partial",
+              TrainConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=512, epochs=40, batch_size=8,
+                          n_checkpoints=3, seed=7))
+        (cache / "model.partial").rename(model)
     ops.ingest(settings, corpus, name)
     ops.add_model(settings, model, name)
     ops.index(settings, name, name)
     return [q.prompt for q in world.questions]
 
 
-def run(n_workers: int, n_jobs: int, runs: int, threads: int | None = None) -> dict:
+def run(n_workers: int, n_jobs: int, runs: int, threads: int | None, cache: Path) -> dict:
     from service.settings import Settings
 
     name = "bench"
@@ -86,7 +92,7 @@ def run(n_workers: int, n_jobs: int, runs: int, threads: int | None = None) -> d
         root = Path(tmp)
         settings = Settings(data_dir=root / "data", database_url=url, broker_url=REDIS,
                             queue=f"wherefrom-bench-{uuid.uuid4().hex[:8]}", visibility_timeout=600)
-        prompts = setup_world(settings, root, name)
+        prompts = setup_world(settings, root, name, cache)
         (root / "logs").mkdir()
         workers = Workers(settings, root / "logs", threads)
         try:
@@ -99,7 +105,15 @@ def run(n_workers: int, n_jobs: int, runs: int, threads: int | None = None) -> d
         baseline = inline_baseline(settings, prompts, n_jobs, name, threads)
     return {"workers": n_workers, "threads_per_worker": threads or "torch default", "runs": results,
             "median_jobs_per_s": statistics.median(r["jobs_per_s"] for r in results),
-            "in_process_sequential": baseline, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}
+            "in_process_sequential": baseline, "machine": machine()}
+
+
+def machine() -> str:
+    """CPU model, cores and load: on a shared machine the load says how much the numbers are worth."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    load = ", load %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    return f"{cpu or platform.machine()}, {os.cpu_count()} cores{load}"
 
 
 def main():
@@ -109,8 +123,9 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/jobs.json"))
+    parser.add_argument("--cache", type=Path, default=Path("bench/out/jobs-world"), help="where the trained model is kept")
     args = parser.parse_args()
-    result = run(args.workers, args.jobs, args.runs, args.threads)
+    result = run(args.workers, args.jobs, args.runs, args.threads, args.cache)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     for r in result["runs"]:

@@ -1,6 +1,13 @@
 """Shared fixtures: database URLs on both backends, and a tiny trained world (session-scoped)."""
 
+import os
+
 import pytest
+
+# Before torch loads (here and in worker subprocesses, which inherit it): OpenMP threads that spin
+# while waiting take 10-60x longer per step when other processes hold the cores (a 2-layer GPT-2
+# step: 2.2-2.7 ms at 1 thread, 25-160 ms at 2 threads, 3.4-3.9 ms at 2 passive threads; BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from bench.cluster import PG_ADMIN, temporary_database
 
