@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x77686572  # pg_advisory_xact_lock key for schema upgrades ("wher")
 _ready: dict[str, Engine] = {}
 
 
@@ -24,10 +25,33 @@ def alembic_config(connection=None):
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to `revision`. On PostgreSQL an advisory lock makes concurrent callers (workers
+    starting together) wait for the first one instead of racing it through the same migration."""
     from alembic import command
 
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         command.upgrade(alembic_config(conn), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Migrate down. SQLite copies tables to drop columns; foreign keys are off around it so that
+    dropping the old copy does not cascade-delete the rows that reference it."""
+    from alembic import command
+
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # outside a transaction, or it is ignored
+            conn.commit()
+        try:
+            with conn.begin():
+                command.downgrade(alembic_config(conn), revision)
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
 
 
 def _sqlite_pragmas(dbapi_conn, _record):

@@ -35,3 +35,12 @@ class Forbidden(WherefromError, PermissionError):
     """Allowed to nobody through this face (a path outside the data directory, for the API)."""
 
     http_status = 403
+
+class JobFinished(Conflict):
+    """Another run of the same job (a redelivered task) finished it first; this run has nothing to add."""
+
+
+class Unavailable(WherefromError):
+    """A service wherefrom needs (the job broker, the database) cannot be reached."""
+
+    http_status = 503

@@ -71,6 +71,9 @@ class IndexBuild(Base):
     row_count: Mapped[int] = mapped_column(Integer, default=0)
     store_path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the job that built it: unique, so a build job publishes at most one build however often it runs
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True, unique=True)
+    checksum: Mapped[str | None] = mapped_column(String(64))  # store.checksum of the published files
 
 
 class IndexEntry(Base):
@@ -95,6 +98,8 @@ class Trace(Base):
     method: Mapped[str] = mapped_column(String(40))
     timings: Mapped[dict] = mapped_column(JSON, default=dict)  # seconds per stage
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the job that traced it: unique, so a trace job delivered twice still stores one trace
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True, unique=True)
     results: Mapped[list[TraceResult]] = relationship(order_by="TraceResult.rank", back_populates="trace",
                                                       cascade="all, delete-orphan")
 
@@ -109,3 +114,43 @@ class TraceResult(Base):
     scores: Mapped[dict] = mapped_column(JSON, default=dict)  # per-method scores kept beside the rank
     trace: Mapped[Trace] = relationship(back_populates="results")
     document: Mapped[Document] = relationship()
+
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+FINISHED = ("succeeded", "failed")
+
+
+class Job(Base):
+    """Background work (an index build, a trace). Tasks carry only the id and reload this row."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), index=True)  # "index" | "trace"
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # everything the task needs, by id
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)  # JOB_STATUSES
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
+    stage: Mapped[str] = mapped_column(String(200), default="")  # what it is doing, for people
+    result: Mapped[dict | None] = mapped_column(JSON)  # {"build_id": …} or {"trace_id": …}
+    error: Mapped[str | None] = mapped_column(Text)  # one line, for the user
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # starts of the job's first task
+    worker: Mapped[str | None] = mapped_column(String(200))  # the last worker that ran a stage
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobShard(Base):
+    """One shard (a range of store rows) of an index job: who computed it, how often it started."""
+
+    __tablename__ = "job_shards"
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    row_start: Mapped[int] = mapped_column(BigInteger)
+    row_end: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | running | done
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # > 1: redelivered (a worker died)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

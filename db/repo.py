@@ -117,10 +117,11 @@ def model_by_name(s: Session, name: str) -> Model:
 # --- builds ----------------------------------------------------------------------------------
 
 def create_build(s: Session, *, corpus_id: int, model_id: int | None, kind: str, config: dict,
-                 store_path: str, entries: list[tuple[int, int, int]]) -> IndexBuild:
+                 store_path: str, entries: list[tuple[int, int, int]], job_id: int | None = None,
+                 checksum: str | None = None) -> IndexBuild:
     """A ready build and its entries (document id, char start, char end), position = list index."""
-    build = IndexBuild(corpus_id=corpus_id, model_id=model_id, kind=kind, config=config,
-                       status="ready", row_count=len(entries), store_path=store_path)
+    build = IndexBuild(corpus_id=corpus_id, model_id=model_id, kind=kind, config=config, status="ready",
+                       row_count=len(entries), store_path=store_path, job_id=job_id, checksum=checksum)
     s.add(build)
     s.flush()
     rows = [{"build_id": build.id, "position": i, "document_id": d, "char_start": a, "char_end": b}

@@ -1,16 +1,16 @@
 """Build the stores of one index: gradient features per checkpoint, sentence embeddings, BM25.
 
-Row i of every store is chunk i. Gradients are computed in shards (raw projected gradients plus
-K-FAC factor sums), then finalised: EK-FAC preconditioning fitted on the reduced statistics,
-unit norm per checkpoint, and weights √(lr_c / Σ lr). The concatenation has unit norm, and an
-inner product is TracIn's learning-rate-weighted sum of per-checkpoint influence cosines.
+Row i of every store is chunk i. A build runs in shards (ranges of chunks, see `indexer.plan`):
+each computes raw projected gradients, K-FAC factor sums and sentence embeddings of its rows;
+`merge_shards` then reduces the statistics, fits EK-FAC once, and writes unit-norm features per
+checkpoint weighted by √(lr_c / Σ lr). The concatenation has unit norm, and an inner product is
+TracIn's learning-rate-weighted sum of per-checkpoint influence cosines.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,6 +38,9 @@ class BuildConfig:
     checkpoint_weights: str = "lr"  # "lr" (TracIn: √lr per checkpoint) or "uniform"
     append_eos: bool = True  # end each document with eos, as one-document-per-example training does
     factory: str | None = None  # FAISS factory string; None = chosen from the row count
+    # chunks per shard (a range of documents): the unit of work of a build job and of length-sorting
+    # into batches. Results depend on it and never on how many workers share the shards.
+    shard_size: int = 4096
 
     def __post_init__(self):
         if isinstance(self.gradient, dict):
@@ -46,6 +49,8 @@ class BuildConfig:
             raise ValueError("checkpoint_weights must be 'lr' or 'uniform'")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
 
 
 def checkpoint_weights(ckpts: list[CheckpointInfo], mode: str) -> list[float]:
@@ -79,18 +84,19 @@ def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
     return model, tokenizer, Featurizer(model, config, moments)
 
 
-def compute_shard(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
-                  progress: Progress) -> dict:
-    """Raw projected gradients of `chunks` (rows in list order) and K-FAC factor sums, per checkpoint.
+def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: list[CheckpointInfo],
+                  config: BuildConfig, progress: Progress) -> dict:
+    """Raw projected gradients, K-FAC factor sums and sentence embeddings of one shard's chunks.
 
-    Writes `raw-c{c}.npy` (n × D_c, float32) and `stats-c{c}.npz` into `folder`. One batched
-    forward/backward per batch and checkpoint; shards of a build can run anywhere and be merged
-    by `finalize_gradients`, which reduces their statistics instead of recomputing them.
+    Writes `raw-c{c}.npy` (n × D_c, float32), `stats-c{c}.npz`, `dense.npy` (n × 384, float32) and
+    `meta.json` into `folder`, rows in list order. Batches are formed inside the shard only
+    (sorted by length, for less padding), so a row's floats depend on the shard it belongs to and
+    never on which process computed it; `merge_shards` reduces the statistics instead of
+    recomputing them.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))  # less padding
+    timings, t = {}, time.perf_counter()
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
     meta = {"rows": len(chunks), "dims": [], "adam_normalised_layers": []}
-    total = len(chunks) * len(ckpts)
     for c, ckpt in enumerate(ckpts):
         model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
         feat.stats = Stats()
@@ -99,12 +105,20 @@ def compute_shard(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo]
         for start in range(0, len(order), config.batch_size):
             rows = order[start:start + config.batch_size]
             raw[rows] = feat.features(*collate([chunks[i].token_ids for i in rows], tokenizer.pad_token_id)).numpy()
-            progress("gradients", len(rows), total)
+            progress("gradients", len(rows), len(chunks) * len(ckpts))
         raw.flush()
         feat.stats.save(folder / f"stats-c{c}.npz")
         meta["dims"].append(feat.dim)
         meta["adam_normalised_layers"].append(len(feat.normalised))
         del model, feat, raw
+    timings["gradients"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dense = np.lib.format.open_memmap(folder / "dense.npy", mode="w+", dtype=np.float32,
+                                      shape=(len(texts), semantic.DIM))
+    dense[:] = semantic.embed(texts, progress=lambda n: progress("embeddings", n, len(texts)))
+    dense.flush()
+    timings["embeddings"] = time.perf_counter() - t
+    meta["timings_s"] = timings
     (folder / "meta.json").write_text(json.dumps(meta))
     return meta
 
@@ -148,49 +162,35 @@ def finalize_gradients(folder: Path, shards: list[Path], ckpts: list[CheckpointI
             "adam_normalised_layers": metas[0]["adam_normalised_layers"]}
 
 
-def build_stores(final: Path, chunks: list[Chunk], texts: list[str], ckpts: list[CheckpointInfo],
-                 config: BuildConfig, provenance: dict, progress: Progress) -> tuple[Path, dict]:
-    """Write every store of a build into `<final>.partial/`; return (partial path, info).
+def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[CheckpointInfo],
+                 config: BuildConfig, provenance: dict, progress: Progress) -> dict:
+    """Every store of a build, from its shards, into `out`: grad, dense, BM25, FAISS and info.json.
 
-    On any error the partial directory is removed: nothing half-built stays on disk.
+    `shards` in row order; `texts` are all rows' texts (BM25 is fitted over the whole corpus).
+    Returns the info written, including the store checksum.
     """
-    partial = store.partial_dir(final)
-    try:
-        return partial, _write_stores(partial, chunks, texts, ckpts, config, provenance, progress)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-
-def _write_stores(partial: Path, chunks, texts, ckpts, config: BuildConfig, provenance: dict,
-                  progress: Progress) -> dict:
-    timings = {}
     t = time.perf_counter()
-    shard = partial / "shards" / "0"
-    compute_shard(shard, chunks, ckpts, config, progress)
-    grad = finalize_gradients(partial, [shard], ckpts, config, progress)
-    shutil.rmtree(partial / "shards")  # raw gradients are intermediate: the store keeps features
-    timings["gradients"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    dense = store.create_array(partial, "dense", len(texts), semantic.DIM)
-    dense[:] = semantic.embed(texts, progress=lambda n: progress("embeddings", n, len(texts)))
+    grad = finalize_gradients(out, shards, ckpts, config, progress)
+    dense = store.create_array(out, "dense", len(texts), semantic.DIM)
+    row = 0
+    for shard in shards:
+        part = np.load(shard / "dense.npy", mmap_mode="r")
+        dense[row:row + len(part)] = part.astype(np.float16)
+        row += len(part)
     dense.flush()
-    timings["embeddings"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    lexical.build(texts, partial / "bm25")
-    factory = config.factory or store.choose_factory(len(chunks))
-    store.build_faiss(store.open_array(partial, "grad"), partial / "grad.faiss", factory)
-    store.build_faiss(store.open_array(partial, "dense"), partial / "dense.faiss", factory)
-    progress("faiss", len(chunks), len(chunks))
-    timings["bm25_faiss"] = time.perf_counter() - t
-
+    lexical.build(texts, out / "bm25")
+    factory = config.factory or store.choose_factory(len(texts))
+    store.build_faiss(store.open_array(out, "grad"), out / "grad.faiss", factory)
+    store.build_faiss(store.open_array(out, "dense"), out / "dense.faiss", factory)
+    progress("faiss", len(texts), len(texts))
+    metas = [json.loads((s / "meta.json").read_text()) for s in shards]
+    timings = {k: sum(m["timings_s"][k] for m in metas) for k in ("gradients", "embeddings")}
+    timings["merge"] = time.perf_counter() - t
     info = {
-        **provenance, "config": asdict(config), "rows": len(chunks), "faiss_factory": factory,
+        **provenance, "config": asdict(config), "rows": len(texts), "faiss_factory": factory,
         "gradient": grad, "embedder": semantic.NAME, "code_version": store.code_version(),
-        "projection_seed": config.gradient.seed, "timings_s": timings,
-        "tokens": sum(len(c.token_ids) for c in chunks),
+        "projection_seed": config.gradient.seed, "timings_s": timings, "shards": len(shards),
+        "checksum": store.checksum(out),
     }
-    store.write_info(partial, info)
+    store.write_info(out, info)
     return info

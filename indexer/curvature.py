@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.store import save_npz
+
 
 @dataclass
 class LayerStats:
@@ -49,7 +51,7 @@ class Stats:
         for i, (name, s) in enumerate(self.layers.items()):
             arrays[f"{i}.a"], arrays[f"{i}.s"] = s.a_sum, s.s_sum
             arrays[f"{i}.t"] = np.array(s.tokens)
-        np.savez(path, names=np.array(list(self.layers)), **arrays)
+        save_npz(path, {"names": np.array(list(self.layers)), **arrays})
 
     @classmethod
     def load(cls, path: Path) -> Stats:
@@ -94,7 +96,7 @@ class Curvature:
         arrays = {}
         for i, c in enumerate(self.layers.values()):
             arrays[f"{i}.qi"], arrays[f"{i}.qo"], arrays[f"{i}.w"] = c.q_in, c.q_out, c.inv_sqrt
-        np.savez(path, names=np.array(list(self.layers)), **arrays)
+        save_npz(path, {"names": np.array(list(self.layers)), **arrays})
 
     @classmethod
     def load(cls, path: Path) -> Curvature:

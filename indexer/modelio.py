@@ -115,6 +115,12 @@ def load_model(folder: Path):
     return model.eval(), tokenizer
 
 
+def load_tokenizer(folder: Path):
+    """The tokenizer alone (chunking a corpus needs no weights)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"]:
     """Map parameter names to Adam's `exp_avg_sq`, following the Trainer's parameter grouping.
 

@@ -1,14 +1,19 @@
 """Stores on disk: (N × D) float16 memmaps, a self-describing info.json, FAISS indexes as derived caches.
 
 A build is written into `<name>.partial/` and published by one rename, so a reader never sees
-half a store.
+half a store. Every file is a pure function of its content (no timestamps inside), so two builds
+of the same plan have the same `checksum`, however many workers computed their shards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
+import uuid
+import zipfile
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +53,48 @@ def write_info(folder: Path, info: dict) -> None:
 
 def read_info(folder: Path) -> dict:
     return json.loads((Path(folder) / INFO).read_text())
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`np.savez` without the zip entries' timestamps: the same arrays always give the same bytes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with z.open(entry, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+def checksum(folder: Path) -> str:
+    """sha256 over the relative path and bytes of every file but info.json (timings live there)."""
+    folder, h = Path(folder), hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != INFO):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a fresh sibling temp directory; rename it to `final` when the block succeeds.
+
+    When `final` already exists another run of the same idempotent work got there first: ours is
+    dropped. The parent must exist, so work for a build that was removed stops here.
+    """
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def choose_factory(rows: int) -> str:

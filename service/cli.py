@@ -15,6 +15,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="wherefrom: which training documents taught a language model this answer?")
 model_app = typer.Typer(no_args_is_help=True, help="Register models.")
 app.add_typer(model_app, name="model")
+jobs_app = typer.Typer(help="Background jobs: list them (default), resume one.")
+app.add_typer(jobs_app, name="jobs")
+db_app = typer.Typer(no_args_is_help=True, help="The database schema.")
+app.add_typer(db_app, name="db")
 
 DataDir = typer.Option(None, "--data-dir", envvar="WHEREFROM_DATA_DIR",
                        help="Folder for stores and the SQLite database (default ./wherefrom-data).")
@@ -79,20 +83,30 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
           batch_size: int = typer.Option(16, help="Chunks per forward/backward pass."),
           modules: Optional[str] = typer.Option(None, help="Regex of module names to track."),
           no_adam: bool = typer.Option(False, "--no-adam", help="Skip Adam second-moment normalisation."),
+          shard_size: int = typer.Option(4096, help="Chunks per shard: the unit of work one worker takes."),
           data_dir: Optional[Path] = DataDir):
-    """Build gradient, dense and BM25 indexes of a corpus for a model."""
+    """Build gradient, dense and BM25 indexes of a corpus for a model: queued for the workers when
+    WHEREFROM_BROKER_URL is set, else built right here."""
     from indexer.build import BuildConfig
     from indexer.gradients import GradientConfig
     from service import ops
     try:
         config = BuildConfig(gradient=GradientConfig(k_in=proj, k_out=proj, seed=seed, modules=modules,
-                                                     optimizer_norm=not no_adam), batch_size=batch_size)
+                                                     optimizer_norm=not no_adam), batch_size=batch_size,
+                             shard_size=shard_size)
     except ValueError as e:
         raise _input_error(str(e))
+    settings = _settings(data_dir)
+    if settings.broker_url:
+        from service import build_job, tasks
+        job_id = tasks.submit(settings, "index", build_job.index_params(settings, corpus, model, config, checkpoints))
+        typer.echo(f"job {job_id} queued on {settings.queue}: follow it with `wherefrom jobs`")
+        return
     with progress_bars() as progress:
-        out = ops.index(_settings(data_dir), corpus, model, config, checkpoints, progress)
-    typer.echo(f"build {out.build_id}: {out.rows} rows, {len(out.info['checkpoints'])} checkpoint(s), "
-               f"{sum(out.info['gradient']['dims'])} gradient dims, {out.skipped_empty} empty document(s) skipped")
+        out = ops.index(settings, corpus, model, config, checkpoints, progress)
+    typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
+               f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
+               f"{out.skipped_empty} empty document(s) skipped")
 
 
 def _input_error(msg: str):
@@ -110,9 +124,17 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
           corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Default: the latest build's."),
           model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the latest build's."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+          run_async: bool = typer.Option(False, "--async", help="Run it as a job (on the workers when "
+                                                                 "WHEREFROM_BROKER_URL is set) and print the job."),
           data_dir: Optional[Path] = DataDir):
     """Which training documents back the model's answer to QUESTION?"""
     from service import ops
+    if run_async:
+        from service import tasks
+        settings = _settings(data_dir)
+        params = tasks.trace_params(question, answer, corpus, model, k, method, rerank, verify)
+        _print_jobs([tasks.get(settings, tasks.submit(settings, "trace", params))], as_json)
+        return
     out = ops.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
@@ -220,6 +242,66 @@ def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if 
     """Generate a world of niche facts, train a small GPT-2, index it and trace answers back to sources."""
     from service.demo import run_demo
     run_demo(_settings(data_dir), fresh=fresh, shown=questions)
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs(ctx: typer.Context,
+         status: Optional[str] = typer.Option(None, help="queued | running | succeeded | failed"),
+         kind: Optional[str] = typer.Option(None, help="index | trace"),
+         limit: int = typer.Option(20, help="How many, newest first."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+         data_dir: Optional[Path] = DataDir):
+    """List jobs, newest first, with their progress."""
+    if ctx.invoked_subcommand:
+        return
+    from service import tasks
+    _print_jobs(tasks.list_jobs(_settings(data_dir), status, kind, limit), as_json)
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: int = typer.Argument(..., help="The job to run again from where it stopped."),
+                data_dir: Optional[Path] = DataDir):
+    """Queue a failed or stuck job again; finished shards are kept."""
+    from service import tasks
+    settings = _settings(data_dir)
+    tasks.resume(settings, job_id)
+    _print_jobs([tasks.get(settings, job_id)], False)
+
+
+def _print_jobs(views, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([asdict(v) for v in views], indent=2))
+    else:
+        from service.render import print_jobs
+        print_jobs(views)
+
+
+@app.command()
+def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker name (default celery@HOST)."),
+           loglevel: str = typer.Option("info", help="debug | info | warning | error"),
+           check: bool = typer.Option(False, "--check", help="Only check the broker and the database, then exit."),
+           threads: Optional[int] = typer.Option(None, min=1, help="Torch threads (default: one per core); "
+                                                                   "workers sharing a machine should split its cores."),
+           data_dir: Optional[Path] = DataDir):
+    """Run a job worker: it takes index shards, merges and traces from WHEREFROM_BROKER_URL."""
+    from service import worker as workers
+    settings = _settings(data_dir)
+    if check:
+        typer.echo(workers.check(settings))
+        return
+    workers.start(settings, name, loglevel, threads)
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: Optional[Path] = DataDir):
+    """Migrate the database to the latest schema (docker-compose's one-shot `migrate` service)."""
+    from sqlalchemy import text
+
+    from db.engine import get_engine
+    settings = _settings(data_dir)
+    with get_engine(settings.database_url).connect() as conn:  # get_engine migrates to head
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    typer.echo(f"database at revision {revision}")
 
 
 def main():

@@ -1,25 +1,22 @@
 """What each command does, one transaction each: ingest, register a model, build an index, trace.
 
-The CLI (and later the jobs and the API) call these; they never write SQL themselves.
+The CLI, the jobs (`service.tasks`) and the API call these; they never write SQL themselves.
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
-import uuid
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
 
-from db import repo
+from db import job_repo, repo
 from db.engine import transaction
 from db.errors import InputError
-from db.models import Model, Trace
-from indexer.build import BuildConfig, Progress, build_stores
-from indexer.corpus import chunk_document, read_corpus
-from indexer.modelio import CheckpointInfo, check_unchanged, discover_checkpoints, weights_stat
-from indexer.store import publish
+from db.models import IndexBuild, Model, Trace
+from indexer.build import BuildConfig, Progress
+from indexer.corpus import read_corpus
+from indexer.modelio import CheckpointInfo, check_unchanged, discover_checkpoints
 from service.settings import Settings
 
 
@@ -77,56 +74,33 @@ class BuildOutcome:
     rows: int
     skipped_empty: int
     info: dict
+    job_id: int | None = None
 
 
 def index(settings: Settings, corpus: str, model: str, config: BuildConfig | None = None,
           checkpoints: str = "all", progress: Progress = _quiet) -> BuildOutcome:
-    """Build gradient, dense and BM25 stores for a corpus and model; publish and record them at once."""
-    from indexer.modelio import load_model
+    """Build gradient, dense and BM25 stores for a corpus and model; publish and record them at once.
 
-    config = config or BuildConfig()
+    Runs here, in this process, through the same job stages (plan, shards, merge) a worker runs,
+    so the published store is the same file for file (same checksum).
+    """
+    from dataclasses import replace
+
+    from service import build_job, tasks
+
+    params = build_job.index_params(settings, corpus, model, config, checkpoints)
+    job_id = tasks.submit(replace(settings, broker_url=None), "index", params, progress)
+    return build_outcome(settings, job_id)
+
+
+def build_outcome(settings: Settings, job_id: int) -> BuildOutcome:
+    from indexer.store import read_info
+
     with transaction(settings.database_url) as s:
-        c_row, m_row = repo.corpus_by_name(s, corpus), repo.model_by_name(s, model)
-        docs = [(d.id, d.text) for d in repo.corpus_documents(s, c_row.id)]
-        ckpts = _select(_checkpoint_infos(m_row), checkpoints)
-        corpus_id, model_id = c_row.id, m_row.id
-    if not docs:
-        raise InputError(f"corpus {corpus!r} has no documents: ingest some first")
-    if len({c.tokenizer_hash for c in ckpts}) > 1:
-        raise InputError("the checkpoints use different tokenizers: index them as separate models")
-    check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256} for c in ckpts])
-    _, tokenizer = load_model(ckpts[-1].path)
-    max_tokens = config.max_tokens or _context_length(ckpts[-1].path)
-    chunks, counts = [], {}
-    for doc_id, text in docs:
-        parts = chunk_document(tokenizer, doc_id, text, max_tokens, config.append_eos)
-        counts[doc_id] = sum(len(p.token_ids) for p in parts)
-        chunks.extend(parts)
-    if not chunks:
-        raise InputError(f"no document of corpus {corpus!r} has any tokens: check the text field")
-    by_id = dict(docs)
-    texts = [by_id[c.document_id][c.char_start:c.char_end] for c in chunks]
-    final = settings.stores / f"{corpus}-{model}-{uuid.uuid4().hex[:8]}"
-    provenance = {"corpus": corpus, "model": model, "tokenizer_hash": ckpts[0].tokenizer_hash,
-                  "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
-                                   "learning_rate": c.learning_rate, **weights_stat(c.path)} for c in ckpts]}
-    partial, info = build_stores(final, chunks, texts, ckpts, config, provenance, progress)
-    published = False
-    try:
-        with transaction(settings.database_url) as s:
-            build = repo.create_build(
-                s, corpus_id=corpus_id, model_id=model_id, kind="hybrid",
-                config={**info["config"], "checkpoint_steps": [c.step for c in ckpts]},
-                store_path=str(final), entries=[(c.document_id, c.char_start, c.char_end) for c in chunks])
-            repo.set_token_counts(s, counts)
-            publish(partial, final)  # inside the transaction: a failed commit removes it below
-            published = True
-            build_id = build.id
-    except BaseException:
-        shutil.rmtree(final if published else partial, ignore_errors=True)
-        raise
-    skipped = sum(1 for n in counts.values() if n == 0)
-    return BuildOutcome(build_id, len(chunks), skipped, info)
+        result = job_repo.get_job(s, job_id).result
+        store_path = s.get(IndexBuild, result["build_id"]).store_path
+    return BuildOutcome(result["build_id"], result["rows"], result["skipped_empty"],
+                        read_info(Path(store_path)), job_id)
 
 
 @dataclass
@@ -175,11 +149,13 @@ def tracer_for(store_path: str, ckpts: list[CheckpointInfo]):
 
 def trace(settings: Settings, question: str, answer: str | None = None, corpus: str | None = None,
           model: str | None = None, k: int = 10, method: str = "hybrid", rerank: str | None = None,
-          verify: bool = False) -> TraceOutcome:
+          verify: bool = False, job_id: int | None = None) -> TraceOutcome:
     """Trace one answer and store the trace and its ranked results in one transaction.
 
-    `rerank="exact"` rescores the top candidates with full gradients (captum TracInCP);
+    `rerank="exact"` rescores the top candidates with full, unprojected gradients;
     `verify` adds a tail-patch and a lexical check to every returned document.
+    With `job_id` (a trace job), the same transaction finishes the job; a second delivery of that
+    job raises JobFinished there and stores nothing.
     """
     from attribution.rerank import RERANK_N
 
@@ -199,12 +175,16 @@ def trace(settings: Settings, question: str, answer: str | None = None, corpus: 
             _refine(tracer, question, ranking, texts, rerank, verify)
         ranking.hits = ranking.hits[:k]
     with transaction(settings.database_url) as s:
+        job = job_repo.lock_open_job(s, job_id) if job_id is not None else None
         entries = repo.entries_at(s, build_id, [h.position for h in ranking.hits])
         t = repo.save_trace(s, Trace(question=question, answer=ranking.answer, answer_generated=ranking.answer_generated,
-                                     model_id=m_id, build_id=build_id, method=method, timings=ranking.timings),
+                                     model_id=m_id, build_id=build_id, method=method, timings=ranking.timings,
+                                     job_id=job_id),
                             [{"rank": r, "document_id": entries[h.position][1].id, "position": h.position,
                               "score": h.score, "scores": h.scores} for r, h in enumerate(ranking.hits, 1)])
         s.refresh(t, ["results"])
+        if job is not None:
+            job_repo.finish_job(s, job, {"trace_id": t.id, "answer": ranking.answer})
         return _outcome(t, s.get(Model, m_id).name, entries)
 
 

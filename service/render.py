@@ -74,3 +74,25 @@ def print_checks(checks, console: Console | None = None) -> None:
     console.print(table)
     problems = sum(c.status == "problem" for c in checks)
     console.print(f"{problems} problem(s)" if problems else "all good", style="red" if problems else "green")
+
+def _outcome(v) -> str:
+    if v.error:
+        return v.error
+    r = v.result or {}
+    if "build_id" in r:
+        return f"build {r['build_id']}: {r['rows']} rows, checksum {r['checksum'][:12]}"
+    return f"trace {r['trace_id']}" if "trace_id" in r else ""
+
+
+def print_jobs(views, console: Console | None = None) -> None:
+    """One row per job: status, progress, what it is doing, its result or error."""
+    console = console or Console()
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for col in ("job", "kind", "status", "done", "stage", "tries", "worker", "updated", "result / error"):
+        table.add_column(col, justify="right" if col in ("job", "done", "tries") else "left",
+                         no_wrap=col not in ("stage", "result / error"))
+    colour = {"succeeded": "green", "failed": "red", "running": "yellow"}
+    for v in views:
+        table.add_row(v.id, v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
+                      v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[11:19], _outcome(v))
+    console.print(table if views else "no jobs")

@@ -1,28 +1,32 @@
 """Shared fixtures: database URLs on both backends, and a tiny trained world (session-scoped)."""
 
 import os
-import uuid
 
 import pytest
-from sqlalchemy import create_engine, text
 
-PG_ADMIN = os.environ.get("WHEREFROM_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+# Before torch loads (here and in worker subprocesses, which inherit it): OpenMP threads that spin
+# while waiting take 10-60x longer per step when other processes hold the cores (a 2-layer GPT-2
+# step: 2.2-2.7 ms at 1 thread, 25-160 ms at 2 threads, 3.4-3.9 ms at 2 passive threads; BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bench.cluster import PG_ADMIN, temporary_database
 
 
 @pytest.fixture(scope="session")
 def pg_url():
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
-    name = f"wherefrom_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-    from db.engine import _ready
-    for url in [u for u in _ready if u.endswith("/" + name)]:
-        _ready.pop(url).dispose()
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with temporary_database(PG_ADMIN) as url:
+        yield url
+
+
+@pytest.fixture
+def own_db_url(request, tmp_path):
+    """Like db_url, but a database of this test's own (for tests that migrate it down)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/wherefrom.db"
+    else:
+        with temporary_database(PG_ADMIN) as url:
+            yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -10,20 +10,12 @@ from sqlalchemy import func, select
 
 from db.engine import transaction
 from db.models import Corpus, Document, IndexBuild, Trace
-from service.cli import main
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys, settings):
+def cli(monkeypatch, settings, run_cli):
     monkeypatch.setenv("WHEREFROM_DATA_DIR", str(settings.data_dir))
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["wherefrom", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            main()
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
-    return run
+    return run_cli
 
 
 def counts(settings):

@@ -1,0 +1,239 @@
+"""An index build as a job: plan → shards (any worker, any order) → merge and publish.
+
+Files live under `<stores>/<name>.partial/` on the filesystem all workers share:
+`plan/` (every chunk, written once), `shards/NNNNN/` (each written to a temp directory and renamed,
+so a shard is either complete or absent), and `out-<random>/` (one merge's output, renamed to
+`<stores>/<name>` when published). The disk says which shards are done; `job_shards` mirrors it
+for people and analysts. A task that finds its work done skips it, so redelivery costs nothing
+but the shards that were cut off.
+
+Publishing is one transaction: lock the job row, insert the build and its entries, rename the
+merge output into place, mark the job succeeded. A second merge (two shards finishing together
+both send one) waits on the lock, sees the job finished and drops its output.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from db import job_repo, repo
+from db.engine import transaction
+from db.errors import InputError, JobFinished
+from db.models import FINISHED, Job, Model
+from indexer import store
+from indexer.build import BuildConfig, compute_shard, merge_shards
+from indexer.modelio import check_unchanged, weights_stat
+from indexer.plan import Plan, write_plan
+from service.settings import Settings
+
+PROGRESS_EVERY_S = 2.0  # a shard writes its progress to SQL at most this often
+
+
+def index_params(settings: Settings, corpus: str, model: str, config: BuildConfig | dict | None = None,
+                 checkpoints: str = "all") -> dict:
+    """Check an index request now (names, documents, checkpoints, weights) and return job params."""
+    from service.ops import _checkpoint_infos, _select
+
+    config = BuildConfig(**config) if isinstance(config, dict) else (config or BuildConfig())
+    with transaction(settings.database_url) as s:
+        c_row, m_row = repo.corpus_by_name(s, corpus), repo.model_by_name(s, model)
+        n_docs = repo.count_documents(s, c_row.id)
+        ckpts = _select(_checkpoint_infos(m_row), checkpoints)
+        corpus_id, model_id = c_row.id, m_row.id
+    if not n_docs:
+        raise InputError(f"corpus {corpus!r} has no documents: ingest some first")
+    if len({c.tokenizer_hash for c in ckpts}) > 1:
+        raise InputError("the checkpoints use different tokenizers: index them as separate models")
+    check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256} for c in ckpts])
+    return {"corpus": corpus, "model": model, "corpus_id": corpus_id, "model_id": model_id,
+            "checkpoint_steps": [c.step for c in ckpts], "config": asdict(config),
+            "store": f"{corpus}-{model}-{uuid.uuid4().hex[:8]}"}
+
+
+def work_dir(settings: Settings, params: dict) -> Path:
+    return settings.stores / (params["store"] + ".partial")
+
+
+def _checkpoints(settings: Settings, params: dict):
+    from service.ops import _checkpoint_infos
+
+    with transaction(settings.database_url) as s:
+        by_step = {c.step: c for c in _checkpoint_infos(s.get(Model, params["model_id"]))}
+    missing = [step for step in params["checkpoint_steps"] if step not in by_step]
+    if missing:
+        raise InputError(f"checkpoints {missing} of model {params['model']!r} are no longer registered: "
+                         "start a new build with `wherefrom index`")
+    return [by_step[step] for step in params["checkpoint_steps"]]
+
+
+def _open_job(settings: Settings, job_id: int) -> Job:
+    """The job, if it still needs work; JobFinished otherwise (tidying a succeeded job's leftovers)."""
+    with transaction(settings.database_url) as s:
+        job = job_repo.get_job(s, job_id)
+    if job.status in FINISHED:
+        if job.status == "succeeded":
+            shutil.rmtree(work_dir(settings, job.params), ignore_errors=True)
+        raise JobFinished(f"job {job_id} is already {job.status}")
+    return job
+
+
+def _shard_dir(work: Path, shard: int) -> Path:
+    return work / "shards" / f"{shard:05d}"
+
+
+def _missing(work: Path, plan: Plan) -> list[int]:
+    return [k for k in range(len(plan.shards)) if not _shard_dir(work, k).is_dir()]
+
+
+# --- stage 1: plan ---------------------------------------------------------------------------
+
+def plan(settings: Settings, job: Job, dispatch, worker: str) -> None:
+    """Chunk the corpus once, record the shards, and send every shard that is not done yet."""
+    work = work_dir(settings, job.params)
+    if not Plan.exists(work):
+        with transaction(settings.database_url) as s:
+            job_repo.set_stage(s, job.id, "planning: chunking the corpus", worker)
+        _write_plan(settings, job, work)
+    layout = Plan.load(work)
+    missing = _missing(work, layout)
+    with transaction(settings.database_url) as s:
+        job_repo.ensure_shards(s, job.id, layout.shards)
+        job_repo.set_stage(s, job.id, f"planned {layout.rows} rows in {len(layout.shards)} shards, "
+                                      f"{len(layout.shards) - len(missing)} done")
+    for k in missing:
+        dispatch.send("shard", job.id, k)
+    if not missing:
+        dispatch.send("merge", job.id)
+
+
+def _write_plan(settings: Settings, job: Job, work: Path) -> None:
+    from indexer.corpus import chunk_document
+    from indexer.modelio import load_tokenizer
+    from service.ops import _context_length
+
+    p, config = job.params, BuildConfig(**job.params["config"])
+    with transaction(settings.database_url) as s:
+        docs = [(d.id, d.text) for d in repo.corpus_documents(s, p["corpus_id"])]
+    ckpts = _checkpoints(settings, p)
+    tokenizer = load_tokenizer(ckpts[-1].path)
+    max_tokens = config.max_tokens or _context_length(ckpts[-1].path)
+    chunks, counts = [], {}
+    for doc_id, text in docs:
+        parts = chunk_document(tokenizer, doc_id, text, max_tokens, config.append_eos)
+        counts[doc_id] = sum(len(c.token_ids) for c in parts)
+        chunks.extend(parts)
+    if not chunks:
+        raise InputError(f"no document of corpus {p['corpus']!r} has any tokens: check the text field")
+    by_id = dict(docs)
+    texts = [by_id[c.document_id][c.char_start:c.char_end] for c in chunks]
+    provenance = {"corpus": p["corpus"], "model": p["model"], "job_id": job.id,
+                  "tokenizer_hash": ckpts[0].tokenizer_hash,
+                  "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
+                                   "learning_rate": c.learning_rate, **weights_stat(c.path)} for c in ckpts]}
+    (work / "shards").mkdir(parents=True, exist_ok=True)
+    write_plan(work, chunks, texts, counts, config.shard_size,
+               {"provenance": provenance, "skipped_empty": sum(1 for n in counts.values() if n == 0)})
+
+
+# --- stage 2: shards -------------------------------------------------------------------------
+
+class _ShardProgress:
+    """Forwards progress to the CLI's bars (inline runs) and, at most every 2 s, to SQL."""
+
+    def __init__(self, settings: Settings, job_id: int, shard: int, rows: int, n_ckpts: int, total_rows: int, bars):
+        self.settings, self.job_id, self.shard, self.bars = settings, job_id, shard, bars
+        self.work = rows * (n_ckpts + 1)  # one pass per checkpoint, plus embeddings
+        self.totals = {"gradients": total_rows * n_ckpts, "embeddings": total_rows}
+        self.done, self.written = 0, time.monotonic()
+
+    def __call__(self, stage: str, n: int, _shard_total: int) -> None:
+        if self.bars:
+            self.bars(stage, n, self.totals.get(stage, _shard_total))
+        self.done += n
+        if time.monotonic() - self.written >= PROGRESS_EVERY_S:
+            self.written = time.monotonic()
+            with transaction(self.settings.database_url) as s:
+                job_repo.shard_progress(s, self.job_id, self.shard, self.done / max(self.work, 1))
+
+
+def run_shard(settings: Settings, job_id: int, shard: int, dispatch, worker: str) -> None:
+    """Compute one shard unless its files exist; send the merge once no shard is missing."""
+    job = _open_job(settings, job_id)
+    work = work_dir(settings, job.params)
+    layout = Plan.load(work)
+    target = _shard_dir(work, shard)
+    if not target.is_dir():
+        with transaction(settings.database_url) as s:
+            job_repo.start_shard(s, job_id, shard, worker)
+        start, end = layout.shards[shard]
+        ckpts = _checkpoints(settings, job.params)
+        check_unchanged(layout.meta["provenance"]["checkpoints"])
+        progress = _ShardProgress(settings, job_id, shard, end - start, len(ckpts), layout.rows, dispatch.progress)
+        with store.atomic_dir(target) as tmp:
+            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts,
+                          BuildConfig(**job.params["config"]), progress)
+    with transaction(settings.database_url) as s:
+        job_repo.finish_shard(s, job_id, shard, worker)
+    if not _missing(work, layout):
+        dispatch.send("merge", job_id)
+
+
+# --- stage 3: merge and publish --------------------------------------------------------------
+
+def run_merge(settings: Settings, job_id: int, dispatch, worker: str) -> None:
+    """Reduce the shards into the final stores and publish them with the build's SQL rows."""
+    job = _open_job(settings, job_id)
+    work = work_dir(settings, job.params)
+    layout = Plan.load(work)
+    missing = _missing(work, layout)
+    if missing:  # sent early by a resumed job: the missing shards send the merge again
+        for k in missing:
+            dispatch.send("shard", job_id, k)
+        return
+    with transaction(settings.database_url) as s:
+        job_repo.set_stage(s, job_id, "merging shards", worker)
+    config = BuildConfig(**job.params["config"])
+    ckpts = _checkpoints(settings, job.params)
+    bars = dispatch.progress or (lambda *_: None)
+    out = work / f"out-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    try:
+        info = merge_shards(out, [_shard_dir(work, k) for k in range(len(layout.shards))],
+                            layout.texts(0, layout.rows), ckpts, config, layout.meta["provenance"], bars)
+        _publish(settings, job_id, out, settings.stores / job.params["store"], layout, info)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # gone already when published (renamed)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _publish(settings: Settings, job_id: int, out: Path, final: Path, layout: Plan, info: dict) -> None:
+    renamed = False
+    try:
+        with transaction(settings.database_url) as s:
+            job = job_repo.lock_open_job(s, job_id)  # JobFinished: a concurrent merge published first
+            p = job.params
+            build = repo.create_build(
+                s, corpus_id=p["corpus_id"], model_id=p["model_id"], kind="hybrid",
+                config={**info["config"], "checkpoint_steps": p["checkpoint_steps"]}, store_path=str(final),
+                entries=layout.entries(), job_id=job_id, checksum=info["checksum"])
+            repo.set_token_counts(s, layout.doc_tokens())
+            if final.exists():  # left by a merge killed between its rename and its commit: never published
+                shutil.rmtree(final)
+            store.publish(out, final)
+            renamed = True
+            job_repo.finish_job(s, job, {"build_id": build.id, "rows": layout.rows, "checksum": info["checksum"],
+                                         "skipped_empty": layout.meta["skipped_empty"]},
+                                stage=f"published build {build.id}")
+    except BaseException:
+        if renamed:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+
+
+def discard(settings: Settings, job: Job) -> None:
+    """Drop a failed build's partial files (a user error: resuming would fail the same way)."""
+    shutil.rmtree(work_dir(settings, job.params), ignore_errors=True)

@@ -1,0 +1,46 @@
+"""docker-compose's topology, natively: PostgreSQL + Redis + two `wherefrom worker` processes.
+
+Each test module gets its own queue on a Redis database number of its own, so concurrent test
+sessions and other Redis users never take each other's tasks.
+"""
+
+import sys
+import uuid
+
+import pytest
+
+from service.settings import Settings
+from bench.cluster import REDIS, VISIBILITY_TIMEOUT, Workers, forget_queue
+
+
+@pytest.fixture(scope="module")
+def cluster(pg_url, tmp_path_factory):
+    """Settings for the test process plus two running workers, `a` and `b`, on the shared Redis."""
+    root = tmp_path_factory.mktemp("cluster")
+    settings = Settings(data_dir=root / "data", database_url=pg_url, broker_url=REDIS,
+                        queue=f"wherefrom-test-{uuid.uuid4().hex[:8]}", visibility_timeout=VISIBILITY_TIMEOUT)
+    (root / "logs").mkdir()
+    workers = Workers(settings, root / "logs", threads=1)  # 2 workers on 2 cores; in-process builds use 2
+    try:
+        workers.start("a")
+        workers.start("b")
+        yield settings, workers
+    finally:
+        workers.stop()
+        forget_queue(REDIS, settings.queue)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """`run_cli(*args, env={...})`: (exit code, stdout, stderr) of `wherefrom ARGS`, run in this process."""
+    from service.cli import main
+
+    def run(*args, env=None):
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(sys, "argv", ["wherefrom", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+    return run
