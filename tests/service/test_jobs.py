@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from db import job_repo
 from db.engine import transaction
-from db.errors import InputError
+from db.errors import InputError, JobFinished
 from db.models import IndexBuild, IndexEntry, Trace
 from indexer import store
 from indexer.build import BuildConfig
@@ -109,6 +109,12 @@ def test_trace_async_without_a_broker_runs_the_job_here(cli, world, tiny_world):
     assert code == 0 and f"trace {job['result']['trace_id']}" in out and "succeeded" in out
     code, _, err = cli("jobs", "resume", job["id"])
     assert code == 2 and "already succeeded" in err
+    # a second delivery, late or racing the first, stores nothing: at the job's start, at its commit
+    before = counts(settings)
+    tasks.run_task(settings, "job", (int(job["id"]),), tasks.Inline(), "late")
+    with pytest.raises(JobFinished):
+        ops.trace(settings, **job["params"], job_id=int(job["id"]))
+    assert counts(settings) == before
     code, _, err = cli("trace", "", "--async")
     assert code == 2 and "question is empty" in err
 
