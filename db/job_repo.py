@@ -8,8 +8,9 @@ serialise the few writers one job has: its shard tasks and its merge.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.errors import Conflict, JobFinished, NotFound
@@ -97,6 +98,25 @@ def requeue_job(s: Session, job_id: int) -> Job:
         raise Conflict(f"job {job_id} already succeeded: nothing to resume")
     job.status, job.error, job.stage, job.finished_at, job.updated_at = "queued", None, "queued", None, utcnow()
     return job
+
+
+def claim_stalled(s: Session, waiting_before: datetime, running_before: datetime) -> list[int]:
+    """Jobs no task is working on, marked as sent again (so a second sweeper skips them); their ids.
+
+    Called by an idle worker, which proves its queue empty: a job still queued, or a build with
+    pending shards and none running, quiet since `waiting_before`, lost its message (Redis pops a
+    message before the worker records it as taken; a broker stopping in between drops it). Any
+    other open job counts only when quiet since `running_before` (the visibility timeout, after
+    which a dead worker's own message would have come back too).
+    """
+    shard_running = select(JobShard.job_id).where(JobShard.job_id == Job.id, JobShard.status == "running").exists()
+    busy_stage = or_(Job.stage.like("planning%"), Job.stage.like("merging%"))
+    waiting = or_(Job.status == "queued", and_(Job.kind == "index", ~shard_running, ~busy_stage))
+    stalled = and_(Job.status.in_(("queued", "running")),
+                   or_(and_(waiting, Job.updated_at < waiting_before), Job.updated_at < running_before))
+    claimed = s.execute(update(Job).where(stalled).values(updated_at=utcnow(), stage="sent again: no worker had it")
+                        .returning(Job.id).execution_options(synchronize_session=False))
+    return sorted(claimed.scalars())
 
 
 # --- shards of index jobs --------------------------------------------------------------------

@@ -98,6 +98,22 @@ def _start(settings: Settings, job_id: int, progress=None) -> None:
         dispatch.drain(settings)
 
 
+def sweep(settings: Settings, quiet_s: float) -> list[int]:
+    """Send again the jobs no worker is working on (`job_repo.claim_stalled`); run by idle workers."""
+    from datetime import timedelta
+
+    from db.models import utcnow
+    now = utcnow()
+    with transaction(settings.database_url) as s:
+        ids = job_repo.claim_stalled(s, now - timedelta(seconds=quiet_s),
+                                     now - timedelta(seconds=settings.visibility_timeout))
+    dispatch = Broker(settings)
+    for job_id in ids:
+        log.warning("job %s: no worker had it for %.0f s, sending it again", job_id, quiet_s)
+        dispatch.send("job", job_id)  # run_job picks up where the job stopped
+    return ids
+
+
 def run_task(settings: Settings, task: str, args: tuple, dispatch, worker: str) -> None:
     """Run one task and record a failure on its job. A job another run finished is left alone."""
     job_id = args[0]

@@ -12,6 +12,8 @@ Delivery is at least once, made safe by idempotent tasks (`service.tasks`):
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from functools import lru_cache
 
 from service.settings import Settings
@@ -95,6 +97,44 @@ def check(settings: Settings) -> str:
     return f"broker {settings.broker_url} and database reachable"
 
 
+def sweep_after(settings: Settings) -> float:
+    """Seconds a job may sit unclaimed while a worker is idle before that worker sends it again."""
+    return float(min(30, settings.visibility_timeout))
+
+
+def _sweep_when_idle(settings: Settings) -> None:
+    """A thread that, while this worker has been idle for `sweep_after` seconds, re-sends lost jobs.
+
+    Idle means the queue is empty for this worker, so a queued job or pending shard is not waiting
+    in it: its message was lost (see `job_repo.claim_stalled`). Without this, a broker restart at
+    the wrong moment leaves a build waiting for a shard nobody will compute.
+    """
+    from celery import signals
+
+    from service import tasks
+
+    quiet = sweep_after(settings)
+    state = {"busy": False, "since": time.monotonic()}
+
+    def busy(**_):
+        state["busy"] = True
+
+    def idle(**_):
+        state.update(busy=False, since=time.monotonic())
+    signals.task_prerun.connect(busy, weak=False)
+    signals.task_postrun.connect(idle, weak=False)
+
+    def loop():
+        while True:
+            time.sleep(quiet / 3)
+            if not state["busy"] and time.monotonic() - state["since"] >= quiet:
+                try:
+                    tasks.sweep(settings, quiet)
+                except Exception:  # the broker or the database is down: the next round tries again
+                    log.warning("sweeping for lost jobs failed", exc_info=True)
+    threading.Thread(target=loop, name="wherefrom-sweeper", daemon=True).start()
+
+
 def start(settings: Settings, name: str | None, loglevel: str, threads: int | None = None) -> None:
     """Run a worker in this process until it is stopped (SIGTERM: finish the current task, then exit).
 
@@ -105,6 +145,7 @@ def start(settings: Settings, name: str | None, loglevel: str, threads: int | No
     if threads:
         import torch
         torch.set_num_threads(threads)
+    _sweep_when_idle(settings)
     argv = ["worker", "--pool=solo", "--without-mingle", "--without-gossip", "--without-heartbeat",
             f"--queues={settings.queue}", f"--loglevel={loglevel}"]
     if name:

@@ -105,3 +105,37 @@ def test_workers_starting_together_migrate_the_database_once(own_db_url):
     finally:
         for e in engines:
             e.dispose()
+
+
+def test_idle_workers_claim_only_jobs_whose_message_was_lost(db_url):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db.models import Job, utcnow
+    now = utcnow()
+    ago = {"fresh": now, "quiet": now - timedelta(seconds=60), "silent": now - timedelta(seconds=7200)}
+    jobs = {}
+    for name, kind, status, stage, shard, age in [
+        ("queued", "trace", "queued", "queued", None, "quiet"),
+        ("queued just now", "trace", "queued", "queued", None, "fresh"),
+        ("shard lost", "index", "running", "shards 4/5 done", "pending", "quiet"),
+        ("shard running", "index", "running", "shard 4 started on w1", "running", "quiet"),
+        ("merging", "index", "running", "merging shards", None, "quiet"),
+        ("merging for hours", "index", "running", "merging shards", None, "silent"),
+        ("tracing", "trace", "running", "running", None, "quiet"),
+        ("done", "trace", "succeeded", "done", None, "silent"),
+    ]:
+        job_id = new_job(db_url, kind)
+        with transaction(db_url) as s:
+            if shard:
+                job_repo.ensure_shards(s, job_id, [(0, 1)])
+                s.execute(text("UPDATE job_shards SET status = :st WHERE job_id = :j"), {"st": shard, "j": job_id})
+            s.execute(update(Job).where(Job.id == job_id).values(status=status, stage=stage, updated_at=ago[age]))
+        jobs[name] = job_id
+    with transaction(db_url) as s:
+        claimed = job_repo.claim_stalled(s, now - timedelta(seconds=30), now - timedelta(seconds=3600))
+    mine = {name for name, job_id in jobs.items() if job_id in claimed}
+    assert mine == {"queued", "shard lost", "merging for hours"}
+    with transaction(db_url) as s:  # claimed jobs were touched: a second idle worker leaves them alone
+        assert not set(job_repo.claim_stalled(s, now - timedelta(seconds=30), now - timedelta(seconds=3600))) & set(jobs.values())
