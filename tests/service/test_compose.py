@@ -14,11 +14,6 @@ import yaml
 from service.cli import app
 
 ROOT = Path(__file__).parents[2]
-# Built on the `ux` branch (the HTTP API). Once merged these are checked like the rest:
-# delete the entries then.
-ON_OTHER_BRANCH = {"serve", "WHEREFROM_API_TOKEN"}
-
-
 @pytest.fixture(scope="module")
 def compose():
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -40,7 +35,7 @@ def resolve(tokens: list[str]):
 
 
 def test_every_service_command_is_one_of_our_cli(compose):
-    checked, pending = 0, 0
+    checked = 0
     for name, svc in services(compose).items():
         cmd = svc.get("command")
         if cmd is None:
@@ -49,16 +44,13 @@ def test_every_service_command_is_one_of_our_cli(compose):
         if tokens[0] != "wherefrom":
             continue
         command, options = resolve(tokens[1:])
-        if command is None and tokens[1] in ON_OTHER_BRANCH:
-            pending += 1
-            continue
         assert command is not None, f"service {name}: `{' '.join(tokens)}` is not a wherefrom command"
         known = {o for p in command.params for o in p.opts}
         assert set(options) <= known, f"service {name}: unknown options {set(options) - known}"
         checked += 1
     health = services(compose)["worker"]["healthcheck"]["test"]
     assert resolve(health[2:])[0] is not None and "--check" in health
-    assert checked + pending == 3 and checked >= 2  # migrate, worker, api
+    assert checked == 3  # migrate, worker, api
 
 
 def read_variables() -> set[str]:
@@ -75,7 +67,7 @@ def test_every_wherefrom_variable_is_read_by_our_settings(compose):
     for svc in services(compose).values():
         used |= {k for k in (svc.get("environment") or {}) if k.startswith("WHEREFROM_")}
     assert {"WHEREFROM_DATABASE_URL", "WHEREFROM_BROKER_URL", "WHEREFROM_DATA_DIR"} <= used
-    unknown = used - read_variables() - ON_OTHER_BRANCH
+    unknown = used - read_variables()
     assert not unknown, f"docker-compose.yml sets variables nothing reads: {sorted(unknown)}"
 
 
