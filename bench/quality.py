@@ -54,7 +54,7 @@ def prepare(seed: int):
         entries = repo.entries_at(s, build.id, range(build.row_count))
         ext = [entries[i][1].external_id for i in range(build.row_count)]
         texts = [entries[i][1].text for i in range(build.row_count)]
-        ckpts = ops._checkpoint_infos(repo.model_by_name(s, "trap"))
+        ckpts = list(ops.checkpoints_by_step(repo.model_by_name(s, "trap")).values())
         store_path = build.store_path
     tracer = Tracer(Path(store_path), ckpts)
     _, tokenizer, _ = tracer.featurizer(len(ckpts) - 1)
@@ -174,7 +174,7 @@ def print_tables(t: dict, seed: int) -> None:
         table.add_row(m, *(fmt(row[c]["mrr"]) for c in cols), fmt(row["all"]["r@1"]), fmt(row["all"]["r@10"]),
                       fmt(t["tail_patch"][m]), fmt(t["misled@10"][m]))
     Console(width=200).print(table)
-    print(f"(n per split: " + ", ".join(f"{c} {t['retrieval']['hybrid'][c]['n']}" for c in cols)
+    print("(n per split: " + ", ".join(f"{c} {t['retrieval']['hybrid'][c]['n']}" for c in cols)
           + f"; tail-patch over {t['tail_patch_questions']} questions; misled over {t['wrong_with_answer']} wrong answers)")
 
 

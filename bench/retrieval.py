@@ -14,7 +14,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
+
+from bench.quality import summarise
 
 VARIANTS = {  # name: (checkpoints, adam normalisation, curvature)
     "all ckpts, adam, ekfac": ("all", True, "ekfac"),
@@ -24,12 +25,6 @@ VARIANTS = {  # name: (checkpoints, adam normalisation, curvature)
     "last ckpt, adam, ekfac": ("last", True, "ekfac"),
     "last ckpt, plain": ("last", False, "none"),
 }
-
-
-def metrics(ranks: list[int | None]) -> dict:
-    r = np.array([x if x else np.inf for x in ranks], dtype=float)
-    return {"n": len(r), "mrr": float(np.mean(1 / r)) if len(r) else 0.0,
-            "r@1": float(np.mean(r <= 1)) if len(r) else 0.0, "r@10": float(np.mean(r <= 10)) if len(r) else 0.0}
 
 
 def first_rank(tracer, q, method: str, entries: dict) -> int | None:
@@ -73,7 +68,7 @@ def run(seed: int, data: Path) -> dict:
             b = s.get(IndexBuild, build.build_id)
             entries = {p: d.external_id for p, (_, d) in repo.entries_at(s, b.id, range(b.row_count)).items()}
             store_path = b.store_path
-            ckpts = {c.step: c for c in ops._checkpoint_infos(repo.model_by_name(s, "m"))}
+            ckpts = ops.checkpoints_by_step(repo.model_by_name(s, "m"))
         tracer = Tracer(Path(store_path), [ckpts[c["step"]] for c in build.info["checkpoints"]])
         if correct_qs is None:
             correct_qs = [q for q in world.questions if is_correct(tracer.generate(q.prompt), q.answer)]
@@ -81,9 +76,9 @@ def run(seed: int, data: Path) -> dict:
         for method in methods:
             label = method if method != "grad" else f"grad ({name})"
             ranks = {q.prompt: first_rank(tracer, q, method, entries) for q in correct_qs}
-            row = {"all": metrics(list(ranks.values()))}
+            row = {"all": summarise(list(ranks.values()))}
             for n in (1, 2, 4, 8):
-                row[f"n={n}"] = metrics([ranks[q.prompt] for q in correct_qs if q.n_paraphrases == n])
+                row[f"n={n}"] = summarise([ranks[q.prompt] for q in correct_qs if q.n_paraphrases == n])
             results[label] = row
     return {"seed": seed, "questions": len(world.questions), "answered_correctly": len(correct_qs),
             "checkpoints": n_ckpt, "train_s": round(train_s, 1), "methods": results}

@@ -57,8 +57,8 @@ def ingest_documents(s: Session, corpus: Corpus, docs: Iterable[tuple[str, str, 
                               .where(Document.corpus_id == corpus.id)).all())
     seen: dict[str, str] = {}
     rows, unchanged = [], 0
-    for ext_id, text, meta in docs:
-        digest = sha256_text(text)
+    for ext_id, body, meta in docs:
+        digest = sha256_text(body)
         if ext_id in seen:
             if seen[ext_id] != digest:
                 raise InputError(f"document id {ext_id!r} appears twice with different text: "
@@ -72,7 +72,7 @@ def ingest_documents(s: Session, corpus: Corpus, docs: Iterable[tuple[str, str, 
             unchanged += 1
             continue
         rows.append({"corpus_id": corpus.id, "external_id": ext_id, "sha256": digest,
-                     "text": text, "meta": meta})
+                     "text": body, "meta": meta})
     for start in range(0, len(rows), 5000):
         s.execute(insert(Document), rows[start:start + 5000])
     return IngestResult(added=len(rows), unchanged=unchanged)

@@ -3,12 +3,12 @@
 import uuid
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect
 
 from db import repo
 from db.engine import get_engine, transaction
 from db.errors import Conflict, InputError, NotFound
-from db.models import Document, IndexEntry, Trace
+from db.models import Trace
 
 
 def unique(name):

@@ -6,7 +6,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from db.engine import transaction
-from db.models import Document, IndexEntry, Trace, TraceResult
+from db.models import Document, IndexEntry, Trace
 from indexer import store
 from service import ops
 from service.demo import is_correct
