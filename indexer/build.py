@@ -95,8 +95,24 @@ def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: li
     recomputing them.
     """
     timings, t = {}, time.perf_counter()
+    meta = {"rows": len(chunks), **shard_gradients(folder, chunks, ckpts, config, progress)}
+    timings["gradients"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dense = np.lib.format.open_memmap(folder / "dense.npy", mode="w+", dtype=np.float32,
+                                      shape=(len(texts), semantic.DIM))
+    dense[:] = semantic.embed(texts, progress=lambda n: progress("embeddings", n, len(texts)))
+    dense.flush()
+    timings["embeddings"] = time.perf_counter() - t
+    meta["timings_s"] = timings
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+def shard_gradients(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
+                    progress: Progress) -> dict:
+    """`raw-c{c}.npy` and `stats-c{c}.npz` of one shard: the forward+backward passes of a build."""
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
-    meta = {"rows": len(chunks), "dims": [], "adam_normalised_layers": []}
+    meta = {"dims": [], "adam_normalised_layers": []}
     for c, ckpt in enumerate(ckpts):
         model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
         feat.stats = Stats()
@@ -111,15 +127,6 @@ def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: li
         meta["dims"].append(feat.dim)
         meta["adam_normalised_layers"].append(len(feat.normalised))
         del model, feat, raw
-    timings["gradients"] = time.perf_counter() - t
-    t = time.perf_counter()
-    dense = np.lib.format.open_memmap(folder / "dense.npy", mode="w+", dtype=np.float32,
-                                      shape=(len(texts), semantic.DIM))
-    dense[:] = semantic.embed(texts, progress=lambda n: progress("embeddings", n, len(texts)))
-    dense.flush()
-    timings["embeddings"] = time.perf_counter() - t
-    meta["timings_s"] = timings
-    (folder / "meta.json").write_text(json.dumps(meta))
     return meta
 
 
