@@ -41,6 +41,12 @@ def detect_format(path: Path) -> str:
 MAX_DOC_BYTES = 4 * 2**20
 
 
+def check_size(text: str, where: str, max_doc_bytes: int = MAX_DOC_BYTES) -> None:
+    if len(text) * 4 > max_doc_bytes and len(text.encode()) > max_doc_bytes:  # encode only when it may be over
+        raise InputError(f"{where} is {len(text.encode()):,} bytes, over the {max_doc_bytes:,}-byte "
+                         "limit for one document: split it, or raise --max-doc-bytes")
+
+
 def _records(rows: Iterator[dict], id_field: str, text_field: str, where: str, max_doc_bytes: int):
     """Turn dict rows into (id, text, meta), checking fields, types and sizes."""
     has_ids = None
@@ -50,9 +56,7 @@ def _records(rows: Iterator[dict], id_field: str, text_field: str, where: str, m
         text = row[text_field]
         if not isinstance(text, str):
             raise InputError(f"{where} row {n}: {text_field!r} is not a string")
-        if len(text) * 4 > max_doc_bytes and len(text.encode()) > max_doc_bytes:
-            raise InputError(f"{where} row {n} is {len(text.encode()):,} bytes, over the {max_doc_bytes:,}-byte "
-                             "limit for one document: split it, or raise --max-doc-bytes")
+        check_size(text, f"{where} row {n}", max_doc_bytes)
         row_has_id = row.get(id_field) is not None
         if has_ids is None:
             has_ids = row_has_id

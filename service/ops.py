@@ -15,7 +15,7 @@ from db.engine import transaction
 from db.errors import InputError
 from db.models import IndexBuild, Model, Trace
 from indexer.build import BuildConfig, Progress
-from indexer.corpus import MAX_DOC_BYTES, read_corpus
+from indexer.corpus import MAX_DOC_BYTES, check_size, read_corpus
 from indexer.modelio import CheckpointInfo, check_unchanged, discover_checkpoints
 from service.settings import Settings
 
@@ -266,6 +266,8 @@ def ping_database(settings: Settings) -> None:
 
 def ingest_records(settings: Settings, corpus: str, docs: list[tuple[str, str, dict]]) -> repo.IngestResult:
     """Ingest documents given in memory (the API's JSON body), with the file path's checks."""
+    for ext_id, text, _ in docs:
+        check_size(text, f"document {ext_id!r}")
     with transaction(settings.database_url) as s:
         return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus), docs)
 
