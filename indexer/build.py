@@ -39,7 +39,8 @@ class BuildConfig:
     append_eos: bool = True  # end each document with eos, as one-document-per-example training does
     # how documents became training examples (see `indexer.corpus`): "sliding" windows (every
     # `stride` tokens; None = the window width, no overlap), "truncate" (first window only) or
-    # "packed" (documents concatenated into full blocks, one row per block and document segment)
+    # "packed" (documents concatenated into full blocks, one row per block and document segment).
+    # Overlapping and packed rows count shared tokens once per row in the K-FAC factors.
     chunking: str = "sliding"
     stride: int | None = None
     factory: str | None = None  # FAISS factory string; None = chosen from the row count

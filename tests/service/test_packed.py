@@ -15,6 +15,12 @@ def test_packed_build_traces_to_the_span_that_states_the_fact(run_cli, settings,
     corpus, _ = tiny_world.write(tmp_path / "world")
     assert run_cli("ingest", corpus, "--corpus", "w")[0] == 0
     assert run_cli("model", "add", trained[0], "--name", "m")[0] == 0
+    for args, message in [(("--chunking", "spiral"), "chunking must be one of sliding, truncate, packed"),
+                          (("--chunking", "packed", "--stride", 8), "for --chunking sliding only"),
+                          (("--stride", 64), "pass --stride between 1 and 63")]:
+        code, _, err = run_cli("index", "--corpus", "w", "--model", "m", *args)
+        assert code == 2 and message in err, err
+    assert not settings.stores.exists() or not any(settings.stores.iterdir())
     code, out, err = run_cli("index", "--corpus", "w", "--model", "m", "--chunking", "packed")
     assert code == 0, err
     texts = {d["id"]: d["text"] for d in tiny_world.documents}
