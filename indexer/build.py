@@ -77,7 +77,7 @@ def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = N
 
 def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
     """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there."""
-    model, tokenizer = load_model(ckpt.path)
+    model, tokenizer = load_model(ckpt.path, ckpt.base_path)
     moments = {}
     if config.optimizer_norm and ckpt.optimizer_state_path:
         moments = adam_second_moments(model, ckpt.optimizer_state_path)
@@ -96,7 +96,7 @@ def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: li
     """
     timings, t = {}, time.perf_counter()
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
-    meta = {"rows": len(chunks), "dims": [], "adam_normalised_layers": []}
+    meta = {"rows": len(chunks), "dims": [], "adam_normalised_layers": [], "layers": []}
     for c, ckpt in enumerate(ckpts):
         model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
         feat.stats = Stats()
@@ -110,6 +110,7 @@ def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: li
         feat.stats.save(folder / f"stats-c{c}.npz")
         meta["dims"].append(feat.dim)
         meta["adam_normalised_layers"].append(len(feat.normalised))
+        meta["layers"].append([layer.name for layer in feat.layers])
         del model, feat, raw
     timings["gradients"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -159,7 +160,8 @@ def finalize_gradients(folder: Path, shards: list[Path], ckpts: list[CheckpointI
         progress("curvature", 1, len(dims))
     out.flush()
     return {"dims": dims, "weights": weights, "curvature": config.gradient.curvature,
-            "adam_normalised_layers": metas[0]["adam_normalised_layers"]}
+            "adam_normalised_layers": metas[0]["adam_normalised_layers"],
+            "layers": metas[0].get("layers", [[]])[-1]}  # tracked module names (of the last checkpoint)
 
 
 def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[CheckpointInfo],

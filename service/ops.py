@@ -31,12 +31,16 @@ def ingest(settings: Settings, path: Path, corpus: str, fmt: str = "auto", id_fi
         return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus, str(Path(path).resolve())), docs)
 
 
-def add_model(settings: Settings, path: Path, name: str) -> tuple[int, int, bool]:
-    """Register a model folder; returns (model id, checkpoint count, created)."""
-    ckpts = discover_checkpoints(Path(path))
+def add_model(settings: Settings, path: Path, name: str, base: Path | None = None) -> tuple[int, int, bool]:
+    """Register a model folder; returns (model id, checkpoint count, created).
+
+    `base`: for LoRA adapters, the local base model folder when adapter_config.json names another.
+    """
+    ckpts = discover_checkpoints(Path(path), Path(base) if base else None)
     rows = [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
              "tokenizer_hash": c.tokenizer_hash, "learning_rate": c.learning_rate,
-             "optimizer_state_path": str(c.optimizer_state_path) if c.optimizer_state_path else None}
+             "optimizer_state_path": str(c.optimizer_state_path) if c.optimizer_state_path else None,
+             "base_path": str(c.base_path) if c.base_path else None}
             for c in ckpts]
     with transaction(settings.database_url) as s:
         model, created = repo.add_model(s, name, str(Path(path).resolve()), rows)
@@ -45,7 +49,8 @@ def add_model(settings: Settings, path: Path, name: str) -> tuple[int, int, bool
 
 def _checkpoint_infos(model) -> list[CheckpointInfo]:
     return [CheckpointInfo(Path(c.path), c.step, c.weights_sha256, c.tokenizer_hash, c.learning_rate,
-                           Path(c.optimizer_state_path) if c.optimizer_state_path else None)
+                           Path(c.optimizer_state_path) if c.optimizer_state_path else None,
+                           Path(c.base_path) if c.base_path else None)
             for c in model.checkpoints]
 
 
