@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from db.errors import InputError, StaleBuild
+from db.errors import StaleBuild
 from indexer.adapter import tracked_layers
 from indexer.modelio import adam_second_moments, check_unchanged, discover_checkpoints, load_model
 from service import ops
@@ -60,12 +60,22 @@ def _index(root, planted, model_dir, name: str, base=None) -> SimpleNamespace:
     return SimpleNamespace(settings=settings, build=ops.index(settings, "planted", name), folder=model_dir)
 
 
+def _drop_pad_token(folder):
+    """Save the tokenizer as released models often do (Pythia's, Llama's): with no pad token."""
+    for ckpt in folder.glob("checkpoint-*"):
+        config = json.loads((ckpt / "tokenizer_config.json").read_text())
+        config.pop("pad_token")
+        (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture(scope="session", params=ARCHS)
 def arch_build(request, tmp_path_factory, planted):
     """One architecture trained (2 checkpoints with optimizer.pt), ingested, registered and indexed."""
     from bench.train import train
     root = tmp_path_factory.mktemp(request.param)
     trainer = train([t for _, t in DOCS], root / "model", _config(request.param), tokenizer=planted.tokenizer)
+    if request.param == "gpt_neox":
+        _drop_pad_token(root / "model")
     out = _index(root, planted, root / "model", request.param)
     out.trainer, out.arch = trainer, request.param
     return out
@@ -82,6 +92,7 @@ def test_planted_fact_traces_to_its_document(arch_build, method):
 @pytest.mark.slow
 def test_every_checkpoint_is_indexed_with_its_adam_moments(arch_build):
     info = arch_build.build.info
+    assert arch_build.build.rows == len(DOCS)
     assert len(info["checkpoints"]) == 2 and all(c["learning_rate"] > 0 for c in info["checkpoints"])
     layers = info["gradient"]["layers"]
     assert info["gradient"]["adam_normalised_layers"] == [len(layers)] * 2
@@ -156,22 +167,22 @@ def test_lora_adam_moments_cover_the_adapter_only(lora_build):
 
 
 @pytest.mark.slow
-def test_lora_base_elsewhere_needs_base_option(lora_build, tmp_path):
-    """An adapter naming a hub base is refused with what to do; --base PATH registers it, and the
-    checksum covers the base: changed base weights make the build stale."""
+def test_lora_base_elsewhere_needs_base_option(lora_build, tmp_path, run_cli):
+    """An adapter naming a hub base is refused with what to do; `--base PATH` registers it, and the
+    checksum covers the base: changed base weights make a build stale."""
     adapter = tmp_path / "adapter"
     shutil.copytree(discover_checkpoints(lora_build.folder)[-1].path, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/llama-7b"}))
-    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/data/wherefrom.db")
-    with pytest.raises(InputError, match="--base PATH"):
-        ops.add_model(settings, adapter, "elsewhere")
     base = tmp_path / "base"
     shutil.copytree(lora_build.base, base)
-    _, n, created = ops.add_model(settings, adapter, "elsewhere", base)
-    assert (n, created) == (1, True)
-    with pytest.raises(InputError, match="--base is for LoRA adapters"):
-        ops.add_model(settings, base, "whole", base)
+    data = ["--data-dir", tmp_path / "data"]
+    code, _, err = run_cli("model", "add", adapter, "--name", "elsewhere", *data)
+    assert code == 2 and "'org/llama-7b' is not a local model folder: pass --base PATH" in err
+    code, _, err = run_cli("model", "add", base, "--name", "whole", "--base", base, *data)
+    assert code == 2 and "--base is for LoRA adapters" in err
+    code, out, _ = run_cli("model", "add", adapter, "--name", "elsewhere", "--base", base, *data)
+    assert code == 0 and "1 checkpoint(s)" in out
     recorded = {"path": str(adapter), "weights_sha256": discover_checkpoints(adapter, base)[0].weights_sha256,
                 "base_path": str(base)}
     check_unchanged([recorded])
