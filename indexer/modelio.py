@@ -51,6 +51,9 @@ def adapter_base(folder: Path, base: Path | str | None = None) -> Path | None:
     named = base or json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
     path = Path(named).expanduser()
     if not ((path / "config.json").exists() and own_weights_files(path)):
+        if base:
+            raise InputError(f"--base {base} holds no model (config.json and weights): give the folder the "
+                             "LoRA adapter's base model was saved to with save_pretrained")
         raise InputError(f"the LoRA adapter at {folder} needs its base model, and {str(named)!r} is not a local "
                          "model folder: pass --base PATH to the base model saved with save_pretrained")
     return path.resolve()

@@ -179,6 +179,8 @@ def test_lora_base_elsewhere_needs_base_option(lora_build, tmp_path, run_cli):
     data = ["--data-dir", tmp_path / "data"]
     code, _, err = run_cli("model", "add", adapter, "--name", "elsewhere", *data)
     assert code == 2 and "'org/llama-7b' is not a local model folder: pass --base PATH" in err
+    code, _, err = run_cli("model", "add", adapter, "--name", "elsewhere", "--base", tmp_path / "nowhere", *data)
+    assert code == 2 and "holds no model" in err
     code, _, err = run_cli("model", "add", base, "--name", "whole", "--base", base, *data)
     assert code == 2 and "--base is for LoRA adapters" in err
     code, out, _ = run_cli("model", "add", adapter, "--name", "elsewhere", "--base", base, *data)
