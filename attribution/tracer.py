@@ -61,7 +61,22 @@ def encode_qa(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
     if first is None or first == 0:
         raise InputError("the answer has no tokens of its own after the question: "
                          "give a non-empty --answer and a non-empty question")
+    _check_producible(tokenizer, ids[first:], (question + answer)[offsets[first][0]:], answer)
     return ids, first
+
+
+def _check_producible(tokenizer, ids: list[int], text: str, answer: str) -> None:
+    """Refuse an answer the model could not have written: one that encodes to unknown or special
+    tokens, or reads back as other text (the loss would be on tokens that mean something else)."""
+    special = set(tokenizer.all_special_ids)
+    bad = next((t for t in ids if t in special), None)
+    if bad is not None:
+        raise InputError(f"the answer {answer!r} holds {tokenizer.convert_ids_to_tokens(bad)!r}, a token the "
+                         "model does not write as text: pass the answer as the plain text the model would generate")
+    back = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    if back.split() != text.split():
+        raise InputError(f"the tokenizer cannot produce the answer {answer!r}: it reads back as {back!r}; "
+                         "pass the answer as the model's tokenizer writes it")
 
 
 class Tracer:

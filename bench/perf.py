@@ -5,11 +5,18 @@
 (a) a plain batched forward+backward over the corpus (the floor: one training pass, no optimizer);
 (b) our gradient index build for one checkpoint (projection + Adam normalisation + EK-FAC
     statistics, then EK-FAC fit and finalisation);
+(c) bergson's projected-gradient build with the same projection size (optional bench extra, see
+    bench/bergson_ref.py; skipped with a note when it is not installed);
 (d) captum TracInCP-style per-example gradients without projection, on a sample (it is slow).
-Reports tokens/s and the ratios (b)/(a) and (d)/(b) as medians over `--runs` interleaved runs.
+Reports tokens/s and the time ratios (b)/(a), (b)/(c) and (d)/(b) per token, as medians over
+`--runs` interleaved runs.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before transformers imports tqdm: bergson's bars would flood the table
 
 import argparse
 import json
@@ -25,24 +32,30 @@ from bench.world import make_world
 OUT = Path("bench/out")
 
 
-def setup(n_layer: int, n_embd: int, seed: int = 0):
-    """A GPT-2 of the given size saved as a Trainer-like checkpoint, and the demo corpus tokenised."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def corpus(worlds: int, group: int) -> list[str]:
+    """Documents of about 50-120 tokens: consecutive demo-world documents joined `group` at a time
+    (a world's own documents are one sentence, too short for the per-batch overheads to show)."""
+    texts = []
+    for seed in range(worlds):
+        docs = [d["text"] for d in make_world(seed).documents]
+        texts += [" ".join(docs[i:i + group]) for i in range(0, len(docs), group)]
+    return texts
 
-    from bench.train import train_tokenizer
-    from indexer.modelio import read_checkpoint
 
-    world = make_world(seed)
-    texts = [d["text"] for d in world.documents]
-    tok = train_tokenizer(texts, 1024)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=n_embd, n_layer=n_layer,
-                                       n_head=4, pad_token_id=tok.pad_token_id))
-    folder = Path(tempfile.mkdtemp()) / "ckpt"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+def setup(n_layer: int, n_embd: int, worlds: int, group: int, seed: int = 0):
+    """A GPT-2 of the given size trained one epoch with the HF Trainer (so its checkpoint holds the
+    Adam state the default features fold in), and the corpus tokenised as the build sees it."""
+    from bench.train import TrainConfig, train
+    from indexer.modelio import discover_checkpoints, load_model
+
+    texts = corpus(worlds, group)
+    folder = Path(tempfile.mkdtemp())
+    train(texts, folder, TrainConfig(n_layer=n_layer, n_embd=n_embd, n_positions=256, epochs=1,
+                                      n_checkpoints=1, seed=seed))
+    ckpt = discover_checkpoints(folder)[-1]
+    model, tok = load_model(ckpt.path)
     ids = [tok(t + tok.eos_token)["input_ids"] for t in texts]
-    return model.eval(), tok, read_checkpoint(folder), ids
+    return model.eval(), tok, ckpt, ids
 
 
 def plain_pass(model, ids, pad, batch_size: int) -> float:
@@ -59,17 +72,36 @@ def plain_pass(model, ids, pad, batch_size: int) -> float:
     return time.perf_counter() - t
 
 
-def our_build(ckpt, ids, batch_size: int) -> float:
-    """(b): compute_shard + finalize_gradients for one checkpoint, default features."""
-    from indexer.build import BuildConfig, compute_shard, finalize_gradients
+def our_build(ckpt, ids, batch_size: int, projection: int) -> float:
+    """(b): the gradient store of one checkpoint with the default features: projected gradients
+    with the Adam fold and K-FAC sums, EK-FAC fit, unit norm, float16 store and its FAISS index."""
+    from indexer import store
+    from indexer.build import BuildConfig, finalize_gradients, shard_gradients
     from indexer.corpus import Chunk
+    from indexer.gradients import GradientConfig
     chunks = [Chunk(0, 0, 0, x) for x in ids]
-    config = BuildConfig(batch_size=batch_size)
+    config = BuildConfig(batch_size=batch_size, gradient=GradientConfig(k_in=projection, k_out=projection))
     with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "s"
+        shard.mkdir()
         t = time.perf_counter()
-        compute_shard(Path(tmp) / "s", chunks, [ckpt], config, lambda *a: None)
-        finalize_gradients(Path(tmp), [Path(tmp) / "s"], [ckpt], config, lambda *a: None)
+        meta = shard_gradients(shard, chunks, [ckpt], config, lambda *a: None)
+        (shard / "meta.json").write_text(json.dumps({"rows": len(chunks), **meta}))
+        finalize_gradients(Path(tmp), [shard], [ckpt], config, lambda *a: None)
+        store.build_faiss(store.open_array(Path(tmp), "grad"), Path(tmp) / "grad.faiss",
+                          store.choose_factory(len(chunks)))
         return time.perf_counter() - t
+
+
+class LogitsOnly(torch.nn.Module):
+    """captum calls model(*inputs): ids and mask in, logits out."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, mask):
+        return self.lm(input_ids=ids, attention_mask=mask).logits
 
 
 def captum_per_example(model, ids, pad, sample: int) -> float:
@@ -77,7 +109,6 @@ def captum_per_example(model, ids, pad, sample: int) -> float:
     from captum.influence import TracInCP
     from torch.utils.data import TensorDataset
 
-    from attribution.rerank import _LogitsOnly
     from indexer.adapter import tracked_layers
     from indexer.build import collate
     from indexer.gradients import per_example_loss
@@ -85,7 +116,7 @@ def captum_per_example(model, ids, pad, sample: int) -> float:
     layers = ["lm." + l.name for l in tracked_layers(model)]
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({}, Path(tmp) / "c.pt")
-        tracin = TracInCP(_LogitsOnly(model), data, [str(Path(tmp) / "c.pt")], checkpoints_load_func=lambda m, p: 1.0,
+        tracin = TracInCP(LogitsOnly(model), data, [str(Path(tmp) / "c.pt")], checkpoints_load_func=lambda m, p: 1.0,
                           layers=layers, loss_fn=per_example_loss, batch_size=16)
         t = time.perf_counter()
         tracin.self_influence()
@@ -96,28 +127,42 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--embd", type=int, default=256, help="256 hidden × 4 layers ≈ 5M parameters with the head")
+    ap.add_argument("--embd", type=int, default=320, help="320 hidden × 4 layers ≈ 5M parameters")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--captum-sample", type=int, default=64)
+    ap.add_argument("--projection", type=int, default=8, help="k_in = k_out for ours, projection_dim for bergson")
+    ap.add_argument("--captum-sample", type=int, default=32)
+    ap.add_argument("--worlds", type=int, default=4, help="demo worlds in the corpus (seeds 0..N-1)")
+    ap.add_argument("--group", type=int, default=8, help="world documents per corpus document")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, tok, ckpt, ids = setup(args.layers, args.embd)
+    model, tok, ckpt, ids = setup(args.layers, args.embd, args.worlds, args.group)
     tokens = sum(map(len, ids))
     sample_tokens = sum(map(len, ids[:args.captum_sample]))
+    from bench import bergson_ref
+    with_bergson = bergson_ref.available()
+    token_batch = args.batch_size * max(map(len, ids))  # bergson batches by a token budget
     rows = []
-    for _ in range(args.runs):  # interleaved, so machine noise hits all three alike
+    for _ in range(args.runs):  # interleaved, so machine noise hits all alike
         a = plain_pass(model, ids, tok.pad_token_id, args.batch_size)
-        b = our_build(ckpt, ids, args.batch_size)
+        b = our_build(ckpt, ids, args.batch_size, args.projection)
         d = captum_per_example(model, ids, tok.pad_token_id, args.captum_sample)
-        rows.append({"a_tok_s": tokens / a, "b_tok_s": tokens / b, "d_tok_s": sample_tokens / d,
-                     "b_over_a": b / a, "d_over_b": (d / sample_tokens) / (b / tokens)})
+        row = {"a_tok_s": tokens / a, "b_tok_s": tokens / b, "d_tok_s": sample_tokens / d,
+               "b_over_a": b / a, "d_over_b": (d / sample_tokens) / (b / tokens)}
+        if with_bergson:
+            c = bergson_ref.bergson_build(model, ckpt.path, ids, args.projection, token_batch)
+            row.update(c_tok_s=tokens / c, b_over_c=b / c)
+        rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     params = sum(p.numel() for p in model.parameters())
-    report = {"params": params, "tokens": tokens, "documents": len(ids), "runs": rows, "median": med,
+    report = {"params": params, "projection": args.projection, "batch_size": args.batch_size, "tokens": tokens, "documents": len(ids), "runs": rows, "median": med,
               "torch_threads": torch.get_num_threads()}
     print(f"model {params / 1e6:.1f}M params, corpus {len(ids)} docs / {tokens} tokens, {args.runs} runs (median)")
     print(f"(a) plain forward+backward   {med['a_tok_s']:9.0f} tokens/s")
     print(f"(b) our index build          {med['b_tok_s']:9.0f} tokens/s   (b)/(a) time ratio {med['b_over_a']:.2f}")
+    if with_bergson:
+        print(f"(c) bergson build            {med['c_tok_s']:9.0f} tokens/s   (b)/(c) time ratio {med['b_over_c']:.2f}")
+    else:
+        print("(c) bergson not installed: see bench/bergson_ref.py for the --no-deps install")
     print(f"(d) captum per-example grads {med['d_tok_s']:9.0f} tokens/s   (d)/(b) time per token {med['d_over_b']:.1f}x")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "perf.json").write_text(json.dumps(report, indent=1))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from indexer import curvature, lexical, semantic, store
-from indexer.corpus import Chunk
+from indexer.corpus import CHUNKINGS, Chunk
 from indexer.curvature import Stats
 from indexer.gradients import Featurizer, GradientConfig
 from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
@@ -37,6 +37,12 @@ class BuildConfig:
     max_tokens: int | None = None  # chunk length; None = the model's context length
     checkpoint_weights: str = "lr"  # "lr" (TracIn: √lr per checkpoint) or "uniform"
     append_eos: bool = True  # end each document with eos, as one-document-per-example training does
+    # how documents became training examples (see `indexer.corpus`): "sliding" windows (every
+    # `stride` tokens; None = the window width, no overlap), "truncate" (first window only) or
+    # "packed" (documents concatenated into full blocks, one row per block and document segment).
+    # Overlapping and packed rows count shared tokens once per row in the K-FAC factors.
+    chunking: str = "sliding"
+    stride: int | None = None
     factory: str | None = None  # FAISS factory string; None = chosen from the row count
     # chunks per shard (a range of documents): the unit of work of a build job and of length-sorting
     # into batches. Results depend on it and never on how many workers share the shards.
@@ -51,6 +57,10 @@ class BuildConfig:
             raise ValueError("batch_size must be at least 1")
         if self.shard_size < 1:
             raise ValueError("shard_size must be at least 1")
+        if self.chunking not in CHUNKINGS:
+            raise ValueError(f"chunking must be one of {', '.join(CHUNKINGS)}")
+        if self.stride is not None and (self.chunking != "sliding" or self.stride < 1):
+            raise ValueError("stride is a positive number of tokens, for --chunking sliding only")
 
 
 def checkpoint_weights(ckpts: list[CheckpointInfo], mode: str) -> list[float]:
@@ -61,8 +71,10 @@ def checkpoint_weights(ckpts: list[CheckpointInfo], mode: str) -> list[float]:
     return [math.sqrt(lr / total) for lr in lrs]
 
 
-def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = None):
-    """Right-padded (ids, mask, labels); labels are -100 on padding and before `label_from[i]`."""
+def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = None,
+            label_spans: list[tuple[int, int] | None] | None = None):
+    """Right-padded (ids, mask, labels); labels are -100 on padding, before `label_from[i]` and
+    outside `label_spans[i]` (start, end) where that is not None."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -72,6 +84,10 @@ def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = N
     labels = ids.masked_fill(mask == 0, -100)
     for i, start in enumerate(label_from or []):
         labels[i, :start] = -100
+    for i, span in enumerate(label_spans or []):
+        if span is not None:
+            labels[i, :span[0]] = -100
+            labels[i, span[1]:] = -100
     return ids, mask, labels
 
 
@@ -95,23 +111,7 @@ def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: li
     recomputing them.
     """
     timings, t = {}, time.perf_counter()
-    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
-    meta = {"rows": len(chunks), "dims": [], "adam_normalised_layers": [], "layers": []}
-    for c, ckpt in enumerate(ckpts):
-        model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
-        feat.stats = Stats()
-        raw = np.lib.format.open_memmap(folder / f"raw-c{c}.npy", mode="w+", dtype=np.float32,
-                                        shape=(len(chunks), feat.dim))
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start:start + config.batch_size]
-            raw[rows] = feat.features(*collate([chunks[i].token_ids for i in rows], tokenizer.pad_token_id)).numpy()
-            progress("gradients", len(rows), len(chunks) * len(ckpts))
-        raw.flush()
-        feat.stats.save(folder / f"stats-c{c}.npz")
-        meta["dims"].append(feat.dim)
-        meta["adam_normalised_layers"].append(len(feat.normalised))
-        meta["layers"].append([layer.name for layer in feat.layers])
-        del model, feat, raw
+    meta = {"rows": len(chunks), **shard_gradients(folder, chunks, ckpts, config, progress)}
     timings["gradients"] = time.perf_counter() - t
     t = time.perf_counter()
     dense = np.lib.format.open_memmap(folder / "dense.npy", mode="w+", dtype=np.float32,
@@ -121,6 +121,31 @@ def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: li
     timings["embeddings"] = time.perf_counter() - t
     meta["timings_s"] = timings
     (folder / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+def shard_gradients(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
+                    progress: Progress) -> dict:
+    """`raw-c{c}.npy` and `stats-c{c}.npz` of one shard: the forward+backward passes of a build."""
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
+    meta = {"dims": [], "adam_normalised_layers": [], "layers": []}
+    for c, ckpt in enumerate(ckpts):
+        model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
+        feat.stats = Stats()
+        raw = np.lib.format.open_memmap(folder / f"raw-c{c}.npy", mode="w+", dtype=np.float32,
+                                        shape=(len(chunks), feat.dim))
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start:start + config.batch_size]
+            batch = collate([chunks[i].token_ids for i in rows], tokenizer.pad_token_id,
+                            label_spans=[chunks[i].labels for i in rows])
+            raw[rows] = feat.features(*batch).numpy()
+            progress("gradients", len(rows), len(chunks) * len(ckpts))
+        raw.flush()
+        feat.stats.save(folder / f"stats-c{c}.npz")
+        meta["dims"].append(feat.dim)
+        meta["adam_normalised_layers"].append(len(feat.normalised))
+        meta["layers"].append([layer.name for layer in feat.layers])
+        del model, feat, raw
     return meta
 
 

@@ -1,4 +1,4 @@
-"""A build's plan on disk: every chunk (tokens, text, document span) and how they split into shards.
+"""A build's plan on disk: every chunk (tokens, labels, text, document span) and how they split into shards.
 
 The plan is written once, by the first stage of a build, into the build's partial directory on
 the shared filesystem. Shard tasks on any machine memory-map it and read only their own rows;
@@ -32,10 +32,16 @@ def write_plan(folder: Path, chunks: list[Chunk], texts: list[str], doc_tokens: 
                shard_size: int, extra: dict) -> None:
     """Write `folder/plan/` atomically (a concurrent duplicate run keeps the first one)."""
     with atomic_dir(folder / PLAN) as tmp:
-        lengths = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
-        np.save(tmp / "tokens.npy", np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int32,
-                                                 count=int(lengths.sum())))
-        np.save(tmp / "token_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+        # rows of one packed block share its token list: stored once, named by a (start, end) per row
+        stored, spans, total = [], [], 0
+        for i, c in enumerate(chunks):
+            if not (i and c.token_ids is chunks[i - 1].token_ids):
+                stored.append(c.token_ids)
+                total += len(c.token_ids)
+            spans.append((total - len(c.token_ids), total))
+        np.save(tmp / "tokens.npy", np.fromiter((t for ids in stored for t in ids), dtype=np.int32, count=total))
+        np.save(tmp / "token_spans.npy", np.array(spans, dtype=np.int64).reshape(-1, 2))
+        np.save(tmp / "labels.npy", np.array([c.labels or (-1, -1) for c in chunks], dtype=np.int64).reshape(-1, 2))
         blobs = [t.encode("utf-8") for t in texts]
         (tmp / "texts.bin").write_bytes(b"".join(blobs))
         np.save(tmp / "text_offsets.npy", np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64))
@@ -43,7 +49,7 @@ def write_plan(folder: Path, chunks: list[Chunk], texts: list[str], doc_tokens: 
                                                dtype=np.int64).reshape(-1, 3))
         np.save(tmp / "doc_tokens.npy", np.array(sorted(doc_tokens.items()), dtype=np.int64).reshape(-1, 2))
         meta = {"rows": len(chunks), "shard_size": shard_size, "shards": shard_ranges(len(chunks), shard_size),
-                "tokens": int(lengths.sum()), **extra}
+                "tokens": total, **extra}
         (tmp / "plan.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -73,9 +79,12 @@ class Plan:
         return np.load(self.folder / f"{name}.npy", mmap_mode="r")
 
     def chunks(self, start: int, end: int) -> list[Chunk]:
-        tokens, offsets, entries = self._array("tokens"), self._array("token_offsets"), self._array("entries")
+        tokens, spans, entries = self._array("tokens"), self._array("token_spans"), self._array("entries")
+        labels = self._array("labels")
         return [Chunk(int(entries[i, 0]), int(entries[i, 1]), int(entries[i, 2]),
-                      tokens[offsets[i]:offsets[i + 1]].tolist()) for i in range(start, end)]
+                      tokens[spans[i, 0]:spans[i, 1]].tolist(),
+                      None if labels[i, 0] < 0 else (int(labels[i, 0]), int(labels[i, 1])))
+                for i in range(start, end)]
 
     def texts(self, start: int, end: int) -> list[str]:
         offsets = self._array("text_offsets")

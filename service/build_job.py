@@ -50,9 +50,25 @@ def index_params(settings: Settings, corpus: str, model: str, config: BuildConfi
         raise InputError("the checkpoints use different tokenizers: index them as separate models")
     check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256, "base_path": c.base_path}
                      for c in ckpts])
+    _check_window(config, ckpts[-1].base_path or ckpts[-1].path)
     return {"corpus": corpus, "model": model, "corpus_id": corpus_id, "model_id": model_id,
             "checkpoint_steps": [c.step for c in ckpts], "config": asdict(config),
             "store": f"{corpus}-{model}-{uuid.uuid4().hex[:8]}"}
+
+
+def _check_window(config: BuildConfig, folder: Path) -> None:
+    """Refuse now, not in the plan stage, a chunk length or stride the model's context cannot take."""
+    from service.ops import _context_length
+
+    context = _context_length(folder)
+    width = config.max_tokens or context
+    if width > context:
+        raise InputError(f"chunks of {width} tokens do not fit the model's context of {context}: "
+                         f"pass at most {context}")
+    window = width - 1 if config.append_eos else width
+    if config.stride is not None and config.stride > window:
+        raise InputError(f"--stride {config.stride} is longer than the {window}-token window: "
+                         f"pass --stride between 1 and {window}")
 
 
 def work_dir(settings: Settings, params: dict) -> Path:
@@ -112,7 +128,7 @@ def plan(settings: Settings, job: Job, dispatch, worker: str) -> None:
 
 
 def _write_plan(settings: Settings, job: Job, work: Path) -> None:
-    from indexer.corpus import chunk_document
+    from indexer.corpus import chunk_corpus
     from indexer.modelio import load_tokenizer
     from service.ops import _context_length
 
@@ -122,11 +138,7 @@ def _write_plan(settings: Settings, job: Job, work: Path) -> None:
     ckpts = _checkpoints(settings, p)
     tokenizer = load_tokenizer(ckpts[-1].path, ckpts[-1].base_path)
     max_tokens = config.max_tokens or _context_length(ckpts[-1].base_path or ckpts[-1].path)
-    chunks, counts = [], {}
-    for doc_id, text in docs:
-        parts = chunk_document(tokenizer, doc_id, text, max_tokens, config.append_eos)
-        counts[doc_id] = sum(len(c.token_ids) for c in parts)
-        chunks.extend(parts)
+    chunks, counts = chunk_corpus(tokenizer, docs, max_tokens, config.append_eos, config.chunking, config.stride)
     if not chunks:
         raise InputError(f"no document of corpus {p['corpus']!r} has any tokens: check the text field")
     by_id = dict(docs)

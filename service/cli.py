@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from indexer.corpus import MAX_DOC_BYTES  # stdlib only: --help stays instant
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wherefrom: which training documents taught a language model this answer?")
 model_app = typer.Typer(no_args_is_help=True, help="Register models.")
@@ -58,10 +60,12 @@ def ingest(path: Path = typer.Argument(..., help="JSONL, Parquet, CSV, a folder 
            fmt: str = typer.Option("auto", "--format", help="auto|jsonl|parquet|csv|text|hf"),
            id_field: str = typer.Option("id", help="Field holding the document id."),
            text_field: str = typer.Option("text", help="Field holding the document text."),
+           max_doc_bytes: int = typer.Option(MAX_DOC_BYTES, min=1, help="Refuse any document larger than "
+                                                                      "this many UTF-8 bytes."),
            data_dir: Optional[Path] = DataDir):
     """Add documents to a corpus (idempotent: the same documents again change nothing)."""
     from service import ops
-    r = ops.ingest(_settings(data_dir), path, corpus, fmt, id_field, text_field)
+    r = ops.ingest(_settings(data_dir), path, corpus, fmt, id_field, text_field, max_doc_bytes)
     typer.echo(f"corpus {corpus}: {r.added} added, {r.unchanged} already there")
 
 
@@ -89,6 +93,12 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                                                            "adapter's lora_A/lora_B layers."),
           no_adam: bool = typer.Option(False, "--no-adam", help="Skip Adam second-moment normalisation."),
           shard_size: int = typer.Option(4096, help="Chunks per shard: the unit of work one worker takes."),
+          chunking: str = typer.Option("sliding", help="How documents were cut into training examples: "
+                                       "sliding (windows every --stride tokens), truncate (first window "
+                                       "only; the rest is not indexed) or packed (concatenated into full "
+                                       "context blocks, as HF run_clm)."),
+          stride: Optional[int] = typer.Option(None, help="sliding: tokens between window starts; default "
+                                                         "the window width (no overlap)."),
           data_dir: Optional[Path] = DataDir):
     """Build gradient, dense and BM25 indexes of a corpus for a model: queued for the workers when
     WHEREFROM_BROKER_URL is set, else built right here."""
@@ -98,7 +108,7 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
     try:
         config = BuildConfig(gradient=GradientConfig(k_in=proj, k_out=proj, seed=seed, modules=modules,
                                                      optimizer_norm=not no_adam), batch_size=batch_size,
-                             shard_size=shard_size)
+                             shard_size=shard_size, chunking=chunking, stride=stride)
     except ValueError as e:
         raise _input_error(str(e))
     settings = _settings(data_dir)

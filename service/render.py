@@ -30,12 +30,12 @@ def print_trace(out, truth: set[str] | None = None, correct: bool | None = None,
     verified = out.supported is not None
     extra = ("tail-patch", "states it") if verified else ()
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    for col in ("#", "doc", "score", "grad", "dense", "bm25", *extra, "text"):
+    for col in ("#", "doc", "chars", "score", "grad", "dense", "bm25", *extra, "text"):
         table.add_column(col, justify="left" if col in ("doc", "text") else "right")
     for h in out.hits[:limit]:
         star = "★ " if truth and h.external_id in truth else ""
         checks = (f"{h.scores['tail_patch']:+.3f}", "yes" if h.scores["lexical"] else "no") if verified else ()
-        table.add_row(str(h.rank), star + h.external_id, f"{h.score:.2f}", f"{h.scores['grad']:.3f}",
+        table.add_row(str(h.rank), star + h.external_id, f"{h.char_start}-{h.char_end}", f"{h.score:.2f}", f"{h.scores['grad']:.3f}",
                       f"{h.scores['dense']:.3f}", f"{h.scores['bm25']:.2f}", *checks,
                       snippet(h.text, h.char_start, h.char_end),
                       style="green" if star else None)

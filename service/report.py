@@ -31,6 +31,7 @@ class Card:
     tokens: list[tuple[int, int, float]]  # (start, end) in `text`, share of the gradient score
     cosines: list[float]  # gradient cosine with the query, per checkpoint
     tail_patch: float | None  # change in log p(answer) after one step on this document
+    span: tuple[int, int] = (0, 0)  # where `text` lies in the document, in characters
 
 
 @dataclass
@@ -89,16 +90,17 @@ def build_report(settings: Settings, trace_id: int, top: int = 5, tail_patch: bo
         exposed = explain.exposure(tracer, stating.position, t.question, t.answer, _text_of(settings, t.build_id)) \
             if stating else explain.Exposure(0, explain.EXPOSURE_THRESHOLD, [], [])
         steps = [c.step for c in tracer.ckpts]
-    more = [_more(r, d.external_id, d.text[e.char_start:e.char_end], t.answer) for r, e, d in rows[top:]]
+    more = [_more(r, d.external_id, d.text, (e.char_start, e.char_end), t.answer) for r, e, d in rows[top:]]
     return Report(t.id, t.question, t.answer, t.answer_generated, model_name, t.method, t.build_id,
                   ops.iso_utc(t.created_at), steps, logprobs, words, exposed.count, exposed.threshold, cards, more,
                   patcher.lr if patcher else None, patcher.step if patcher else None)
 
 
-def _more(result, external_id: str, text: str, answer: str) -> dict:
+def _more(result, external_id: str, document: str, span: tuple[int, int], answer: str) -> dict:
     from attribution.verify import lexical_spans
+    text = document[span[0]:span[1]]
     return {"rank": result.rank, "external_id": external_id, "score": result.score, "scores": result.scores,
-            "text": text, "lexical": bool(lexical_spans(text, answer))}
+            "text": text, "span": span, "lexical": bool(lexical_spans(text, answer))}
 
 
 def _text_of(settings: Settings, build_id: int):
@@ -121,4 +123,4 @@ def _card(tracer, q_grad, t, result, entry, doc, cosines, patcher) -> Card:
     delta = patcher.deltas(t.question, t.answer, [toks.ids])[0] if patcher is not None else None
     return Card(result.rank, doc.external_id, result.position, text, result.score, dict(result.scores),
                 lexical_spans(text, t.answer), [(a - start, b - start, float(w)) for (a, b), w in zip(toks.spans, shares)],
-                [float(c) for c in cosines], delta)
+                [float(c) for c in cosines], delta, (entry.char_start, entry.char_end))

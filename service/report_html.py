@@ -198,7 +198,7 @@ def _card(card: Card, maxima: dict[str, float], steps: list[int], colour: str) -
     by_step = " · ".join(f'<span title="step {s}">{c:.2f}</span>' for s, c in zip(steps, card.cosines))
     return (f'<section class="doc" data-rank="{card.rank}"><div class="doc-head"><span class="rank">{card.rank}</span>'
             f'<span class="docid">{escape(card.external_id)}</span>{lex}{patch}'
-            f'<span class="meta">score {card.score:.2f}</span></div>'
+            f'<span class="meta">chars {card.span[0]}–{card.span[1]} · score {card.score:.2f}</span></div>'
             f'<div class="text">{highlighted(card.text, card.tokens, card.answer_spans)}</div>'
             f'<div class="bars">{_bars(card, maxima)}<div class="spark" title="gradient cosine with the answer at each '
             f'checkpoint (the line in the chart above)"><span class="sw" style="background:{colour}"></span>'

@@ -1,4 +1,6 @@
-"""The CLI's error paths: one clear line, exit code 2, nothing half-written in SQL or on disk."""
+"""The CLI's error paths: one clear line, exit code 2, nothing half-written in SQL or on disk.
+
+Broken corpora, models and questions are in test_hostile_input.py."""
 
 import json
 import shutil
@@ -32,21 +34,6 @@ def test_help_answers_without_heavy_imports():
     code = "import sys; from service.cli import app; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
-
-
-@pytest.mark.parametrize("content,message", [
-    (None, "does not exist"),
-    ('{"id": "a", "body": "x"}\n', "has no 'text' field: pass --text-field"),
-    ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "appears twice with different text"),
-    ("", "holds no documents"),
-])
-def test_bad_corpus_files(cli, settings, tmp_path, content, message):
-    path = tmp_path / "c.jsonl"
-    if content is not None:
-        path.write_text(content)
-    code, out, err = cli("ingest", path, "--corpus", "c")
-    assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
-    assert counts(settings)["corpora"] == 0 and counts(settings)["documents"] == 0
 
 
 def test_model_folder_without_weights(cli, tmp_path):
@@ -90,10 +77,9 @@ def test_trace_json_and_bad_questions(cli, settings, built, tiny_world):
     assert len(data["hits"]) == 3 and data["answer"] == " " + q.answer and not data["answer_generated"]
     assert set(data["hits"][0]["scores"]) == {"grad", "dense", "bm25"}
     before = counts(settings)
-    for args, message in [(("", ), "question is empty"), ((q.prompt, "--answer", ""), "answer is empty"),
-                          ((q.prompt, "--k", 0), "k must be between"),
-                          ((q.prompt, "--method", "magic"), "unknown method"),
-                          (("word " * 200, "--answer", " x"), "context")]:
+    # empty and over-long questions, and other hostile input: test_hostile_input.py
+    for args, message in [((q.prompt, "--k", 0), "k must be between"),
+                          ((q.prompt, "--method", "magic"), "unknown method")]:
         code, _, err = cli("trace", *args)
         assert code == 2 and message in err, (args, err)
     assert counts(settings) == before
@@ -104,16 +90,3 @@ def test_failed_build_leaves_nothing(cli, settings, built):
     code, _, err = cli("index", "--corpus", "w", "--model", "m", "--modules", "no_such_layer")
     assert code == 2 and "no linear layer matches" in err
     assert counts(settings) == before and stores(settings) == on_disk
-
-
-def test_changed_weights_are_refused_with_a_rebuild_hint(cli, settings, built, tiny_world):
-    from safetensors.torch import load_file, save_file
-    last = sorted(built.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-    weights = load_file(last / "model.safetensors")
-    name = next(iter(weights))
-    weights[name] = weights[name] + 1.0
-    save_file(weights, last / "model.safetensors", metadata={"format": "pt"})
-    before = counts(settings)
-    code, _, err = cli("trace", tiny_world.questions[0].prompt)
-    assert code == 2 and "changed since this build" in err and "wherefrom index" in err
-    assert counts(settings) == before

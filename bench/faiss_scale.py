@@ -1,0 +1,179 @@
+"""FAISS at 1M and 10M documents, at the dimension of the default gradient features.
+
+    python -m bench.faiss_scale --data-dir wherefrom-data --rows 1000000 --factories auto
+
+Vectors are drawn to resemble real features: each row mixes three real rows of a build's
+`grad.npy` (Dirichlet weights) with noise made of four rows of a Gaussian bank, then is unit-
+normalised; queries are real query gradients of the build's questions (the demo world's, answered
+by the model). On isotropic noise nearest neighbours would mean nothing; on pure mixtures of a few
+hundred rows the intrinsic dimension would be unrealistically low — the noise bank (many more rows
+than dimensions) keeps it full.
+
+Rows are made in blocks from a per-block seed, so the same rows can be made again for training,
+adding and exact search without holding them all: the ground truth is an exact streamed top-10.
+For each factory string it reports recall@10 (against exact inner-product search), milliseconds
+per query (one query at a time, as a trace searches), the index's bytes per document and its
+build time. "auto" is what wherefrom picks for that many rows (`indexer.store.choose_factory`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path("bench/out")
+BLOCK = 50_000
+NOISE_BANK = 16_384  # Gaussian rows; mixtures of 4 of them span the whole space
+NOISE_SHARE = 0.5  # norm of the noise part relative to the mixture part
+
+
+def real_features(data_dir: Path, questions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of the latest build's grad store, query gradients of the demo world's questions)."""
+    from bench.world import make_world
+    from service import ops
+    from service.settings import Settings
+
+    settings = Settings.from_env(data_dir)
+    target = ops.resolve_build(settings)
+    tracer = ops.build_tracer(target.store_path, target.by_step)
+    base = np.asarray(tracer.grad, dtype=np.float32)
+    world = make_world(0)
+    queries = [tracer.query_gradient(q.prompt, " " + q.answer.strip()) for q in world.questions[:questions]]
+    return base, np.stack(queries).astype(np.float32)
+
+
+class Rows:
+    """Row `i` of a synthetic corpus, made block by block from the block's seed."""
+
+    def __init__(self, base: np.ndarray, n: int, seed: int = 0):
+        import scipy.sparse as sp
+        self.sp, self.n, self.seed, self.dim = sp, n, seed, base.shape[1]
+        bank = np.random.default_rng(seed).standard_normal((NOISE_BANK, self.dim), dtype=np.float32)
+        bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+        self.pool = np.concatenate([base / np.linalg.norm(base, axis=1, keepdims=True), bank])
+        self.n_base = len(base)
+
+    def block(self, b: int) -> np.ndarray:
+        start, stop = b * BLOCK, min(self.n, (b + 1) * BLOCK)
+        m = stop - start
+        rng = np.random.default_rng([self.seed, b])
+        cols = np.concatenate([rng.integers(0, self.n_base, (m, 3)),
+                               self.n_base + rng.integers(0, NOISE_BANK, (m, 4))], axis=1)
+        w = np.concatenate([rng.dirichlet(np.ones(3), m).astype(np.float32),
+                            rng.choice([-1, 1], (m, 4)).astype(np.float32) * (NOISE_SHARE / 2)], axis=1)
+        mix = self.sp.csr_matrix((w.ravel(), cols.ravel(), np.arange(0, 7 * m + 1, 7)),
+                                 shape=(m, len(self.pool)))
+        x = np.asarray(mix @ self.pool, dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    def blocks(self):
+        for b in range(-(-self.n // BLOCK)):
+            yield b * BLOCK, self.block(b)
+
+    def sample(self, k: int) -> np.ndarray:
+        """Training rows: whole blocks, spread over the corpus."""
+        n_blocks = -(-self.n // BLOCK)
+        picks = np.linspace(0, n_blocks - 1, max(1, min(n_blocks, -(-k // BLOCK)))).astype(int)
+        return np.concatenate([self.block(b) for b in picks])[:k]
+
+
+def exact_top(rows: Rows, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Exact top-k ids per query, streamed over the blocks."""
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(queries), k), dtype=np.int64)
+    for start, x in rows.blocks():
+        s = queries @ x.T
+        top = np.argpartition(-s, k, axis=1)[:, :k]
+        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], axis=1)
+        cand_i = np.concatenate([best_i, top + start], axis=1)
+        keep = np.argsort(-cand_s, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
+    return best_i
+
+
+def build(rows: Rows, factory: str, folder: Path) -> tuple[object, float, int]:
+    """Train on a sample, add every block with ids, write the index; (index, seconds, bytes)."""
+    import faiss
+    t = time.perf_counter()
+    index = faiss.IndexIDMap2(faiss.index_factory(rows.dim, factory, faiss.METRIC_INNER_PRODUCT))
+    if not index.is_trained:
+        index.train(rows.sample(min(rows.n, 256 * 1024)))
+    for start, x in rows.blocks():
+        index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+    seconds = time.perf_counter() - t
+    path = folder / "index.faiss"
+    faiss.write_index(index, str(path))
+    return index, seconds, path.stat().st_size
+
+
+def tune(index, nprobe: int) -> None:
+    import faiss
+    if nprobe:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+
+
+def measure(index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """(recall@k, median milliseconds per single query)."""
+    found, times = [], []
+    for q in queries:
+        t = time.perf_counter()
+        _, ids = index.search(q[None], k)
+        times.append(time.perf_counter() - t)
+        found.append(ids[0])
+    recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)])
+    return float(recall), 1000 * statistics.median(times)
+
+
+def main():
+    import faiss
+    import tempfile
+
+    from indexer.store import choose_factory
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default="wherefrom-data", help="a data dir with a built demo")
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--factories", default="auto", help="';'-separated FAISS factory strings; 'auto' = ours")
+    ap.add_argument("--nprobe", default="16,32,64", help="IVF probes to try for each factory")
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0, help="FAISS threads (0: its default)")
+    args = ap.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+
+    base, queries = real_features(Path(args.data_dir), args.queries)
+    rows = Rows(base, args.rows)
+    t = time.perf_counter()
+    truth = exact_top(rows, queries)
+    exact_s = time.perf_counter() - t
+    print(f"{args.rows:,} rows × {rows.dim} dims, {len(queries)} real queries; exact streamed search "
+          f"{1000 * exact_s / len(queries):.0f} ms/query")
+    results = []
+    factories = [choose_factory(args.rows) if f.strip() == "auto" else f.strip() for f in args.factories.split(";")]
+    print(f"{'factory':44s} {'nprobe':>6s} {'recall@10':>9s} {'ms/query':>8s} {'B/doc':>7s} {'build s':>8s}")
+    for factory in factories:
+        with tempfile.TemporaryDirectory(dir=OUT.parent if OUT.parent.exists() else None) as tmp:
+            index, seconds, size = build(rows, factory, Path(tmp))
+        probes = [int(p) for p in args.nprobe.split(",")] if "IVF" in factory else [0]
+        for nprobe in probes:
+            tune(index, nprobe)
+            recall, ms = measure(index, queries, truth)
+            row = {"factory": factory, "nprobe": nprobe, "recall_at_10": recall, "ms_per_query": ms,
+                   "bytes_per_doc": size / args.rows, "build_s": seconds}
+            results.append(row)
+            print(f"{factory:44s} {nprobe:6d} {recall:9.3f} {ms:8.2f} {size / args.rows:7.0f} {seconds:8.0f}")
+        del index
+    OUT.mkdir(parents=True, exist_ok=True)
+    report = {"rows": args.rows, "dim": rows.dim, "queries": len(queries), "noise_share": NOISE_SHARE,
+              "faiss_threads": faiss.omp_get_max_threads(), "results": results}
+    (OUT / f"faiss_scale_{args.rows}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Hostile and broken input: each case gets one clear line and exit code 2 (a 4xx on the API),
+and leaves every SQL row and every file of the data directory exactly as it was.
+
+Cases: empty file; non-UTF-8 bytes; duplicate ids with different text; a single 10 MB document;
+a missing text field; a tokenizer that does not match the model; weights changed after the build;
+an empty question or one longer than the context; an answer the tokenizer cannot produce; a path
+outside the data directory given to the API.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import select
+
+from db.engine import transaction
+from db.errors import InputError
+from db.models import Base
+from service import ops
+from service.settings import Settings
+
+TEN_MB = 10 * 2**20
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, trained, tiny_world):
+    """A private data dir with the tiny world ingested as `w`, a private model copy `m`, one build."""
+    root = tmp_path_factory.mktemp("hostile")
+    model = root / "model"
+    shutil.copytree(trained[0], model)
+    settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root}/data/wherefrom.db")
+    corpus, _ = tiny_world.write(root / "world")
+    ops.ingest(settings, corpus, "w")
+    ops.add_model(settings, model, "m")
+    ops.index(settings, "w", "m")
+    return SimpleNamespace(settings=settings, model=model, world=tiny_world)
+
+
+def state(settings) -> dict:
+    """Every row of every table, and every file under the data dir with its size and sha256."""
+    with transaction(settings.database_url) as s:
+        sql = {t.name: sorted(map(repr, s.execute(select(t)).all())) for t in Base.metadata.sorted_tables}
+    root = settings.data_dir
+    files = {str(p.relative_to(root)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+             for p in sorted(root.rglob("*")) if p.is_file()}
+    return {"sql": sql, "files": files}
+
+
+@pytest.fixture
+def refused(world, run_cli, monkeypatch):
+    """`refused(args, message)`: `wherefrom ARGS` exits 2 with one line holding `message`, changing nothing."""
+    monkeypatch.delenv("WHEREFROM_DATABASE_URL", raising=False)
+
+    def check(args, message):
+        before = state(world.settings)
+        code, _, err = run_cli(*args, env={"WHEREFROM_DATA_DIR": str(world.settings.data_dir)})
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
+        assert state(world.settings) == before
+        return err
+    return check
+
+
+def write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, list):  # rows: a parquet table
+        pq.write_table(pa.Table.from_pylist(content), path)
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+@pytest.mark.parametrize("name,content", [
+    ("c.jsonl", ""), ("c.jsonl", "\n\n  \n"), ("c.csv", "id,text\n"), ("folder/notes.bin", "not a text file"),
+])
+def test_empty_file(refused, tmp_path, name, content):
+    path = write(tmp_path / name, content)
+    refused(["ingest", path.parent if "/" in name else path, "--corpus", "new"], "holds no documents")
+
+
+def test_missing_file(refused, tmp_path):
+    refused(["ingest", tmp_path / "nope.jsonl", "--corpus", "new"], "does not exist: check the path")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("c.jsonl", b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n', "c.jsonl line 2 is not UTF-8"),
+    ("c.csv", b'id,text\na,ok\nb,"caf\xe9"\n', "c.csv line 3 is not UTF-8"),
+    ("folder/b.txt", b"caf\xe9 au lait", "b.txt is not UTF-8 (byte 3)"),
+])
+def test_non_utf8_bytes(refused, tmp_path, name, content, message):
+    path = write(tmp_path / name, content)
+    refused(["ingest", path.parent if "/" in name else path, "--corpus", "new"], message)
+
+
+def test_duplicate_ids_with_different_text(refused, world, tmp_path):
+    twice = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    refused(["ingest", twice, "--corpus", "new"], "id 'a' appears twice with different text")
+    doc = world.world.documents[0]
+    changed = write(tmp_path / "changed.jsonl", json.dumps({"id": doc["id"], "text": doc["text"] + " Or not."}))
+    refused(["ingest", changed, "--corpus", "w"], f"document {doc['id']!r} changed since it was ingested")
+
+
+@pytest.mark.parametrize("name", ["big.jsonl", "big.csv", "big.parquet", "folder/big.txt"])
+def test_a_single_10mb_document_is_refused_over_the_limit(refused, tmp_path, name):
+    text = "The quarry ledger lists stone. " * (TEN_MB // 31)
+    content = {".jsonl": json.dumps({"id": "big", "text": text}) + "\n", ".csv": f"id,text\nbig,{text}\n",
+               ".parquet": [{"id": "big", "text": text}], ".txt": text}[os.path.splitext(name)[1]]
+    path = write(tmp_path / name, content)
+    refused(["ingest", path.parent if "/" in name else path, "--corpus", "new"], "raise --max-doc-bytes")
+
+
+def test_a_10mb_document_ingests_under_a_raised_limit(world, run_cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("WHEREFROM_DATABASE_URL", raising=False)
+    path = write(tmp_path / "big.jsonl", json.dumps({"id": "big", "text": "stone " * (TEN_MB // 6)}))
+    code, out, err = run_cli("ingest", path, "--corpus", "big", "--max-doc-bytes", 11 * 2**20,
+                             env={"WHEREFROM_DATA_DIR": str(world.settings.data_dir)})
+    assert code == 0 and "1 added" in out, err
+
+
+@pytest.mark.parametrize("name,content", [
+    ("c.jsonl", '{"id": "a", "body": "x"}\n'), ("c.csv", "id,body\na,x\n"), ("c.parquet", [{"id": "a", "body": "x"}]),
+])
+def test_missing_text_field(refused, tmp_path, name, content):
+    refused(["ingest", write(tmp_path / name, content), "--corpus", "new"], "has no 'text' field: pass --text-field")
+
+
+@pytest.mark.parametrize("swap", ["more tokens", "another eos"])
+def test_a_tokenizer_that_does_not_match_the_model(refused, world, tmp_path, swap):
+    from transformers import AutoTokenizer
+    folder = tmp_path / "model"
+    last = sorted(world.model.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    shutil.copytree(last, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if swap == "more tokens":
+        tokenizer.add_tokens([f"word{i}" for i in range(1000)])
+    else:
+        tokenizer.eos_token = "<pad>"
+    tokenizer.save_pretrained(folder)
+    refused(["model", "add", folder, "--name", "other"], "so it is another model's tokenizer")
+
+
+def test_weights_changed_after_the_build(refused, world):
+    from safetensors.torch import load_file, save_file
+    weights_path = sorted(world.model.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1] / \
+        "model.safetensors"
+    original, stat = weights_path.read_bytes(), weights_path.stat()
+    weights = load_file(weights_path)
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    try:
+        err = refused(["trace", world.world.questions[0].prompt], "changed since this build")
+        assert "rebuild with `wherefrom index`" in err
+    finally:
+        weights_path.write_bytes(original)
+        os.utime(weights_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("args,message", [
+    (("",), "the question is empty"), (("   ", "--answer", " x"), "the question is empty"),
+    (("word " * 200,), "but the model's context is 64"), (("word " * 200, "--answer", " x"), "shorten the question"),
+    (("Who?", "--answer", ""), "the answer is empty"),
+])
+def test_empty_or_overlong_question(refused, args, message):
+    refused(["trace", *args], message)
+
+
+def test_an_answer_the_tokenizer_cannot_produce(refused, world):
+    q = world.world.questions[0].prompt
+    refused(["trace", q, "--answer", " <pad>"], "'<pad>', a token the model does not write as text")
+    refused(["trace", q, "--answer", " 1850<|endoftext|>"], "a token the model does not write as text")
+
+
+def test_answers_a_word_tokenizer_cannot_produce():
+    """Tokenizers without byte fallback have unknown words and normalisers; both are refused."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from attribution.tracer import encode_qa
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<eos>", "where", "was", "ada", "born", "?", "porto"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.normalizer, raw.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="<eos>")
+    assert encode_qa(tok, "where was ada born ?", " porto") == ([2, 3, 4, 5, 6, 7], 5)
+    with pytest.raises(InputError, match="holds '\\[UNK\\]'"):
+        encode_qa(tok, "where was ada born ?", " Lisbon")
+    with pytest.raises(InputError, match="cannot produce the answer ' Porto': it reads back as 'porto'"):
+        encode_qa(tok, "where was ada born ?", " Porto")
+
+
+def test_a_path_outside_the_data_dir_given_to_the_api(world, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import ApiSettings
+    token = "hostile-test-" + "t" * 20
+    outside = write(tmp_path / "outside.jsonl", '{"id": "o", "text": "secret"}\n')
+    before = state(world.settings)
+    with TestClient(create_app(world.settings, ApiSettings(token=token)),
+                    headers={"Authorization": f"Bearer {token}"}) as api:
+        for path in [str(outside), "../" * 8 + str(outside).lstrip("/")]:
+            r = api.post("/corpora/new/documents", json={"path": path})
+            assert r.status_code == 403 and "is outside the data directory" in r.json()["error"], r.text
+    assert state(world.settings) == before
