@@ -63,7 +63,7 @@ class TailPatcher:
     @classmethod
     def from_checkpoint(cls, ckpt: CheckpointInfo, loaded: tuple | None = None) -> TailPatcher:
         """`loaded`: (model, tokenizer) already in memory for this checkpoint; weights are never changed."""
-        model, tokenizer = loaded or load_model(ckpt.path)
+        model, tokenizer = loaded or load_model(ckpt.path, ckpt.base_path)
         moments = adam_second_moments(model, ckpt.optimizer_state_path) if ckpt.optimizer_state_path else {}
         return cls(model, tokenizer, moments, step_size(ckpt), ckpt.step)
 
@@ -83,11 +83,12 @@ class TailPatcher:
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         batch = self._answer_batch(question, answer)
         base = self._answer_logprob(params, batch)
-        names = [n for n in params]
+        # the weights training updated: all of a whole model's, only the adapter's of a LoRA model
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         out = []
         for doc in documents:
             ids, mask, labels = collate([doc], self.tokenizer.pad_token_id)
-            live = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+            live = {n: p.clone().requires_grad_(n in names) for n, p in params.items()}
             logits = functional_call(self.model, live, (ids,), {"attention_mask": mask}).logits
             grads = torch.autograd.grad(per_example_loss(logits, labels).sum(), [live[n] for n in names],
                                         allow_unused=True)

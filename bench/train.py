@@ -1,4 +1,5 @@
-"""Train a small GPT-2-style model from scratch on CPU with the Hugging Face Trainer.
+"""Train a small causal LM from scratch on CPU with the Hugging Face Trainer (GPT-2 by default;
+Llama, Mistral, Qwen2 and GPT-NeoX as tiny configs too), or a LoRA adapter on a given model.
 
 The output folder is exactly what a user's Trainer run leaves behind: `checkpoint-N/` folders with
 `model.safetensors`, `config.json`, tokenizer files, `optimizer.pt` and `trainer_state.json`.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+
+ARCHS = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 
 
 @dataclass
@@ -25,10 +29,16 @@ class TrainConfig:
     learning_rate: float = 2e-3
     n_checkpoints: int = 4  # TracIn over checkpoints needs several; earlier ones carry signal
     seed: int = 0
+    arch: str = "gpt2"  # a model_type of ARCHS
+    n_kv_head: int | None = None  # grouped-query attention (llama, mistral, qwen2); None = n_head
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError("n_embd must be divisible by n_head")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError("n_head must be divisible by n_kv_head")
         if self.n_checkpoints < 1:
             raise ValueError("n_checkpoints must be at least 1")
 
@@ -46,15 +56,34 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), progress=None):
+def tiny_model(config: TrainConfig, tokenizer):
+    """A freshly initialised model of `config.arch`, built from a config (nothing downloaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+                 num_attention_heads=config.n_head, max_position_embeddings=config.n_positions,
+                 bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+    if config.arch == "gpt2":  # GPT2Config maps hidden_size, num_hidden_layers, … to n_embd, n_layer, …
+        sizes.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        sizes.update(intermediate_size=2 * config.n_embd)
+        if config.arch != "gpt_neox":
+            sizes.update(num_key_value_heads=config.n_kv_head or config.n_head)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.arch, **sizes))
+
+
+def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), progress=None,
+          tokenizer=None, model=None):
     """Train on `texts` (one document per example, eos appended), save checkpoints to `out_dir`,
     and return the Trainer (its in-memory optimizer lets tests check what was saved).
 
-    `progress(stage, n, total)` is called after every optimizer step.
+    `tokenizer`: default, one fitted on `texts`; `model`: default, `tiny_model(config)` (pass a
+    PEFT model to train a LoRA adapter). `progress(stage, n, total)` is called after every step.
     """
     import torch
-    from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, Trainer,
-                              TrainerCallback, TrainingArguments, set_seed)
+    from transformers import (DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments,
+                              set_seed)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
 
@@ -63,13 +92,8 @@ def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), 
 
     set_seed(config.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    tokenizer = train_tokenizer(texts, config.vocab_size)
-    model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    ))
+    tokenizer = tokenizer or train_tokenizer(texts, config.vocab_size)
+    model = model if model is not None else tiny_model(config, tokenizer)
     eos = tokenizer.eos_token
     dataset = [tokenizer(t + eos, truncation=True, max_length=config.n_positions) for t in texts]
     steps_per_epoch = -(-len(dataset) // config.batch_size)

@@ -57,6 +57,7 @@ class Checkpoint(Base):
     tokenizer_hash: Mapped[str] = mapped_column(String(64))
     learning_rate: Mapped[float | None] = mapped_column(Float)
     optimizer_state_path: Mapped[str | None] = mapped_column(Text)
+    base_path: Mapped[str | None] = mapped_column(Text)  # a LoRA adapter's local base model folder
     model: Mapped[Model] = relationship(back_populates="checkpoints")
 
 

@@ -2,6 +2,10 @@
 
 `nn.Linear` stores W as (out, in); transformers' GPT-2 `Conv1D` stores it as (in, out). Everything
 else in the indexer sees a `Layer` with `in_features`, `out_features` and a `transposed` flag.
+Fused projections (GPT-NeoX's `query_key_value`, GPT-2's `c_attn`) are one layer like any other;
+rotary embeddings and grouped-query attention hold no weights, so nothing here needs to know them.
+A PEFT LoRA model wraps each adapted `nn.Linear` as `base_layer` (frozen) beside `lora_A.<name>`
+and `lora_B.<name>` (both `nn.Linear`, trained): by default only those two are tracked.
 """
 
 from __future__ import annotations
@@ -30,9 +34,18 @@ def _as_layer(name: str, module: nn.Module) -> Layer | None:
     return None
 
 
+LORA_LAYERS = r"\.lora_[AB]\.[^.]+$"  # the trained halves of each LoRA-adapted layer
+
+
+def default_pattern(model: nn.Module) -> str | None:
+    """None (every linear layer but the head) for a whole model; the LoRA layers for an adapter."""
+    return LORA_LAYERS if hasattr(model, "peft_config") else None
+
+
 def tracked_layers(model: nn.Module, pattern: str | None = None) -> list[Layer]:
-    """Linear layers to track, in module order; by default all but the output head."""
+    """Linear layers to track, in module order; by default `default_pattern`, never the output head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    pattern = pattern or default_pattern(model)
     regex = re.compile(pattern) if pattern else None
     layers = []
     for name, module in model.named_modules():

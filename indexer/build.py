@@ -93,7 +93,7 @@ def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = N
 
 def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
     """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there."""
-    model, tokenizer = load_model(ckpt.path)
+    model, tokenizer = load_model(ckpt.path, ckpt.base_path)
     moments = {}
     if config.optimizer_norm and ckpt.optimizer_state_path:
         moments = adam_second_moments(model, ckpt.optimizer_state_path)
@@ -128,7 +128,7 @@ def shard_gradients(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInf
                     progress: Progress) -> dict:
     """`raw-c{c}.npy` and `stats-c{c}.npz` of one shard: the forward+backward passes of a build."""
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
-    meta = {"dims": [], "adam_normalised_layers": []}
+    meta = {"dims": [], "adam_normalised_layers": [], "layers": []}
     for c, ckpt in enumerate(ckpts):
         model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
         feat.stats = Stats()
@@ -144,6 +144,7 @@ def shard_gradients(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInf
         feat.stats.save(folder / f"stats-c{c}.npz")
         meta["dims"].append(feat.dim)
         meta["adam_normalised_layers"].append(len(feat.normalised))
+        meta["layers"].append([layer.name for layer in feat.layers])
         del model, feat, raw
     return meta
 
@@ -184,7 +185,8 @@ def finalize_gradients(folder: Path, shards: list[Path], ckpts: list[CheckpointI
         progress("curvature", 1, len(dims))
     out.flush()
     return {"dims": dims, "weights": weights, "curvature": config.gradient.curvature,
-            "adam_normalised_layers": metas[0]["adam_normalised_layers"]}
+            "adam_normalised_layers": metas[0]["adam_normalised_layers"],
+            "layers": metas[0].get("layers", [[]])[-1]}  # tracked module names (of the last checkpoint)
 
 
 def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[CheckpointInfo],

@@ -33,7 +33,9 @@ class GradientConfig:
     k_in: int | None = 8  # input-side projection size per layer; None = no projection (exact)
     k_out: int | None = 8  # output-side projection size per layer; None = no projection (exact)
     seed: int = 0  # projection seed; recorded in info.json so queries use the same matrices
-    modules: str | None = None  # regex over module names to track; None = every linear layer but the head
+    # regex over module names to track (re.search); None = every nn.Linear/Conv1D but the output head,
+    # or for a LoRA adapter its lora_A/lora_B layers only (indexer.adapter.default_pattern)
+    modules: str | None = None
     optimizer_norm: bool = True  # divide by √(Adam second moment) when optimizer.pt is present
     eps: float = 1e-8  # added to second moments before the square root
     curvature: str = "ekfac"  # "ekfac": precondition by EK-FAC fitted in the projected space; "none"

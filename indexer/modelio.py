@@ -1,7 +1,9 @@
 """Reading what a Hugging Face Trainer run leaves behind: checkpoints, learning rates, Adam moments.
 
 A model folder is either one model (config.json + weights) or a Trainer output folder holding
-`checkpoint-N/` sub-folders. Checksums let a build refuse a model whose weights changed since.
+`checkpoint-N/` sub-folders. Either may be a PEFT LoRA adapter instead (adapter_config.json +
+adapter weights) on a base model in another local folder. Checksums let a build refuse a model
+whose weights changed since; an adapter's checksum covers its base model's weights too.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from db.errors import InputError
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "tokenizer.model")
 
@@ -29,11 +33,65 @@ class CheckpointInfo:
     tokenizer_hash: str
     learning_rate: float | None  # from trainer_state.json; None when the folder has none
     optimizer_state_path: Path | None
+    base_path: Path | None = None  # a LoRA adapter's local base model folder; None for a whole model
 
 
-def weights_files(folder: Path) -> list[Path]:
+def is_adapter(folder: Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).exists()
+
+
+def adapter_base(folder: Path, base: Path | str | None = None) -> Path | None:
+    """The local base model folder of a LoRA adapter (None when `folder` is a whole model).
+
+    `base` overrides adapter_config.json's `base_model_name_or_path`, which often names a hub id.
+    """
+    folder = Path(folder)
+    if not is_adapter(folder):
+        return None
+    named = base or json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    path = Path(named).expanduser()
+    if not ((path / "config.json").exists() and own_weights_files(path)):
+        if base:
+            raise InputError(f"--base {base} holds no model (config.json and weights): give the folder the "
+                             "LoRA adapter's base model was saved to with save_pretrained")
+        raise InputError(f"the LoRA adapter at {folder} needs its base model, and {str(named)!r} is not a local "
+                         "model folder: pass --base PATH to the base model saved with save_pretrained")
+    return path.resolve()
+
+
+def own_weights_files(folder: Path) -> list[Path]:
+    """The weight files in `folder` itself (an adapter's, not its base model's)."""
     files = [folder / n for n in WEIGHT_FILES if (folder / n).exists()]
     return files or sorted(folder.glob("model-*.safetensors"))
+
+
+def weights_files(folder: Path, base: Path | None = None) -> list[Path]:
+    """Every file a model's weights come from: its own, and for an adapter its base model's."""
+    folder = Path(folder)
+    files = own_weights_files(folder)
+    base = adapter_base(folder, base) if files else None
+    return files + (own_weights_files(base) if base else [])
+
+
+def weights_digest(folder: Path, base: Path | None = None) -> str:
+    """sha256 of a model's weights; an adapter's digest covers its base model's weights as well."""
+    folder = Path(folder)
+    own = sha256_files(own_weights_files(folder))
+    base = adapter_base(folder, base)
+    if base is None:
+        return own
+    return hashlib.sha256(f"{own}:{_cached_digest(*_stamp(own_weights_files(base)))}".encode()).hexdigest()
+
+
+def _stamp(paths: list[Path]) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
+    return tuple(map(str, paths)), tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+
+
+@lru_cache(maxsize=8)
+def _cached_digest(paths: tuple[str, ...], stamps: tuple) -> str:
+    """A base model's digest, once per (files, sizes, mtimes): every checkpoint of an adapter run
+    shares the base, and re-reading a 14 GB base per checkpoint would dominate registration."""
+    return sha256_files([Path(p) for p in paths])
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -45,7 +103,16 @@ def sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def tokenizer_hash(folder: Path) -> str:
+def tokenizer_folder(folder: Path, base: Path | None = None) -> Path:
+    """Where a model's tokenizer lies: its own folder, or an adapter's base model folder."""
+    folder = Path(folder)
+    if any((folder / n).exists() for n in TOKENIZER_FILES):
+        return folder
+    return adapter_base(folder, base) or folder
+
+
+def tokenizer_hash(folder: Path, base: Path | None = None) -> str:
+    folder = tokenizer_folder(folder, base)
     files = [folder / n for n in TOKENIZER_FILES if (folder / n).exists()]
     if not files:
         raise InputError(f"{folder} has no tokenizer files: save the tokenizer with the model "
@@ -72,21 +139,29 @@ def train_batch_size(folder: Path) -> int | None:
     return json.loads(state.read_text()).get("train_batch_size")
 
 
-def read_checkpoint(folder: Path, step: int = 0) -> CheckpointInfo:
-    weights = weights_files(folder)
-    if not (folder / "config.json").exists() or not weights:
-        raise InputError(f"{folder} holds no model weights (config.json and model.safetensors): "
-                         "point to a folder written by save_pretrained or a Trainer output folder")
+def read_checkpoint(folder: Path, step: int = 0, base: Path | None = None) -> CheckpointInfo:
+    """One model or adapter folder; `base` overrides an adapter's recorded base model path."""
+    described = (folder / "config.json").exists() or is_adapter(folder)
+    if not described or not own_weights_files(folder):
+        raise InputError(f"{folder} holds no model weights (config.json and model.safetensors, or a LoRA "
+                         "adapter's adapter_config.json and adapter_model.safetensors): point to a folder "
+                         "written by save_pretrained or a Trainer output folder")
+    if base is not None and not is_adapter(folder):
+        raise InputError(f"--base is for LoRA adapters, and {folder} has no adapter_config.json: leave --base out")
+    base = adapter_base(folder, base)
     opt = folder / "optimizer.pt"
     return CheckpointInfo(
-        path=folder.resolve(), step=step, weights_sha256=sha256_files(weights),
-        tokenizer_hash=tokenizer_hash(folder), learning_rate=_learning_rate(folder, step),
-        optimizer_state_path=opt.resolve() if opt.exists() else None,
+        path=folder.resolve(), step=step, weights_sha256=weights_digest(folder, base),
+        tokenizer_hash=tokenizer_hash(folder, base), learning_rate=_learning_rate(folder, step),
+        optimizer_state_path=opt.resolve() if opt.exists() else None, base_path=base,
     )
 
 
-def discover_checkpoints(path: Path) -> list[CheckpointInfo]:
-    """All checkpoints under a Trainer output folder (sorted by step), or the one model at `path`."""
+def discover_checkpoints(path: Path, base: Path | None = None) -> list[CheckpointInfo]:
+    """All checkpoints under a Trainer output folder (sorted by step), or the one model at `path`.
+
+    `base`: the local base model folder of LoRA adapters whose adapter_config.json names another.
+    """
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"model folder {path} does not exist: give the folder written by "
@@ -95,30 +170,42 @@ def discover_checkpoints(path: Path) -> list[CheckpointInfo]:
     for sub in path.iterdir():
         m = re.fullmatch(r"checkpoint-(\d+)", sub.name)
         if m and sub.is_dir():
-            found.append(read_checkpoint(sub, int(m.group(1))))
+            found.append(read_checkpoint(sub, int(m.group(1)), base))
     if found:
         return sorted(found, key=lambda c: c.step)
-    return [read_checkpoint(path, 0)]
+    return [read_checkpoint(path, 0, base)]
 
 
-def load_model(folder: Path):
-    """Load a causal LM and its tokenizer from a local folder, offline, in eval mode on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(folder: Path, base: Path | None = None):
+    """Load a causal LM and its tokenizer from a local folder, offline, in eval mode on the CPU.
+
+    A LoRA adapter folder loads onto its base model (`base`, else adapter_config.json's) as a PEFT
+    model whose adapter weights alone require gradients, as they did in training.
+    """
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    tokenizer = load_tokenizer(folder, base)
+    base = adapter_base(folder, base)
+    model = AutoModelForCausalLM.from_pretrained(base or folder, local_files_only=True)
+    if base is not None:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise InputError(f"{folder} is a LoRA adapter, which needs peft: pip install 'wherefrom[lora]'") from None
+        model = PeftModel.from_pretrained(model, folder, is_trainable=True)
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        # padding is masked out of attention and loss, so any id serves when eos is missing too
+        tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     return model.eval(), tokenizer
 
 
-def load_tokenizer(folder: Path):
-    """The tokenizer alone (chunking a corpus needs no weights)."""
+def load_tokenizer(folder: Path, base: Path | None = None):
+    """The tokenizer alone (chunking a corpus needs no weights): the folder's, or an adapter's base's."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(tokenizer_folder(folder, base), local_files_only=True)
 
 
 def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"]:
@@ -150,25 +237,30 @@ def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"
 def check_unchanged(recorded: list[dict]) -> None:
     """Refuse when a checkpoint's weights differ from those a build was made from.
 
-    `recorded` holds {"path", "weights_sha256", "size", "mtime_ns"} per checkpoint. The stat
-    shortcut skips re-hashing unchanged files, so a trace does not read every weight file.
+    `recorded` holds {"path", "weights_sha256", "size", "mtime_ns"} per checkpoint, and "base_path"
+    for an adapter. The stat shortcut skips re-hashing unchanged files, so a trace does not read
+    every weight file.
     """
     from db.errors import StaleBuild
 
     for rec in recorded:
-        files = weights_files(Path(rec["path"]))
+        base = Path(rec["base_path"]) if rec.get("base_path") else None
+        try:
+            files = weights_files(Path(rec["path"]), base)
+        except InputError:
+            files = []
         if not files:
-            raise StaleBuild(f"checkpoint {rec['path']} has no weights any more: restore it, or rebuild "
-                             "with `wherefrom index`")
+            raise StaleBuild(f"checkpoint {rec['path']} has no weights any more (or its base model moved): "
+                             "restore it, or rebuild with `wherefrom index`")
         size = sum(f.stat().st_size for f in files)
         mtime = max(f.stat().st_mtime_ns for f in files)
         if size == rec.get("size") and mtime == rec.get("mtime_ns"):
             continue
-        if sha256_files(files) != rec["weights_sha256"]:
+        if weights_digest(Path(rec["path"]), base) != rec["weights_sha256"]:
             raise StaleBuild(f"model weights at {rec['path']} changed since this build: register the new "
                              "weights (`wherefrom model add`) and rebuild with `wherefrom index`")
 
 
-def weights_stat(path: Path) -> dict:
-    files = weights_files(Path(path))
+def weights_stat(path: Path, base: Path | None = None) -> dict:
+    files = weights_files(Path(path), base)
     return {"size": sum(f.stat().st_size for f in files), "mtime_ns": max(f.stat().st_mtime_ns for f in files)}

@@ -48,8 +48,9 @@ def index_params(settings: Settings, corpus: str, model: str, config: BuildConfi
         raise InputError(f"corpus {corpus!r} has no documents: ingest some first")
     if len({c.tokenizer_hash for c in ckpts}) > 1:
         raise InputError("the checkpoints use different tokenizers: index them as separate models")
-    check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256} for c in ckpts])
-    _check_window(config, ckpts[-1].path)
+    check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256, "base_path": c.base_path}
+                     for c in ckpts])
+    _check_window(config, ckpts[-1].base_path or ckpts[-1].path)
     return {"corpus": corpus, "model": model, "corpus_id": corpus_id, "model_id": model_id,
             "checkpoint_steps": [c.step for c in ckpts], "config": asdict(config),
             "store": f"{corpus}-{model}-{uuid.uuid4().hex[:8]}"}
@@ -135,8 +136,8 @@ def _write_plan(settings: Settings, job: Job, work: Path) -> None:
     with transaction(settings.database_url) as s:
         docs = [(d.id, d.text) for d in repo.corpus_documents(s, p["corpus_id"])]
     ckpts = _checkpoints(settings, p)
-    tokenizer = load_tokenizer(ckpts[-1].path)
-    max_tokens = config.max_tokens or _context_length(ckpts[-1].path)
+    tokenizer = load_tokenizer(ckpts[-1].path, ckpts[-1].base_path)
+    max_tokens = config.max_tokens or _context_length(ckpts[-1].base_path or ckpts[-1].path)
     chunks, counts = chunk_corpus(tokenizer, docs, max_tokens, config.append_eos, config.chunking, config.stride)
     if not chunks:
         raise InputError(f"no document of corpus {p['corpus']!r} has any tokens: check the text field")
@@ -145,7 +146,8 @@ def _write_plan(settings: Settings, job: Job, work: Path) -> None:
     provenance = {"corpus": p["corpus"], "model": p["model"], "job_id": job.id,
                   "tokenizer_hash": ckpts[0].tokenizer_hash,
                   "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
-                                   "learning_rate": c.learning_rate, **weights_stat(c.path)} for c in ckpts]}
+                                   "learning_rate": c.learning_rate, **weights_stat(c.path, c.base_path),
+                                   **({"base_path": str(c.base_path)} if c.base_path else {})} for c in ckpts]}
     (work / "shards").mkdir(parents=True, exist_ok=True)
     write_plan(work, chunks, texts, counts, config.shard_size,
                {"provenance": provenance, "skipped_empty": sum(1 for n in counts.values() if n == 0)})

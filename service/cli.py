@@ -70,12 +70,15 @@ def ingest(path: Path = typer.Argument(..., help="JSONL, Parquet, CSV, a folder 
 
 
 @model_app.command("add")
-def model_add(path: Path = typer.Argument(..., help="A save_pretrained folder or a Trainer output folder."),
+def model_add(path: Path = typer.Argument(..., help="A save_pretrained folder or a Trainer output folder "
+                                                    "(either may hold PEFT LoRA adapters)."),
               name: str = typer.Option(..., "--name", "-n", help="Name to refer to the model by."),
+              base: Optional[Path] = typer.Option(None, help="LoRA adapters only: the local base model folder, "
+                                                              "when adapter_config.json names a hub id or another path."),
               data_dir: Optional[Path] = DataDir):
     """Register a model and its checkpoints (weights checksums, learning rates, optimizer state)."""
     from service import ops
-    model_id, n, created = ops.add_model(_settings(data_dir), path, name)
+    model_id, n, created = ops.add_model(_settings(data_dir), path, name, base)
     typer.echo(f"model {name} (id {model_id}): {n} checkpoint(s){'' if created else ', already registered'}")
 
 
@@ -85,7 +88,9 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
           proj: int = typer.Option(8, help="Projection size per side and layer (features k×k per layer)."),
           seed: int = typer.Option(0, help="Projection seed."),
           batch_size: int = typer.Option(16, help="Chunks per forward/backward pass."),
-          modules: Optional[str] = typer.Option(None, help="Regex of module names to track."),
+          modules: Optional[str] = typer.Option(None, help="Regex (re.search) over module names to track; default: "
+                                                           "every linear layer but the output head, or a LoRA "
+                                                           "adapter's lora_A/lora_B layers."),
           no_adam: bool = typer.Option(False, "--no-adam", help="Skip Adam second-moment normalisation."),
           shard_size: int = typer.Option(4096, help="Chunks per shard: the unit of work one worker takes."),
           chunking: str = typer.Option("sliding", help="How documents were cut into training examples: "

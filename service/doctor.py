@@ -111,17 +111,23 @@ def check_stores(settings: Settings) -> list[Check]:
 def check_models(settings: Settings) -> list[Check]:
     from db import repo
     from db.engine import transaction
-    from indexer.modelio import weights_files, sha256_files
+    from db.errors import InputError
+    from indexer.modelio import weights_digest, weights_files
 
     checks = []
     with transaction(settings.database_url) as s:
-        ckpts = [(m.name, c.step, c.path, c.weights_sha256) for m in repo.all_models(s) for c in m.checkpoints]
-    for model, step, path, digest in ckpts:
-        files = weights_files(Path(path))
+        ckpts = [(m.name, c.step, c.path, c.weights_sha256, c.base_path)
+                 for m in repo.all_models(s) for c in m.checkpoints]
+    for model, step, path, digest, base in ckpts:
+        base = Path(base) if base else None
+        try:
+            files = weights_files(Path(path), base)
+        except InputError:  # an adapter whose base model folder is gone
+            files = []
         name = f"model {model} step {step}"
         if not files:
             checks.append(Check(name, "problem", f"no weights at {path}", "restore the checkpoint folder"))
-        elif sha256_files(files) != digest:
+        elif weights_digest(Path(path), base) != digest:
             checks.append(Check(name, "problem", f"weights at {path} changed since registration",
                                 f"register them under a new name (`wherefrom model add {Path(path).parent} "
                                 "--name NEW`) and rebuild"))

@@ -31,29 +31,36 @@ def ingest(settings: Settings, path: Path, corpus: str, fmt: str = "auto", id_fi
         return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus, str(Path(path).resolve())), docs)
 
 
-def add_model(settings: Settings, path: Path, name: str) -> tuple[int, int, bool]:
-    """Register a model folder; returns (model id, checkpoint count, created)."""
-    ckpts = discover_checkpoints(Path(path))
-    for folder in {c.tokenizer_hash: c.path for c in ckpts}.values():
-        check_tokenizer_fits(folder)
+def add_model(settings: Settings, path: Path, name: str, base: Path | None = None) -> tuple[int, int, bool]:
+    """Register a model folder; returns (model id, checkpoint count, created).
+
+    `base`: for LoRA adapters, the local base model folder when adapter_config.json names another.
+    """
+    ckpts = discover_checkpoints(Path(path), Path(base) if base else None)
+    for c in {c.tokenizer_hash: c for c in ckpts}.values():
+        check_tokenizer_fits(c.path, c.base_path)
     rows = [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
              "tokenizer_hash": c.tokenizer_hash, "learning_rate": c.learning_rate,
-             "optimizer_state_path": str(c.optimizer_state_path) if c.optimizer_state_path else None}
+             "optimizer_state_path": str(c.optimizer_state_path) if c.optimizer_state_path else None,
+             "base_path": str(c.base_path) if c.base_path else None}
             for c in ckpts]
     with transaction(settings.database_url) as s:
         model, created = repo.add_model(s, name, str(Path(path).resolve()), rows)
         return model.id, len(rows), created
 
 
-def check_tokenizer_fits(folder: Path) -> None:
-    """Refuse a tokenizer that is not the model's: ids past its embedding rows, or another eos."""
+def check_tokenizer_fits(folder: Path, base: Path | None = None) -> None:
+    """Refuse a tokenizer that is not the model's: ids past its embedding rows, or another eos.
+
+    `base`: a LoRA adapter's base model folder, which holds the config (and maybe the tokenizer).
+    """
     from transformers import AutoConfig
 
     from indexer.modelio import load_tokenizer
     fix = "save the tokenizer the model was trained with into the folder (tokenizer.save_pretrained)"
     try:
-        tokenizer = load_tokenizer(folder)
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        tokenizer = load_tokenizer(folder, base)
+        config = AutoConfig.from_pretrained(base or folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise InputError(f"the model or tokenizer in {folder} does not load ({e.__class__.__name__}): {fix}") from None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -69,7 +76,8 @@ def check_tokenizer_fits(folder: Path) -> None:
 
 def _checkpoint_infos(model) -> list[CheckpointInfo]:
     return [CheckpointInfo(Path(c.path), c.step, c.weights_sha256, c.tokenizer_hash, c.learning_rate,
-                           Path(c.optimizer_state_path) if c.optimizer_state_path else None)
+                           Path(c.optimizer_state_path) if c.optimizer_state_path else None,
+                           Path(c.base_path) if c.base_path else None)
             for c in model.checkpoints]
 
 
