@@ -104,10 +104,16 @@ class EntryFacts:
     first: int | None
     last: int | None
     dead: list[int]  # positions whose documents are deleted
+    dead_ids: list[str]  # those documents' external ids
     unindexed: int  # live documents with tokens (or not yet counted) that the build lacks
 
 
 def entry_facts(s: Session, build: IndexBuild) -> EntryFacts:
     count, first, last = s.execute(select(func.count(), func.min(IndexEntry.position), func.max(IndexEntry.position))
                                    .where(IndexEntry.build_id == build.id)).one()
-    return EntryFacts(count, first, last, dead_positions(s, build.id), count_unindexed(s, build.id, build.corpus_id))
+    dead = s.execute(select(IndexEntry.position, Document.external_id)
+                     .join(Document, Document.id == IndexEntry.document_id)
+                     .where(IndexEntry.build_id == build.id, Document.deleted_at.is_not(None))
+                     .order_by(IndexEntry.position)).all()
+    return EntryFacts(count, first, last, [p for p, _ in dead], sorted({e for _, e in dead}),
+                      count_unindexed(s, build.id, build.corpus_id))

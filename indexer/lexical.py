@@ -44,3 +44,10 @@ class Lexical:
         out = np.zeros(int(self.positions[-1]), dtype=np.float32)
         out[self.positions[:-1]] = scores
         return out
+
+    def rows(self) -> tuple[np.ndarray, int]:
+        """(the store rows it scores, in its own row order; the store's row count), for `wherefrom doctor`."""
+        n = int(self.retriever.scores["num_docs"])
+        if self.positions is None:
+            return np.arange(n), n
+        return self.positions[:-1], int(self.positions[-1])
