@@ -77,6 +77,7 @@ def test_views_exist_and_migrations_go_down_and_up(own_db_url):
         insp = inspect(engine)
         assert not views & set(insp.get_view_names()) and "jobs" not in insp.get_table_names()
         assert "job_id" not in {c["name"] for c in insp.get_columns("traces")}
+        assert "deleted_at" not in {c["name"] for c in insp.get_columns("documents")}
         upgrade(engine)
         assert views <= set(inspect(engine).get_view_names())
     finally:

@@ -21,8 +21,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":  # SQLite drops a column by copying the table
-        with op.batch_alter_table('documents') as batch:  # (db.engine.downgrade turns foreign keys off)
-            batch.drop_column('deleted_at')
-    else:
-        op.drop_column('documents', 'deleted_at')
+    # SQLite 3.35+ drops a plain column in place; batch mode would copy the table and break the
+    # analyst views that read it
+    op.execute("ALTER TABLE documents DROP COLUMN deleted_at")
