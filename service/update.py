@@ -105,7 +105,7 @@ class UpdateOutcome:
     added_documents: int
     added_rows: int
     rows: int
-    curvature: str  # "kept", "refitted" or "none"
+    curvature: str  # "kept", "refitted", "none" (the build has none) or "unchanged" (nothing added)
     store_path: str
 
 
@@ -159,7 +159,7 @@ def update(settings: Settings, corpus: str, model: str, refit: bool = False,
     if change is None:
         target = _latest(settings, corpus, model)
         info = store.read_info(Path(target.store_path))
-        return UpdateOutcome(target.id, 0, 0, info["rows"], "none", target.store_path)
+        return UpdateOutcome(target.id, 0, 0, info["rows"], "unchanged", target.store_path)
     info = change.info
     publish(settings, [change], token_counts=counts)
     return UpdateOutcome(change.build_id, len({d for d, _, _ in change.entries}), len(change.entries),

@@ -246,3 +246,17 @@ def test_update_and_delete_on_both_databases(db_url, tmp_path, trained, tiny_wor
     assert check.status == "ok" and "38 live rows of 40" in check.detail
     hits = ops.trace(settings, "was born in", answer=" 1900", corpus=name, model=name, k=50, method="bm25").hits
     assert len(hits) == 38 and not {first[0]["id"], rest[0]["id"]} & {h.external_id for h in hits}
+
+
+def test_deleting_again_repairs_rows_a_build_still_holds(world, base, run_cli):
+    """A build planned before a delete and published after it still holds the deleted rows:
+    doctor says so, and the same delete again removes them."""
+    ext = documents_at(world, base.build.build_id)[7]
+    _tombstone_behind(None, world)
+    code, out, _ = run_cli("doctor", "--json")
+    check = {c["name"]: c for c in json.loads(out)}[f"build {base.build.build_id}"]
+    assert code == 2 and f"wherefrom delete --corpus world {ext}" in check["fix"]
+    code, out, _ = run_cli("delete", "--corpus", "world", ext)
+    assert code in (0, None) and f"0 deleted, 1 already deleted; builds updated: {base.build.build_id}" in out
+    code, out, _ = run_cli("doctor")
+    assert code in (0, None) and "all good" in out
