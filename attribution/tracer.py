@@ -93,6 +93,7 @@ class Tracer:
         self.grad_index = store.read_faiss(self.folder / "grad.faiss")
         self.dense_index = store.read_faiss(self.folder / "dense.faiss")
         self.lexical = lexical.Lexical(self.folder / "bm25")
+        self.removed = store.removed_rows(self.folder)  # deleted documents' rows: never candidates
         self._featurizers: dict[int, tuple] = {}
         self._cache: dict[str, object] = {}
         self.curvatures = [Curvature.load(p) if (p := self.folder / f"curvature-c{c}.npz").exists() else None
@@ -162,14 +163,15 @@ class Tracer:
         bm25 = self.lexical.scores(q_text)
         timings["query_embed"] = time.perf_counter() - t
         t = time.perf_counter()
-        k_cand = min(max(candidates, k), len(bm25))
+        k_cand = min(max(candidates, k), len(bm25) - len(self.removed))
+        by_bm25 = np.argsort(-bm25, kind="stable")
         pools = {
             "grad": self.grad_index.search(q_grad[None], k_cand)[1][0],
             "dense": self.dense_index.search(q_dense[None], k_cand)[1][0],
-            "bm25": np.argsort(-bm25, kind="stable")[:k_cand],
+            "bm25": by_bm25[~np.isin(by_bm25, self.removed)][:k_cand],
         }
         pool = pools[method] if method != "hybrid" else np.unique(np.concatenate(list(pools.values())))
-        pool = pool[pool >= 0]
+        pool = pool[(pool >= 0) & ~np.isin(pool, self.removed)]
         raw = {
             "grad": self.grad[pool].astype(np.float32) @ q_grad,
             "dense": self.dense[pool].astype(np.float32) @ q_dense,

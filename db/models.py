@@ -35,6 +35,8 @@ class Document(Base):
     token_count: Mapped[int | None] = mapped_column(Integer)  # by the tokenizer of the first build
     meta: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # tombstone (`wherefrom delete`): the row stays for past traces; builds drop it from FAISS and BM25
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Model(Base):

@@ -79,11 +79,14 @@ def ingest_documents(s: Session, corpus: Corpus, docs: Iterable[tuple[str, str, 
 
 
 def corpus_documents(s: Session, corpus_id: int) -> Sequence[Document]:
-    return s.scalars(select(Document).where(Document.corpus_id == corpus_id).order_by(Document.id)).all()
+    """The corpus's documents that are not deleted, in id (ingest) order."""
+    return s.scalars(select(Document).where(Document.corpus_id == corpus_id, Document.deleted_at.is_(None))
+                     .order_by(Document.id)).all()
 
 
 def count_documents(s: Session, corpus_id: int) -> int:
-    return s.scalar(select(func.count()).select_from(Document).where(Document.corpus_id == corpus_id))
+    return s.scalar(select(func.count()).select_from(Document)
+                    .where(Document.corpus_id == corpus_id, Document.deleted_at.is_(None)))
 
 
 # --- models ----------------------------------------------------------------------------------

@@ -149,18 +149,33 @@ def shard_gradients(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInf
     return meta
 
 
-def _blocks(shards: list[Path], c: int):
+def raw_blocks(shards: list[Path], c: int):
     for shard in shards:
         raw = np.load(shard / f"raw-c{c}.npy", mmap_mode="r")
         for start in range(0, len(raw), store.BLOCK):
             yield raw[start:start + store.BLOCK]
 
 
+def feature_block(raw: np.ndarray, curv: curvature.Curvature | None, weight: float) -> np.ndarray:
+    """Stored features of raw projected gradients (n, D_c): preconditioned, unit norm, × weight."""
+    f = curv.apply(raw) if curv else np.array(raw, dtype=np.float32)
+    f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-30)
+    return (f * weight).astype(np.float16)
+
+
+def shard_stats(shards: list[Path], c: int) -> Stats:
+    stats = Stats()
+    for shard in shards:
+        stats.add(Stats.load(shard / f"stats-c{c}.npz"))
+    return stats
+
+
 def finalize_gradients(folder: Path, shards: list[Path], ckpts: list[CheckpointInfo], config: BuildConfig,
                        progress: Progress) -> dict:
     """Merge shards into `grad.npy`: EK-FAC fitted on the reduced statistics, unit norm, √lr weights.
 
-    Also writes `curvature-c{c}.npz`, which traces apply to query gradients.
+    Also writes `curvature-c{c}.npz`, which traces apply to query gradients, and `kfac-c{c}.npz`,
+    the reduced sums `indexer.update` refits from when rows are added.
     """
     metas = [json.loads((s / "meta.json").read_text()) for s in shards]
     dims, rows = metas[0]["dims"], sum(m["rows"] for m in metas)
@@ -168,19 +183,20 @@ def finalize_gradients(folder: Path, shards: list[Path], ckpts: list[CheckpointI
     out = store.create_array(folder, "grad", rows, sum(dims))
     col = 0
     for c, dim in enumerate(dims):
-        curv = None
+        curv = moments = None
         if config.gradient.curvature == "ekfac":
-            stats = Stats()
-            for shard in shards:
-                stats.add(Stats.load(shard / f"stats-c{c}.npz"))
-            curv = curvature.fit(stats, _blocks(shards, c), config.gradient.damping)
+            stats = shard_stats(shards, c)
+            curv = curvature.fit(stats, raw_blocks(shards, c), config.gradient.damping)
             curv.save(folder / f"curvature-c{c}.npz")
+            moments = curvature.Moments.zeros(curv.shapes())
         row = 0
-        for block in _blocks(shards, c):
-            f = curv.apply(block) if curv else np.asarray(block, dtype=np.float32)
-            f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-30)
-            out[row:row + len(f), col:col + dim] = (f * weights[c]).astype(np.float16)
-            row += len(f)
+        for block in raw_blocks(shards, c):
+            out[row:row + len(block), col:col + dim] = feature_block(block, curv, weights[c])
+            if moments is not None:
+                moments.add_block(block)
+            row += len(block)
+        if curv:
+            curvature.save_state(folder / f"kfac-c{c}.npz", stats, moments)
         col += dim
         progress("curvature", 1, len(dims))
     out.flush()

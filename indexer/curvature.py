@@ -46,18 +46,24 @@ class Stats:
                 mine.tokens += s.tokens
         return self
 
-    def save(self, path: Path) -> None:
+    def arrays(self) -> dict[str, np.ndarray]:
         arrays = {}
         for i, (name, s) in enumerate(self.layers.items()):
             arrays[f"{i}.a"], arrays[f"{i}.s"] = s.a_sum, s.s_sum
             arrays[f"{i}.t"] = np.array(s.tokens)
-        save_npz(path, {"names": np.array(list(self.layers)), **arrays})
+        return {"names": np.array(list(self.layers)), **arrays}
+
+    def save(self, path: Path) -> None:
+        save_npz(path, self.arrays())
+
+    @classmethod
+    def from_arrays(cls, z) -> Stats:
+        return cls({str(n): LayerStats(z[f"{i}.a"], z[f"{i}.s"], float(z[f"{i}.t"]))
+                    for i, n in enumerate(z["names"])})
 
     @classmethod
     def load(cls, path: Path) -> Stats:
-        z = np.load(path)
-        return cls({str(n): LayerStats(z[f"{i}.a"], z[f"{i}.s"], float(z[f"{i}.t"]))
-                    for i, n in enumerate(z["names"])})
+        return cls.from_arrays(np.load(path))
 
 
 @dataclass
@@ -92,6 +98,16 @@ class Curvature:
         parts = [(r * c.inv_sqrt).reshape(len(g), -1) for r, c in zip(self.rotate(g), self.layers.values())]
         return np.concatenate(parts, axis=1).astype(np.float32)
 
+    def unapply(self, f: np.ndarray) -> np.ndarray:
+        """The inverse of `apply`: projected gradients (n, D) float64 from preconditioned features."""
+        f, out, col = np.asarray(f, dtype=np.float64), [], 0
+        for c in self.layers.values():
+            k_out, k_in = c.inv_sqrt.shape
+            r = f[:, col:col + k_out * k_in].reshape(-1, k_out, k_in) / c.inv_sqrt
+            out.append(np.einsum("ij,njk,kl->nil", c.q_out, r, c.q_in.T, optimize=True).reshape(len(f), -1))
+            col += k_out * k_in
+        return np.concatenate(out, axis=1)
+
     def save(self, path: Path) -> None:
         arrays = {}
         for i, c in enumerate(self.layers.values()):
@@ -105,18 +121,30 @@ class Curvature:
                     for i, n in enumerate(z["names"])})
 
 
-def fit(stats: Stats, blocks, damping: float) -> Curvature:
-    """Eigenbases from the factor sums, then eigenvalue corrections from raw gradient blocks.
-
-    `blocks` is an iterable of (n, D) arrays of projected per-example gradients (the same rows the
-    store will hold); `damping` is relative to each layer's mean corrected eigenvalue.
-    """
+def _bases(stats: Stats) -> dict[str, LayerCurvature]:
     bases = {}
     for name, s in stats.layers.items():
         n = max(s.tokens, 1.0)
         _, q_in = np.linalg.eigh(s.a_sum / n)
         _, q_out = np.linalg.eigh(s.s_sum / n)
         bases[name] = LayerCurvature(q_in, q_out, np.ones((len(q_out), len(q_in))))
+    return bases
+
+
+def _corrected(bases: dict[str, LayerCurvature], sums: list[np.ndarray], count: int, damping: float) -> Curvature:
+    for acc, c in zip(sums, bases.values()):
+        lam = acc / max(count, 1)
+        c.inv_sqrt = 1.0 / np.sqrt(lam + damping * max(lam.mean(), 1e-30))
+    return Curvature(bases)
+
+
+def fit(stats: Stats, blocks, damping: float) -> Curvature:
+    """Eigenbases from the factor sums, then eigenvalue corrections from raw gradient blocks.
+
+    `blocks` is an iterable of (n, D) arrays of projected per-example gradients (the same rows the
+    store will hold); `damping` is relative to each layer's mean corrected eigenvalue.
+    """
+    bases = _bases(stats)
     probe = Curvature(bases)
     sums = [np.zeros(shape) for shape in probe.shapes()]
     count = 0
@@ -124,7 +152,68 @@ def fit(stats: Stats, blocks, damping: float) -> Curvature:
         for acc, r in zip(sums, probe.rotate(np.asarray(g, dtype=np.float64))):
             acc += (r ** 2).sum(0)
         count += len(g)
-    for acc, c in zip(sums, bases.values()):
-        lam = acc / max(count, 1)
-        c.inv_sqrt = 1.0 / np.sqrt(lam + damping * max(lam.mean(), 1e-30))
-    return Curvature(bases)
+    return _corrected(bases, sums, count, damping)
+
+
+MAX_MOMENT_DIM = 1024  # a layer's block up to 32×32 keeps its d×d moment sum at 8 MB or less
+
+
+@dataclass
+class Moments:
+    """Σ_n vec(G_n) vec(G_n)ᵀ per layer and the example count n.
+
+    EK-FAC's corrections in *any* eigenbasis follow from these sums, so a build that keeps them
+    (with its `Stats`) can refit its curvature after rows are added without its raw gradients.
+    """
+
+    sums: list[np.ndarray]  # per layer (d, d), d = k_out·k_in
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, shapes: list[tuple[int, int]]) -> Moments | None:
+        """None when a layer is too wide to keep its moments (exact, unprojected gradients)."""
+        if any(a * b > MAX_MOMENT_DIM for a, b in shapes):
+            return None
+        return cls([np.zeros((a * b, a * b)) for a, b in shapes])
+
+    def add_block(self, g: np.ndarray) -> None:
+        g, col = np.asarray(g, dtype=np.float64), 0
+        for acc in self.sums:
+            part = g[:, col:col + len(acc)]
+            acc += part.T @ part
+            col += len(acc)
+        self.count += len(g)
+
+    def add(self, other: Moments) -> Moments:
+        for acc, s in zip(self.sums, other.sums):
+            acc += s
+        self.count += other.count
+        return self
+
+
+def fit_moments(stats: Stats, moments: Moments, damping: float) -> Curvature:
+    """`fit` from kept sums: Λ_ij = (q_out_i ⊗ q_in_j)ᵀ M (q_out_i ⊗ q_in_j) / n."""
+    bases = _bases(stats)
+    sums = []
+    for m, c in zip(moments.sums, bases.values()):
+        k_out, k_in = len(c.q_out), len(c.q_in)
+        m = m.reshape(k_out, k_in, k_out, k_in)
+        sums.append(np.einsum("ai,bj,abcd,ci,dj->ij", c.q_out, c.q_in, m, c.q_out, c.q_in, optimize=True))
+    return _corrected(bases, sums, moments.count, damping)
+
+
+def save_state(path: Path, stats: Stats, moments: Moments | None) -> None:
+    """A build's reduced K-FAC sums (and gradient moments, when kept): what a refit starts from."""
+    arrays = stats.arrays()
+    if moments is not None:
+        arrays["count"] = np.array(moments.count)
+        arrays.update({f"{i}.m": m for i, m in enumerate(moments.sums)})
+    save_npz(path, arrays)
+
+
+def load_state(path: Path) -> tuple[Stats, Moments | None]:
+    z = np.load(path)
+    stats = Stats.from_arrays(z)
+    if "count" not in z:
+        return stats, None
+    return stats, Moments([z[f"{i}.m"] for i in range(len(stats.layers))], int(z["count"]))

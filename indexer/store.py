@@ -118,6 +118,15 @@ def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
     faiss.write_index(index, str(path))
 
 
+REMOVED = "removed.npy"  # sorted store rows of deleted documents: absent from FAISS and BM25
+
+
+def removed_rows(folder: Path) -> np.ndarray:
+    """Rows whose documents were deleted (`wherefrom delete`); they stay in the arrays, ids are stable."""
+    path = Path(folder) / REMOVED
+    return np.load(path) if path.exists() else np.zeros(0, dtype=np.int64)
+
+
 def read_faiss(path: Path):
     import faiss
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)

@@ -127,22 +127,28 @@ def plan(settings: Settings, job: Job, dispatch, worker: str) -> None:
         dispatch.send("merge", job.id)
 
 
-def _write_plan(settings: Settings, job: Job, work: Path) -> None:
+def chunk_documents(docs: list[tuple[int, str]], ckpts, config: BuildConfig):
+    """(chunks, their texts, token count by document id) of (document id, text) pairs, as a build
+    of `config` over checkpoints `ckpts` chunks them (`wherefrom index --update` chunks the same way)."""
     from indexer.corpus import chunk_corpus
     from indexer.modelio import load_tokenizer
     from service.ops import _context_length
 
+    tokenizer = load_tokenizer(ckpts[-1].path, ckpts[-1].base_path)
+    max_tokens = config.max_tokens or _context_length(ckpts[-1].base_path or ckpts[-1].path)
+    chunks, counts = chunk_corpus(tokenizer, docs, max_tokens, config.append_eos, config.chunking, config.stride)
+    by_id = dict(docs)
+    return chunks, [by_id[c.document_id][c.char_start:c.char_end] for c in chunks], counts
+
+
+def _write_plan(settings: Settings, job: Job, work: Path) -> None:
     p, config = job.params, BuildConfig(**job.params["config"])
     with transaction(settings.database_url) as s:
         docs = [(d.id, d.text) for d in repo.corpus_documents(s, p["corpus_id"])]
     ckpts = _checkpoints(settings, p)
-    tokenizer = load_tokenizer(ckpts[-1].path, ckpts[-1].base_path)
-    max_tokens = config.max_tokens or _context_length(ckpts[-1].base_path or ckpts[-1].path)
-    chunks, counts = chunk_corpus(tokenizer, docs, max_tokens, config.append_eos, config.chunking, config.stride)
+    chunks, texts, counts = chunk_documents(docs, ckpts, config)
     if not chunks:
         raise InputError(f"no document of corpus {p['corpus']!r} has any tokens: check the text field")
-    by_id = dict(docs)
-    texts = [by_id[c.document_id][c.char_start:c.char_end] for c in chunks]
     provenance = {"corpus": p["corpus"], "model": p["model"], "job_id": job.id,
                   "tokenizer_hash": ckpts[0].tokenizer_hash,
                   "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,

@@ -99,9 +99,18 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                                        "context blocks, as HF run_clm)."),
           stride: Optional[int] = typer.Option(None, help="sliding: tokens between window starts; default "
                                                          "the window width (no overlap)."),
+          update: bool = typer.Option(False, "--update", help="Add the documents ingested since the latest "
+                                      "build to it (its own config; the options above are ignored)."),
+          refit: bool = typer.Option(False, "--refit-curvature", help="With --update: refit EK-FAC over all "
+                                     "rows, which rewrites every row's features (default: keep the curvature)."),
           data_dir: Optional[Path] = DataDir):
     """Build gradient, dense and BM25 indexes of a corpus for a model: queued for the workers when
-    WHEREFROM_BROKER_URL is set, else built right here."""
+    WHEREFROM_BROKER_URL is set, else built right here. With --update, extend the latest build here."""
+    if refit and not update:
+        raise _input_error("--refit-curvature goes with --update")
+    if update:
+        _update(_settings(data_dir), corpus, model, refit)
+        return
     from indexer.build import BuildConfig
     from indexer.gradients import GradientConfig
     from service import ops
@@ -122,6 +131,30 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
     typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
                f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
                f"{out.skipped_empty} empty document(s) skipped")
+
+
+def _update(settings, corpus: str, model: str, refit: bool) -> None:
+    from service.update import update
+    with progress_bars() as progress:
+        out = update(settings, corpus, model, refit, progress)
+    if not out.added_rows:
+        typer.echo(f"build {out.build_id} is up to date: no new document with tokens in corpus {corpus}")
+        return
+    note = {"refitted": "curvature refitted, every row rewritten", "kept": "curvature kept",
+            "none": "no curvature"}[out.curvature]
+    typer.echo(f"build {out.build_id}: {out.added_documents} document(s) added as {out.added_rows} rows, "
+               f"{out.rows} rows in all ({note})")
+
+
+@app.command()
+def delete(ids: list[str] = typer.Argument(..., help="Document ids, as in the ingested file."),
+           corpus: str = typer.Option(..., "--corpus", "-c", help="The corpus they belong to."),
+           data_dir: Optional[Path] = DataDir):
+    """Delete documents: tombstone them and remove their rows from every build of the corpus."""
+    from service.update import delete as delete_documents
+    out = delete_documents(_settings(data_dir), corpus, ids)
+    builds = ", ".join(map(str, out.builds)) or "none needed changes"
+    typer.echo(f"corpus {corpus}: {out.deleted} deleted, {out.already} already deleted; builds updated: {builds}")
 
 
 def _input_error(msg: str):

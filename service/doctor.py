@@ -1,8 +1,9 @@
 """`wherefrom doctor`: is everything a trace needs in place, and if not, what to do about it.
 
-Checks the database, the broker (when WHEREFROM_BROKER_URL is set), every build's stores
-(info.json, row counts against `index_entries`, array shapes, FAISS and BM25 files) and every
-registered checkpoint's weights against the checksum recorded when it was registered.
+Checks the database, the broker (when WHEREFROM_BROKER_URL is set), every build's stores against
+SQL (`service.store_check`: row counts, entry positions, tombstones, FAISS ids, BM25 rows,
+checksums) and every registered checkpoint's weights against the checksum recorded when it was
+registered.
 """
 
 from __future__ import annotations
@@ -65,42 +66,33 @@ def check_broker(url: str | None, timeout: float = 3.0) -> Check | None:
     return Check("broker", "ok", _redact(url))
 
 
-def _store_problem(build, entries: int) -> str | None:
-    """What is wrong with one build's store folder, or None."""
-    import numpy as np
+def _build_check(build, facts, corpus: str, model: str) -> Check:
+    from service.store_check import build_problem, dead_rows
 
-    from indexer.store import read_info
-    folder = Path(build.store_path)
-    if not (folder / "info.json").exists():
-        return f"{folder} has no info.json"
-    info = read_info(folder)
-    if not info.get("rows") == build.row_count == entries:
-        return f"row counts disagree: info.json {info.get('rows')}, build {build.row_count}, index_entries {entries}"
-    for name in ("grad", "dense"):
-        path = folder / f"{name}.npy"
-        if not path.exists():
-            return f"{path} is missing"
-        rows = np.load(path, mmap_mode="r").shape[0]
-        if rows != entries:
-            return f"{path.name} has {rows} rows, index_entries {entries}"
-    missing = [n for n in ("grad.faiss", "dense.faiss", "bm25") if not (folder / n).exists()]
-    if missing:
-        return f"{folder} lacks {', '.join(missing)}"
-    return None
+    name = f"build {build.id}"
+    problem = build_problem(build, facts)
+    if problem:
+        return Check(name, "problem", problem, f"rebuild with `wherefrom index --corpus {corpus} --model {model}`")
+    dead = dead_rows(build, facts)
+    if dead:
+        ids = " ".join(facts.dead_ids[:3])
+        return Check(name, "problem", f"{len(dead)} row(s) of deleted documents are still searchable (e.g. row {dead[0]})",
+                     f"run `wherefrom delete --corpus {corpus} {ids}` again: it removes every deleted document's rows")
+    if facts.unindexed:
+        return Check(name, "warn", f"{facts.unindexed} document(s) of corpus {corpus} are not in this build",
+                     f"add them with `wherefrom index --corpus {corpus} --model {model} --update`")
+    return Check(name, "ok", f"{facts.count - len(facts.dead)} live rows of {facts.count} in {build.store_path}")
 
 
 def check_stores(settings: Settings) -> list[Check]:
-    from db import repo
+    from db import repo, update_repo
     from db.engine import transaction
+    from db.models import Corpus, Model
 
-    checks = []
     with transaction(settings.database_url) as s:
-        builds = [(b, repo.count_entries(s, b.id)) for b in repo.list_builds(s)]
-    for build, entries in builds:
-        problem = _store_problem(build, entries)
-        checks.append(Check(f"build {build.id}", "problem", problem,
-                            "rebuild with `wherefrom index --corpus NAME --model NAME`") if problem
-                      else Check(f"build {build.id}", "ok", f"{entries} rows in {build.store_path}"))
+        builds = [(b, update_repo.entry_facts(s, b), s.get(Corpus, b.corpus_id).name,
+                   s.get(Model, b.model_id).name if b.model_id else "MODEL") for b in repo.list_builds(s)]
+    checks = [_build_check(*b) for b in builds]
     leftovers = sorted(settings.stores.glob("*.partial")) if settings.stores.exists() else []
     if leftovers:
         checks.append(Check("stores", "warn", f"{len(leftovers)} unfinished build folder(s), e.g. {leftovers[0]}",

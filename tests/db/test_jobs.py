@@ -77,6 +77,7 @@ def test_views_exist_and_migrations_go_down_and_up(own_db_url):
         insp = inspect(engine)
         assert not views & set(insp.get_view_names()) and "jobs" not in insp.get_table_names()
         assert "job_id" not in {c["name"] for c in insp.get_columns("traces")}
+        assert "deleted_at" not in {c["name"] for c in insp.get_columns("documents")}
         upgrade(engine)
         assert views <= set(inspect(engine).get_view_names())
     finally:
@@ -101,7 +102,7 @@ def test_workers_starting_together_migrate_the_database_once(own_db_url):
         with ThreadPoolExecutor(len(engines)) as pool:
             list(pool.map(upgrade, engines))
         with engines[0].connect() as c:
-            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004"]
     finally:
         for e in engines:
             e.dispose()

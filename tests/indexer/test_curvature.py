@@ -43,3 +43,25 @@ def test_shard_statistics_reduce_by_summation(tmp_path):
     np.testing.assert_allclose(merged.layers["l0"].a_sum, a.layers["l0"].a_sum + b.layers["l0"].a_sum)
     np.testing.assert_allclose(merged.layers["l0"].s_sum, a.layers["l0"].s_sum + b.layers["l0"].s_sum)
     assert merged.layers["l0"].tokens == a.layers["l0"].tokens + b.layers["l0"].tokens
+
+
+def test_kept_moments_refit_exactly_and_apply_inverts(tmp_path):
+    """What `wherefrom index --update --refit-curvature` relies on: the fit from kept sums (saved,
+    reloaded, reduced across two parts) equals the fit over the raw rows, and `unapply` undoes `apply`."""
+    from indexer.curvature import Moments, fit_moments, load_state, save_state
+
+    rng = np.random.default_rng(2)
+    shapes = [(3, 4), (2, 5)]
+    stats = random_stats(rng, shapes)
+    grads = rng.normal(size=(40, sum(o * i for o, i in shapes)))
+    first, second = Moments.zeros(shapes), Moments.zeros(shapes)
+    first.add_block(grads[:25])
+    second.add_block(grads[25:])
+    save_state(tmp_path / "kfac.npz", stats, first)
+    kept_stats, kept = load_state(tmp_path / "kfac.npz")
+    want = fit(stats, [grads], 0.1)
+    got = fit_moments(kept_stats, kept.add(second), 0.1)
+    for w, g in zip(want.layers.values(), got.layers.values()):
+        np.testing.assert_allclose(g.inv_sqrt, w.inv_sqrt, rtol=1e-10)
+    np.testing.assert_allclose(want.unapply(want.apply(grads)), grads, rtol=1e-5, atol=1e-6)
+    assert Moments.zeros([(64, 64)]) is None  # exact gradients: too wide to keep, refit refused

@@ -1,0 +1,219 @@
+"""`wherefrom index --update` and `wherefrom delete`: change published builds instead of rebuilding.
+
+Each change writes a new version of a build's store beside it (`indexer.update`) inside a work
+folder `<name>.partial`. Then one transaction locks the build row, checks that the store it
+started from is still the published one (else Conflict: another update or delete got there
+first), records the new entries or the tombstones, points the row at the new directory and renames
+the directory into place. The old directory goes after the commit. A failure anywhere before the
+commit leaves SQL and the published stores as they were, and the work folder is removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from db import repo, update_repo
+from db.engine import transaction
+from db.errors import Conflict, InputError
+from db.models import Model
+from indexer import store
+from indexer.build import BuildConfig, Progress, compute_shard
+from indexer.modelio import check_unchanged
+from indexer.plan import shard_ranges
+from service.settings import Settings
+
+
+def _quiet(stage: str, n: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class Change:
+    """A new version of one build's store, written and waiting to be published."""
+
+    build_id: int
+    checksum: str | None  # of the store it was made from: publishing after another change is refused
+    old: Path
+    work: Path  # the `.partial` folder holding `out` (and shards); removed when done
+    final: Path  # where `out` is published
+    entries: list[tuple[int, int, int]] = field(default_factory=list)  # appended rows
+
+    @property
+    def out(self) -> Path:
+        return self.work / "out"
+
+    @property
+    def info(self) -> dict:
+        return store.read_info(self.out)
+
+
+def _new_change(build_id: int, checksum: str | None, old: Path) -> Change:
+    """A work folder for the next version; named `<first store name>-g<generation>-<random>`."""
+    info = store.read_info(old)
+    final = old.parent / f"{info.get('lineage', old.name)}-g{info.get('generation', 0) + 1}-{uuid.uuid4().hex[:6]}"
+    change = Change(build_id, checksum, old, store.partial_dir(final), final)
+    change.out.mkdir()
+    return change
+
+
+def publish(settings: Settings, changes: list[Change], tombstones: list[int] = (),
+            token_counts: dict[int, int] | None = None) -> None:
+    """Record and rename every change, and tombstone documents, in one transaction."""
+    renamed = []
+    try:
+        with transaction(settings.database_url) as s:
+            update_repo.tombstone(s, tombstones)
+            for ch in changes:
+                build = update_repo.lock_build(s, ch.build_id)
+                if build.checksum != ch.checksum:
+                    raise Conflict(f"build {ch.build_id} changed while this ran (another update or delete): "
+                                   "run the command again")
+                update_repo.append_entries(s, build, ch.entries)
+                info = ch.info
+                build.store_path, build.row_count, build.checksum = str(ch.final), info["rows"], info["checksum"]
+            if token_counts:
+                repo.set_token_counts(s, token_counts)
+            for ch in changes:
+                store.publish(ch.out, ch.final)
+                renamed.append(ch.final)
+    except BaseException:
+        for final in renamed:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    finally:
+        for ch in changes:
+            shutil.rmtree(ch.work, ignore_errors=True)
+    for ch in changes:
+        shutil.rmtree(ch.old, ignore_errors=True)
+
+
+def discard(changes: list[Change]) -> None:
+    for ch in changes:
+        shutil.rmtree(ch.work, ignore_errors=True)
+
+
+# --- adding documents ------------------------------------------------------------------------
+
+@dataclass
+class UpdateOutcome:
+    build_id: int
+    added_documents: int
+    added_rows: int
+    rows: int
+    curvature: str  # "kept", "refitted", "none" (the build has none) or "unchanged" (nothing added)
+    store_path: str
+
+
+def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = False,
+                   progress: Progress = _quiet) -> tuple[Change | None, dict[int, int]]:
+    """A new version of the latest build of corpus × model with the documents it lacks.
+
+    New rows are computed as one more set of shards with the build's own config (projection seed,
+    Adam fold, checkpoints). Returns (None when nothing is new, token counts by document).
+    """
+    from service.build_job import chunk_documents
+    from service.ops import checkpoints_by_step
+
+    with transaction(settings.database_url) as s:
+        build = repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
+        by_step = checkpoints_by_step(s.get(Model, build.model_id))
+        docs = update_repo.unindexed_documents(s, build.id, build.corpus_id)
+        build_id, checksum, old = build.id, build.checksum, Path(build.store_path)
+    info = store.read_info(old)
+    config = BuildConfig(**info["config"])
+    if config.chunking == "packed" and docs:
+        # packing the new documents among themselves would not be how training saw them: their
+        # blocks would also hold the corpus documents before them
+        raise InputError(f"build {build_id} packs documents into blocks, which new documents would shift: "
+                         "build it again with `wherefrom index` instead of --update")
+    check_unchanged(info["checkpoints"])
+    ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
+    chunks, texts, counts = chunk_documents(docs, ckpts, config) if docs else ([], [], {})
+    if not chunks:
+        return None, counts
+    change = _new_change(build_id, checksum, old)
+    try:
+        shards = []
+        for k, (a, b) in enumerate(shard_ranges(len(chunks), config.shard_size)):
+            shards.append(change.work / "shards" / f"{k:05d}")
+            shards[-1].mkdir(parents=True)
+            compute_shard(shards[-1], chunks[a:b], texts[a:b], ckpts, config, progress)
+        with transaction(settings.database_url) as s:
+            positions, live = update_repo.live_entries(s, build_id)
+        from indexer.update import append
+        first = info["rows"]
+        append(old, change.out, shards, live + texts, positions + list(range(first, first + len(chunks))),
+               refit, progress)
+        shutil.rmtree(change.work / "shards")
+    except BaseException:
+        discard([change])
+        raise
+    change.entries = [(c.document_id, c.char_start, c.char_end) for c in chunks]
+    return change, counts
+
+
+def update(settings: Settings, corpus: str, model: str, refit: bool = False,
+           progress: Progress = _quiet) -> UpdateOutcome:
+    """Add the documents ingested since the latest build of corpus × model to it, and publish."""
+    change, counts = prepare_update(settings, corpus, model, refit, progress)
+    if change is None:
+        target = _latest(settings, corpus, model)
+        info = store.read_info(Path(target.store_path))
+        return UpdateOutcome(target.id, 0, 0, info["rows"], "unchanged", target.store_path)
+    info = change.info
+    publish(settings, [change], token_counts=counts)
+    return UpdateOutcome(change.build_id, len({d for d, _, _ in change.entries}), len(change.entries),
+                         info["rows"], info["updates"][-1]["curvature"], str(change.final))
+
+
+def _latest(settings: Settings, corpus: str, model: str):
+    with transaction(settings.database_url) as s:
+        return repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
+
+
+# --- deleting documents ----------------------------------------------------------------------
+
+@dataclass
+class DeleteOutcome:
+    deleted: int  # documents tombstoned now
+    already: int  # were deleted before
+    builds: list[int]  # builds whose stores changed
+
+
+def prepare_delete(settings: Settings, corpus: str, external_ids: list[str]) -> tuple[list[Change], list[int], int]:
+    """New store versions of every build of the corpus without the documents' rows.
+
+    Rows of documents deleted earlier that a build still holds (a build that was planned before
+    the delete and published after it) go too, so running the same delete again repairs that.
+    Returns (changes, document ids to tombstone, how many were deleted already).
+    """
+    with transaction(settings.database_url) as s:
+        c = repo.corpus_by_name(s, corpus)
+        docs = update_repo.documents_by_external_id(s, c.id, corpus, sorted(set(external_ids)))
+        dropping = [d.id for d in docs if d.deleted_at is None]
+        plans = [(b.id, b.checksum, Path(b.store_path), update_repo.dead_positions(s, b.id, dropping),
+                  *update_repo.live_entries(s, b.id, dropping)) for b in update_repo.ready_builds(s, c.id)]
+    from indexer.update import remove
+    changes = []
+    try:
+        for build_id, checksum, old, dead, positions, texts in plans:
+            gone = np.setdiff1d(np.asarray(dead, dtype=np.int64), store.removed_rows(old))
+            if len(gone):
+                changes.append(_new_change(build_id, checksum, old))
+                remove(old, changes[-1].out, gone, texts, positions)
+    except BaseException:
+        discard(changes)
+        raise
+    return changes, dropping, len(docs) - len(dropping)
+
+
+def delete(settings: Settings, corpus: str, external_ids: list[str]) -> DeleteOutcome:
+    """Tombstone documents and remove their rows from every build of the corpus, in one transaction."""
+    changes, dropping, already = prepare_delete(settings, corpus, external_ids)
+    publish(settings, changes, tombstones=dropping)
+    return DeleteOutcome(len(dropping), already, [ch.build_id for ch in changes])
