@@ -123,6 +123,22 @@ def captum_per_example(model, ids, pad, sample: int) -> float:
         return time.perf_counter() - t
 
 
+def profile(ckpt, ids, batch_size: int, projection: int) -> None:
+    """(b) under torch's profiler (operators) and cProfile (Python), top entries by own time."""
+    import cProfile
+    import pstats
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    our_build(ckpt, ids, batch_size, projection)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        our_build(ckpt, ids, batch_size, projection)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    profiler = cProfile.Profile()
+    profiler.runcall(our_build, ckpt, ids, batch_size, projection)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -133,9 +149,12 @@ def main():
     ap.add_argument("--captum-sample", type=int, default=32)
     ap.add_argument("--worlds", type=int, default=4, help="demo worlds in the corpus (seeds 0..N-1)")
     ap.add_argument("--group", type=int, default=8, help="world documents per corpus document")
+    ap.add_argument("--profile", action="store_true", help="profile one run of (b) and print where time goes")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok, ckpt, ids = setup(args.layers, args.embd, args.worlds, args.group)
+    if args.profile:
+        return profile(ckpt, ids, args.batch_size, args.projection)
     tokens = sum(map(len, ids))
     sample_tokens = sum(map(len, ids[:args.captum_sample]))
     from bench import bergson_ref

@@ -99,8 +99,9 @@ class Featurizer:
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
-            x = inputs[0].detach() * self._mask[..., None]  # (B, T, in), padding zeroed
-            self._x[name] = x = x @ self.p_in[name].T  # (B, T, k_in)
+            # project first, then zero the padding: the mask multiplies k_in columns, not in_features
+            x = (inputs[0].detach() @ self.p_in[name].T) * self._mask[..., None]  # (B, T, k_in)
+            self._x[name] = x
             if self.stats is not None:
                 self._layer_stats(name).a_sum += torch.einsum("btk,btj->kj", x, x).double().numpy()
                 self._layer_stats(name).tokens += float(self._mask.sum())
@@ -110,7 +111,7 @@ class Featurizer:
 
     def _backward_hook(self, name: str):
         def hook(grad):
-            d = (grad.detach() * self._mask[..., None]) @ self.p_out[name].T  # (B, T, k_out)
+            d = (grad.detach() @ self.p_out[name].T) * self._mask[..., None]  # (B, T, k_out)
             if self.stats is not None:
                 self._layer_stats(name).s_sum += torch.einsum("btk,btj->kj", d, d).double().numpy()
             # per token, the report keeps each (P_out δ_t)(P_in x_t)ᵀ term; their sum is the feature
