@@ -92,6 +92,8 @@ class Tracer:
         self.dense = store.open_array(self.folder, "dense")
         self.grad_index = store.read_faiss(self.folder / "grad.faiss")
         self.dense_index = store.read_faiss(self.folder / "dense.faiss")
+        for index in (self.grad_index, self.dense_index):  # nprobe is not saved with an index
+            store.set_nprobe(index, self.info.get("faiss_nprobe", store.NPROBE))
         self.lexical = lexical.Lexical(self.folder / "bm25")
         self.removed = store.removed_rows(self.folder)  # deleted documents' rows: never candidates
         self._featurizers: dict[int, tuple] = {}

@@ -89,10 +89,12 @@ def make_scaled(demo_dir: Path, work: Path, n: int):
     for f in real.glob("curvature-c*.npz"):
         shutil.copy(f, folder / f.name)
     lexical.build([t for _, t, _ in docs], folder / "bm25")
-    factory = store.choose_factory(n)
-    store.build_faiss(store.open_array(folder, "grad"), folder / "grad.faiss", factory)
-    store.build_faiss(store.open_array(folder, "dense"), folder / "dense.faiss", factory)
-    store.write_info(folder, {**info, "rows": n, "faiss_factory": factory, "checksum": store.checksum(folder),
+    grad_rows, dense_rows = store.open_array(folder, "grad"), store.open_array(folder, "dense")
+    factory, dense_factory = store.choose_factory(*grad_rows.shape), store.choose_factory(*dense_rows.shape)
+    store.build_faiss(grad_rows, folder / "grad.faiss", factory)
+    store.build_faiss(dense_rows, folder / "dense.faiss", dense_factory)
+    store.write_info(folder, {**info, "rows": n, "faiss_factory": factory, "dense_faiss_factory": dense_factory,
+                              "faiss_nprobe": store.NPROBE, "checksum": store.checksum(folder),
                               "synthetic": "bench.latency"})
     with transaction(settings.database_url) as s:
         corpus, model = repo.corpus_by_name(s, "scale"), repo.model_by_name(s, "demo")

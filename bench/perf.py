@@ -88,8 +88,8 @@ def our_build(ckpt, ids, batch_size: int, projection: int) -> float:
         meta = shard_gradients(shard, chunks, [ckpt], config, lambda *a: None)
         (shard / "meta.json").write_text(json.dumps({"rows": len(chunks), **meta}))
         finalize_gradients(Path(tmp), [shard], [ckpt], config, lambda *a: None)
-        store.build_faiss(store.open_array(Path(tmp), "grad"), Path(tmp) / "grad.faiss",
-                          store.choose_factory(len(chunks)))
+        grad = store.open_array(Path(tmp), "grad")
+        store.build_faiss(grad, Path(tmp) / "grad.faiss", store.choose_factory(*grad.shape))
         return time.perf_counter() - t
 
 

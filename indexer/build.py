@@ -43,7 +43,8 @@ class BuildConfig:
     # Overlapping and packed rows count shared tokens once per row in the K-FAC factors.
     chunking: str = "sliding"
     stride: int | None = None
-    factory: str | None = None  # FAISS factory string; None = chosen from the row count
+    factory: str | None = None  # FAISS factory string; None = chosen from rows and dimension (store.choose_factory)
+    nprobe: int = store.NPROBE  # inverted lists searched per query when the factory has an IVF
     # chunks per shard (a range of documents): the unit of work of a build job and of length-sorting
     # into batches. Results depend on it and never on how many workers share the shards.
     shard_size: int = 4096
@@ -55,6 +56,10 @@ class BuildConfig:
             raise ValueError("checkpoint_weights must be 'lr' or 'uniform'")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.nprobe < 1:
+            raise ValueError("nprobe must be at least 1")
+        if self.factory is not None:
+            store.check_factory(self.factory)
         if self.shard_size < 1:
             raise ValueError("shard_size must be at least 1")
         if self.chunking not in CHUNKINGS:
@@ -222,15 +227,18 @@ def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[Ch
         row += len(part)
     dense.flush()
     lexical.build(texts, out / "bm25")
-    factory = config.factory or store.choose_factory(len(texts))
-    store.build_faiss(store.open_array(out, "grad"), out / "grad.faiss", factory)
-    store.build_faiss(store.open_array(out, "dense"), out / "dense.faiss", factory)
+    grad_rows, dense_rows = store.open_array(out, "grad"), store.open_array(out, "dense")
+    factory = config.factory or store.choose_factory(*grad_rows.shape)
+    dense_factory = config.factory or store.choose_factory(*dense_rows.shape)
+    store.build_faiss(grad_rows, out / "grad.faiss", factory)
+    store.build_faiss(dense_rows, out / "dense.faiss", dense_factory)
     progress("faiss", len(texts), len(texts))
     metas = [json.loads((s / "meta.json").read_text()) for s in shards]
     timings = {k: sum(m["timings_s"][k] for m in metas) for k in ("gradients", "embeddings")}
     timings["merge"] = time.perf_counter() - t
     info = {
         **provenance, "config": asdict(config), "rows": len(texts), "faiss_factory": factory,
+        "dense_faiss_factory": dense_factory, "faiss_nprobe": config.nprobe,
         "gradient": grad, "embedder": semantic.NAME, "code_version": store.code_version(),
         "projection_seed": config.gradient.seed, "timings_s": timings, "shards": len(shards),
         "checksum": store.checksum(out),

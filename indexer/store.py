@@ -97,11 +97,59 @@ def atomic_dir(final: Path):
         raise
 
 
-def choose_factory(rows: int) -> str:
-    """Exact search while it is cheap; an inverted file with fp16 scalar codes beyond."""
-    if rows < 200_000:
+FLAT_BYTES = 256 << 20  # exact search while its float32 vectors stay under this (one scan ≈ 20-30 ms here)
+TRAIN_ROWS = 160_000  # rows an index trains on: 40 per list at 4096 lists
+NPROBE = 32  # inverted lists a search visits; recorded per build, set again whenever an index is loaded
+
+
+def choose_factory(rows: int, dim: int) -> str:
+    """Exact search while a scan is cheap; beyond, an inverted file over 8-bit codes, after a PCA to
+    256 dimensions when the features are wider (bench/faiss_scale.py: ≤ 264 bytes per document).
+
+    A trace rescores its candidates from the float16 store, so the index only has to bring the true
+    top-10 into its top-100: approximate codes cost little recall there.
+    """
+    if rows * dim * 4 <= FLAT_BYTES:
         return "Flat"
-    return f"IVF{int(4 * rows ** 0.5)},SQfp16"
+    # ≈ 4√n lists, a power of two in [256, 4096]: more lists would need more training rows than fit
+    # in memory at this width (FAISS wants ~40 per list), and 4096 keeps a 10M-row probe of 32 lists
+    # at ~80k codes
+    lists = 1 << max(8, min(12, round(np.log2(4 * rows ** 0.5))))
+    pca = f"PCA256," if dim > 256 else ""
+    return f"{pca}IVF{lists},SQ8"
+
+
+def check_factory(factory: str) -> None:
+    """ValueError unless FAISS can make `factory` (tried at the dense store's 384 dimensions)."""
+    import faiss
+    try:
+        faiss.index_factory(384, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise ValueError(f"FAISS cannot make {factory!r}: give a factory string such as 'Flat', "
+                         "'IVF4096,SQ8' or 'PCA256,IVF4096,SQ8'") from None
+
+
+def train_pca(index, sample: np.ndarray) -> None:
+    """Fit the PCA of an `IndexPreTransform` with numpy: FAISS's own PCA training took 85 s on
+    20k × 4096 rows here, a covariance and `eigh` 8 s. The rest of the index trains as usual."""
+    import faiss
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexPreTransform):
+        return
+    for i in range(inner.chain.size()):
+        pca = faiss.downcast_VectorTransform(inner.chain.at(i))
+        if not isinstance(pca, faiss.PCAMatrix) or pca.is_trained or pca.eigen_power or pca.random_rotation:
+            continue
+        mean = sample.mean(0)
+        centred = sample - mean
+        values, vectors = np.linalg.eigh((centred.T @ centred).astype(np.float64) / len(sample))
+        order = np.argsort(-values)
+        faiss.copy_array_to_vector(mean.astype(np.float32), pca.mean)
+        faiss.copy_array_to_vector(values[order].astype(np.float32), pca.eigenvalues)
+        faiss.copy_array_to_vector(np.ascontiguousarray(vectors[:, order].T, dtype=np.float32).ravel(), pca.PCAMat)
+        pca.is_trained = True
+        pca.prepare_Ab()
+        return
 
 
 def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
@@ -110,12 +158,23 @@ def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
     rows, dim = vectors.shape
     index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
     if not index.is_trained:
-        sample = np.random.default_rng(0).choice(rows, size=min(rows, 256 * 1024), replace=False)
-        index.train(np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32))
+        sample = np.random.default_rng(0).choice(rows, size=min(rows, TRAIN_ROWS), replace=False)
+        sample = np.ascontiguousarray(vectors[np.sort(sample)], dtype=np.float32)
+        train_pca(index, sample)
+        index.train(sample)
     for start in range(0, rows, BLOCK):
         block = np.ascontiguousarray(vectors[start:start + BLOCK], dtype=np.float32)
         index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
     faiss.write_index(index, str(path))
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    """Inverted lists searched per query (a no-op on exact indexes)."""
+    import faiss
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    except RuntimeError:
+        pass  # no inverted file inside
 
 
 REMOVED = "removed.npy"  # sorted store rows of deleted documents: absent from FAISS and BM25

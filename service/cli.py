@@ -99,6 +99,10 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                                        "context blocks, as HF run_clm)."),
           stride: Optional[int] = typer.Option(None, help="sliding: tokens between window starts; default "
                                                          "the window width (no overlap)."),
+          faiss_factory: Optional[str] = typer.Option(None, help="FAISS factory string for both indexes, e.g. "
+                                                      "'Flat' or 'PCA256,IVF4096,SQ8'; default: chosen from "
+                                                      "rows and dimension (exact up to 256 MB of vectors)."),
+          nprobe: int = typer.Option(32, help="Inverted lists searched per query when the index has an IVF."),
           update: bool = typer.Option(False, "--update", help="Add the documents ingested since the latest "
                                       "build to it (its own config; the options above are ignored)."),
           refit: bool = typer.Option(False, "--refit-curvature", help="With --update: refit EK-FAC over all "
@@ -117,7 +121,8 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
     try:
         config = BuildConfig(gradient=GradientConfig(k_in=proj, k_out=proj, seed=seed, modules=modules,
                                                      optimizer_norm=not no_adam), batch_size=batch_size,
-                             shard_size=shard_size, chunking=chunking, stride=stride)
+                             shard_size=shard_size, chunking=chunking, stride=stride,
+                             factory=faiss_factory, nprobe=nprobe)
     except ValueError as e:
         raise _input_error(str(e))
     settings = _settings(data_dir)

@@ -1,0 +1,48 @@
+"""FAISS index choice: exact while a scan is cheap, PCA + IVF + 8-bit codes beyond, nprobe applied."""
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer import store
+from indexer.build import BuildConfig
+
+
+def test_factory_follows_rows_and_width():
+    assert store.choose_factory(10_000, 4096) == "Flat"  # 160 MB of float32: one scan
+    assert store.choose_factory(100_000, 384) == "Flat"
+    assert store.choose_factory(100_000, 4096) == "PCA256,IVF1024,SQ8"
+    assert store.choose_factory(10_000_000, 4096) == "PCA256,IVF4096,SQ8"
+    assert store.choose_factory(1_000_000, 128) == "IVF4096,SQ8"  # narrow features: no PCA
+
+
+def test_numpy_pca_matches_faiss_and_the_index_finds_each_row(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((20, 64)).astype(np.float32)
+    x = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    store.build_faiss(x, tmp_path / "i.faiss", "PCA16,IVF8,SQ8")
+    index = store.read_faiss(tmp_path / "i.faiss")
+    pca = faiss.downcast_VectorTransform(faiss.downcast_index(faiss.downcast_index(index).index).chain.at(0))
+    reference = faiss.PCAMatrix(64, 16)
+    reference.train(x)
+    ours, theirs = pca.apply(x[:50]), reference.apply(x[:50])
+    cos = np.abs((ours * theirs).sum(0)) / np.linalg.norm(ours, axis=0) / np.linalg.norm(theirs, axis=0)
+    assert cos.min() > 0.999  # the same components, up to sign
+    exact = np.argsort(-(x[:200] @ x.T), axis=1)[:, :10]
+
+    def recall_after_rerank(nprobe):  # what a trace sees: the top 100 rescored exactly
+        store.set_nprobe(index, nprobe)
+        _, found = index.search(x[:200], 100)
+        top = [ids[np.argsort(-(x[ids] @ q))[:10]] for ids, q in zip(found, x[:200])]
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, exact)])
+
+    assert recall_after_rerank(8) > 0.9  # every list searched: only the codes approximate
+    store.set_nprobe(index, 3)  # through the id map and the PCA to the inverted file
+    assert faiss.extract_index_ivf(index).nprobe == 3
+
+
+def test_a_factory_faiss_cannot_make_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="FAISS cannot make 'IVF,Nonsense'"):
+        BuildConfig(factory="IVF,Nonsense")
+    assert BuildConfig(factory="PCA256,IVF4096,SQ8").factory == "PCA256,IVF4096,SQ8"
