@@ -144,22 +144,25 @@ def tune(index, nprobe: int) -> None:
         set_nprobe(index, nprobe)
 
 
-def measure(index, rows: Rows, queries: np.ndarray, truth: np.ndarray, pool: int, k: int = 10) -> dict:
-    """Recall@k of the index alone and after the exact rerank of its top `pool` (as a trace scores
-    its candidates from the float16 store), with median milliseconds per single query."""
-    alone, reranked, t_search, t_rerank = [], [], [], []
+def measure(index, rows: Rows, queries: np.ndarray, truth: np.ndarray, pools: list[int], k: int = 10) -> dict:
+    """Recall@k of the index alone, and after the exact rescoring of its top `pool` candidates (as
+    a trace scores candidates from the float16 store) for each pool size, with median milliseconds
+    per single query for the search and for the rescoring of the largest pool."""
+    alone, reranked, t_search, t_rerank = [], {p: [] for p in pools}, [], []
     for q, true in zip(queries, truth):
         t = time.perf_counter()
-        _, ids = index.search(q[None], pool)
+        _, ids = index.search(q[None], max(pools))
         t_search.append(time.perf_counter() - t)
         ids = ids[0][ids[0] >= 0]
         t = time.perf_counter()
         exact = rows.rows(ids) @ q
-        top = ids[np.argsort(-exact)[:k]]
         t_rerank.append(time.perf_counter() - t)
         alone.append(len(set(ids[:k]) & set(true)) / k)
-        reranked.append(len(set(top) & set(true)) / k)
-    return {"recall_at_10": float(np.mean(alone)), "recall_at_10_reranked": float(np.mean(reranked)),
+        for p in pools:
+            top = ids[:p][np.argsort(-exact[:p])[:k]]
+            reranked[p].append(len(set(top) & set(true)) / k)
+    return {"recall_at_10": float(np.mean(alone)),
+            "recall_at_10_reranked": {p: float(np.mean(r)) for p, r in reranked.items()},
             "search_ms": 1000 * statistics.median(t_search), "rerank_ms": 1000 * statistics.median(t_rerank)}
 
 
@@ -175,13 +178,22 @@ def main():
     ap.add_argument("--factories", default="auto", help="';'-separated FAISS factory strings; 'auto' = ours")
     ap.add_argument("--nprobe", default="16,32,64", help="IVF probes to try for each factory")
     ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--pool", type=int, default=100, help="candidates a trace rescores exactly")
+    ap.add_argument("--features", help="an .npz of base rows and queries saved by --save-features "
+                    "(for a machine without the demo's data dir)")
+    ap.add_argument("--save-features", help="write the base rows and queries used to this .npz")
+    ap.add_argument("--pools", default="100,400,1000", help="candidate counts a trace rescores exactly")
     ap.add_argument("--threads", type=int, default=0, help="FAISS threads (0: its default)")
     args = ap.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
 
-    base, queries = real_features(Path(args.data_dir), args.queries)
+    if args.features:
+        saved = np.load(args.features)
+        base, queries = saved["base"], saved["queries"][:args.queries]
+    else:
+        base, queries = real_features(Path(args.data_dir), args.queries)
+    if args.save_features:
+        np.savez(args.save_features, base=base, queries=queries)
     rows = Rows(base, args.rows)
     t = time.perf_counter()
     truth = exact_top(rows, queries)
@@ -190,19 +202,21 @@ def main():
           f"{1000 * exact_s / len(queries):.0f} ms/query", flush=True)
     results = []
     factories = [choose_factory(args.rows, rows.dim) if f.strip() == "auto" else f.strip() for f in args.factories.split(";")]
-    print(f"{'factory':40s} {'nprobe':>6s} {'R@10':>6s} {'R@10 rr':>7s} {'search':>7s} {'rerank':>7s} "
-          f"{'B/doc':>6s} {'build s':>7s}")
+    pools = [int(p) for p in args.pools.split(",")]
+    print(f"{'factory':32s} {'nprobe':>6s} {'R@10':>6s} " + " ".join(f"{'rr' + str(p):>7s}" for p in pools) +
+          f" {'search':>7s} {'rerank':>7s} {'B/doc':>6s} {'build s':>7s}")
     for factory in factories:
         with tempfile.TemporaryDirectory(dir=OUT if OUT.exists() else None) as tmp:
             index, seconds, size = build(rows, factory, Path(tmp))
         probes = [int(p) for p in args.nprobe.split(",")] if "IVF" in factory else [0]
         for nprobe in probes:
             tune(index, nprobe)
-            m = measure(index, rows, queries, truth, args.pool)
+            m = measure(index, rows, queries, truth, pools)
             results.append({"factory": factory, "nprobe": nprobe, **m, "bytes_per_doc": size / args.rows,
                             "build_s": seconds})
-            print(f"{factory:40s} {nprobe:6d} {m['recall_at_10']:6.3f} {m['recall_at_10_reranked']:7.3f} "
-                  f"{m['search_ms']:6.1f}ms {m['rerank_ms']:6.1f}ms {size / args.rows:6.0f} {seconds:7.0f}",
+            print(f"{factory:32s} {nprobe:6d} {m['recall_at_10']:6.3f} " +
+                  " ".join(f"{m['recall_at_10_reranked'][p]:7.3f}" for p in pools) +
+                  f" {m['search_ms']:6.1f}ms {m['rerank_ms']:6.1f}ms {size / args.rows:6.0f} {seconds:7.0f}",
                   flush=True)
         del index
     OUT.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ from indexer.build import BuildConfig
 def test_factory_follows_rows_and_width():
     assert store.choose_factory(10_000, 4096) == "Flat"  # 160 MB of float32: one scan
     assert store.choose_factory(100_000, 384) == "Flat"
-    assert store.choose_factory(100_000, 4096) == "PCA256,IVF1024,SQ8"
-    assert store.choose_factory(10_000_000, 4096) == "PCA256,IVF4096,SQ8"
-    assert store.choose_factory(1_000_000, 128) == "IVF4096,SQ8"  # narrow features: no PCA
+    assert store.choose_factory(100_000, 4096) == "PCA512,IVF1024,SQ8"
+    assert store.choose_factory(10_000_000, 4096) == "PCA512,IVF4096,SQ8"
+    assert store.choose_factory(1_000_000, 384) == "IVF4096,SQ8"  # narrow features: no PCA
 
 
 def test_numpy_pca_matches_faiss_and_the_index_finds_each_row(tmp_path):
@@ -45,4 +45,4 @@ def test_numpy_pca_matches_faiss_and_the_index_finds_each_row(tmp_path):
 def test_a_factory_faiss_cannot_make_is_refused_before_any_work():
     with pytest.raises(ValueError, match="FAISS cannot make 'IVF,Nonsense'"):
         BuildConfig(factory="IVF,Nonsense")
-    assert BuildConfig(factory="PCA256,IVF4096,SQ8").factory == "PCA256,IVF4096,SQ8"
+    assert BuildConfig(factory="PCA512,IVF4096,SQ8").factory == "PCA512,IVF4096,SQ8"
