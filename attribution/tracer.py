@@ -166,11 +166,12 @@ class Tracer:
         timings["query_embed"] = time.perf_counter() - t
         t = time.perf_counter()
         k_cand = min(max(candidates, k), len(bm25) - len(self.removed))
-        by_bm25 = np.argsort(-bm25, kind="stable")
+        live_bm25 = bm25.copy()
+        live_bm25[self.removed] = -np.inf
         pools = {
             "grad": self.grad_index.search(q_grad[None], k_cand)[1][0],
             "dense": self.dense_index.search(q_dense[None], k_cand)[1][0],
-            "bm25": by_bm25[~np.isin(by_bm25, self.removed)][:k_cand],
+            "bm25": top_k(live_bm25, k_cand),
         }
         pool = pools[method] if method != "hybrid" else np.unique(np.concatenate(list(pools.values())))
         pool = pool[(pool >= 0) & ~np.isin(pool, self.removed)]
@@ -184,6 +185,18 @@ class Tracer:
         hits = [Hit(int(pool[i]), float(score[i]), {m: float(v[i]) for m, v in raw.items()}) for i in top]
         timings["rank"] = time.perf_counter() - t
         return Ranking(answer, generated, hits, timings)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, highest first, ties by index: `np.argsort(-scores,
+    kind="stable")[:k]` without sorting every row (at 100k rows the full sort took ~8 ms a trace)."""
+    n = len(scores)
+    if k >= n:
+        return np.argsort(-scores, kind="stable")
+    kth = np.partition(scores, n - k)[n - k]  # the k-th highest value
+    above = np.flatnonzero(scores > kth)
+    chosen = np.concatenate([above, np.flatnonzero(scores == kth)[:k - len(above)]])
+    return chosen[np.argsort(-scores[chosen], kind="stable")]
 
 
 def combine(raw: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

@@ -120,16 +120,15 @@ def exact_top(rows: Rows, queries: np.ndarray, k: int = 10) -> np.ndarray:
 
 def build(rows: Rows, factory: str, folder: Path) -> tuple[object, float, int]:
     """Train on a sample, add every block with ids, write the index; (index, seconds, bytes).
-    Trained as `indexer.store.build_faiss` trains (a 64k sample, our numpy PCA)."""
+    Trained as `indexer.store.build_faiss` trains (its sample size, our streamed PCA)."""
     import faiss
 
-    from indexer.store import TRAIN_ROWS, train_pca
+    from indexer.store import TRAIN_ROWS, train_index
     t = time.perf_counter()
     index = faiss.IndexIDMap2(faiss.index_factory(rows.dim, factory, faiss.METRIC_INNER_PRODUCT))
     if not index.is_trained:
         sample = rows.sample(min(rows.n, TRAIN_ROWS))
-        train_pca(index, sample)
-        index.train(sample)
+        train_index(index, lambda: iter([sample]))
     for start, x in rows.blocks():
         index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
     seconds = time.perf_counter() - t

@@ -46,3 +46,12 @@ def test_a_factory_faiss_cannot_make_is_refused_before_any_work():
     with pytest.raises(ValueError, match="FAISS cannot make 'IVF,Nonsense'"):
         BuildConfig(factory="IVF,Nonsense")
     assert BuildConfig(factory="PCA512,IVF4096,SQ8").factory == "PCA512,IVF4096,SQ8"
+
+
+def test_top_k_equals_a_stable_full_sort():
+    from attribution.tracer import top_k
+    rng = np.random.default_rng(1)
+    for scores in (rng.standard_normal(1000), rng.integers(0, 4, 1000).astype(float),
+                   np.r_[np.zeros(500), -np.inf * np.ones(20), rng.random(5)]):
+        for k in (1, 10, 100, 999, 1000, 2000):
+            assert np.array_equal(top_k(scores, k), np.argsort(-scores, kind="stable")[:k])
