@@ -158,7 +158,8 @@ def raw_blocks(shards: list[Path], c: int):
     for shard in shards:
         raw = np.load(shard / f"raw-c{c}.npy", mmap_mode="r")
         for start in range(0, len(raw), store.BLOCK):
-            yield raw[start:start + store.BLOCK]
+            yield np.array(raw[start:start + store.BLOCK])
+            store.release(raw)
 
 
 def feature_block(raw: np.ndarray, curv: curvature.Curvature | None, weight: float) -> np.ndarray:
@@ -197,6 +198,7 @@ def finalize_gradients(folder: Path, shards: list[Path], ckpts: list[CheckpointI
         row = 0
         for block in raw_blocks(shards, c):
             out[row:row + len(block), col:col + dim] = feature_block(block, curv, weights[c])
+            store.release(out)
             if moments is not None:
                 moments.add_block(block)
             row += len(block)
@@ -223,7 +225,9 @@ def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[Ch
     row = 0
     for shard in shards:
         part = np.load(shard / "dense.npy", mmap_mode="r")
-        dense[row:row + len(part)] = part.astype(np.float16)
+        for start in range(0, len(part), store.BLOCK):
+            dense[row + start:row + start + store.BLOCK] = part[start:start + store.BLOCK].astype(np.float16)
+            store.release(dense)
         row += len(part)
     dense.flush()
     lexical.build(texts, out / "bm25")

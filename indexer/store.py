@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import shutil
 import subprocess
 import uuid
@@ -45,6 +46,18 @@ def create_array(folder: Path, name: str, rows: int, dim: int) -> np.memmap:
 
 def open_array(folder: Path, name: str) -> np.memmap:
     return np.load(folder / f"{name}.npy", mmap_mode="r")
+
+
+def release(array: np.ndarray) -> None:
+    """Drop a memory-mapped array's resident pages from this process (written ones are flushed
+    first; the data stays in the file and the page cache). Streaming through a store otherwise
+    leaves every page it touched mapped, and the process's resident memory grows with the corpus."""
+    mm = getattr(array, "_mmap", None)
+    if mm is None:
+        return
+    if isinstance(array, np.memmap) and array.mode in ("r+", "w+"):
+        array.flush()
+    mm.madvise(mmap.MADV_DONTNEED)
 
 
 def write_info(folder: Path, info: dict) -> None:
@@ -182,12 +195,18 @@ def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
     index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
     if not index.is_trained:
         sample = np.sort(np.random.default_rng(0).choice(rows, size=min(rows, TRAIN_ROWS), replace=False))
-        train_index(index, lambda: (np.asarray(vectors[sample[i:i + BLOCK]], dtype=np.float32)
-                                    for i in range(0, len(sample), BLOCK)))
+        train_index(index, lambda: (_copy(vectors, sample[i:i + BLOCK]) for i in range(0, len(sample), BLOCK)))
     for start in range(0, rows, BLOCK):
-        block = np.ascontiguousarray(vectors[start:start + BLOCK], dtype=np.float32)
+        block = _copy(vectors, slice(start, start + BLOCK))
         index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
     faiss.write_index(index, str(path))
+
+
+def _copy(vectors: np.ndarray, rows) -> np.ndarray:
+    """Rows of a (memory-mapped) array as contiguous float32, its pages released after."""
+    block = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    release(vectors)
+    return block
 
 
 def set_nprobe(index, nprobe: int) -> None:
