@@ -226,7 +226,8 @@ def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[Ch
     for shard in shards:
         part = np.load(shard / "dense.npy", mmap_mode="r")
         for start in range(0, len(part), store.BLOCK):
-            dense[row + start:row + start + store.BLOCK] = part[start:start + store.BLOCK].astype(np.float16)
+            block = part[start:start + store.BLOCK]
+            dense[row + start:row + start + len(block)] = block.astype(np.float16)
             store.release(dense)
         row += len(part)
     dense.flush()
