@@ -112,6 +112,7 @@ def atomic_dir(final: Path):
 
 FLAT_BYTES = 256 << 20  # exact search while its float32 vectors stay under this (one scan ≈ 20-30 ms here)
 TRAIN_ROWS = 160_000  # rows an index trains on: 40 per list at 4096 lists
+RESCORE = 4  # an approximate index returns this many times the candidates wanted, rescored exactly
 NPROBE = 32  # inverted lists a search visits; recorded per build, set again whenever an index is loaded
 
 
