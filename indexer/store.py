@@ -162,11 +162,18 @@ def _fit_pca(pca, blocks) -> None:
     import faiss
     total, outer, n = None, None, 0
     for x in blocks:
-        total = x.sum(0, dtype=np.float64) if total is None else total + x.sum(0, dtype=np.float64)
-        outer = (x.T @ x).astype(np.float64) if outer is None else outer + x.T @ x
+        if outer is None:
+            total, outer = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+        total += x.sum(0, dtype=np.float64)
+        np.add(outer, x.T @ x, out=outer)
         n += len(x)
     mean = total / n
-    values, vectors = np.linalg.eigh(outer / n - np.outer(mean, mean))
+    outer /= n
+    for i in range(len(mean)):  # row by row: a D × D temporary is 128 MB at 4096 dims
+        outer[i] -= mean[i] * mean
+    # float32 for the decomposition: only the top components matter, and LAPACK's workspace halves
+    values, vectors = np.linalg.eigh(outer.astype(np.float32))
+    del outer
     order = np.argsort(-values)
     faiss.copy_array_to_vector(mean.astype(np.float32), pca.mean)
     faiss.copy_array_to_vector(values[order].astype(np.float32), pca.eigenvalues)
@@ -183,9 +190,24 @@ def train_index(index, blocks) -> None:
     if lone is None:
         index.train(np.concatenate(list(blocks())))
         return
+    import faiss
     inner, pca = lone
     _fit_pca(pca, blocks())
-    inner.index.train(np.concatenate([pca.apply(x) for x in blocks()]))
+    ivf = faiss.try_extract_index_ivf(inner.index)
+    # k-means wants ~40 rows per list (and the 8-bit codes their value ranges); more only costs memory
+    limit = max(40 * ivf.nlist, 20_000) if ivf is not None else None
+    reduced, n = None, 0
+    for x in blocks():
+        y = pca.apply(x)
+        if reduced is None:
+            total = sum(len(b) for b in blocks()) if limit is None else limit
+            reduced = np.empty((total, y.shape[1]), dtype=np.float32)
+        take = min(len(y), len(reduced) - n)
+        reduced[n:n + take] = y[:take]
+        n += take
+        if n == len(reduced):
+            break
+    inner.index.train(reduced[:n])
     inner.is_trained = index.is_trained = True
 
 
