@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--sizes", default="5000,50000")
     ap.add_argument("--work", default="bench/out/memory")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--faiss-factory", help="the same FAISS factory at every size (default: wherefrom's "
+                    "choice, which turns from exact to PCA + IVF above 256 MB of vectors)")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     model = work / "model"
@@ -59,13 +61,16 @@ def main():
         env.pop("WHEREFROM_DATABASE_URL", None)
         run(["ingest", str(corpus), "--corpus", "c"], env)
         run(["model", "add", str(model), "--name", "m"], env)
-        seconds, rss = run(["index", "--corpus", "c", "--model", "m", "--batch-size", str(args.batch_size)], env)
+        factory = ["--faiss-factory", args.faiss_factory] if args.faiss_factory else []
+        seconds, rss = run(["index", "--corpus", "c", "--model", "m", "--batch-size", str(args.batch_size),
+                            *factory], env)
         report.append({"documents": n, "index_s": seconds, "peak_rss_mib": rss})
         print(f"{n:>8,} documents: index {seconds:6.0f} s, peak RSS {rss:7.0f} MiB")
     growth = report[-1]["peak_rss_mib"] / report[0]["peak_rss_mib"] - 1
     print(f"peak RSS grows {100 * growth:.1f}% for {report[-1]['documents'] / report[0]['documents']:.0f}× the documents")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "memory.json").write_text(json.dumps({"runs": report, "growth": growth}, indent=1))
+    name = "memory.json" if not args.faiss_factory else "memory-fixed-factory.json"
+    (OUT / name).write_text(json.dumps({"runs": report, "growth": growth, "factory": args.faiss_factory}, indent=1))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ class BuildConfig:
     # Overlapping and packed rows count shared tokens once per row in the K-FAC factors.
     chunking: str = "sliding"
     stride: int | None = None
-    factory: str | None = None  # FAISS factory string; None = chosen from rows and dimension (store.choose_factory)
+    factory: str | None = None  # the gradient index's FAISS factory; None = chosen from rows and width
     nprobe: int = store.NPROBE  # inverted lists searched per query when the factory has an IVF
     # chunks per shard (a range of documents): the unit of work of a build job and of length-sorting
     # into batches. Results depend on it and never on how many workers share the shards.
@@ -234,7 +234,7 @@ def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[Ch
     lexical.build(texts, out / "bm25")
     grad_rows, dense_rows = store.open_array(out, "grad"), store.open_array(out, "dense")
     factory = config.factory or store.choose_factory(*grad_rows.shape)
-    dense_factory = config.factory or store.choose_factory(*dense_rows.shape)
+    dense_factory = store.choose_factory(*dense_rows.shape)  # MiniLM's 384 dims: an override is for gradients
     store.build_faiss(grad_rows, out / "grad.faiss", factory)
     store.build_faiss(dense_rows, out / "dense.faiss", dense_factory)
     progress("faiss", len(texts), len(texts))

@@ -99,7 +99,7 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                                        "context blocks, as HF run_clm)."),
           stride: Optional[int] = typer.Option(None, help="sliding: tokens between window starts; default "
                                                          "the window width (no overlap)."),
-          faiss_factory: Optional[str] = typer.Option(None, help="FAISS factory string for both indexes, e.g. "
+          faiss_factory: Optional[str] = typer.Option(None, help="FAISS factory string for the gradient index, e.g. "
                                                       "'Flat' or 'PCA256,IVF4096,SQ8'; default: chosen from "
                                                       "rows and dimension (exact up to 256 MB of vectors)."),
           nprobe: int = typer.Option(32, help="Inverted lists searched per query when the index has an IVF."),
