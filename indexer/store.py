@@ -111,6 +111,7 @@ def atomic_dir(final: Path):
 
 
 FLAT_BYTES = 256 << 20  # exact search while its float32 vectors stay under this (one scan ≈ 20-30 ms here)
+FAISS_BLOCK_BYTES = 16 << 20  # float32 bytes per block fed to FAISS (2,048 rows at 2,048 dims)
 TRAIN_ROWS = 160_000  # rows an index trains on: 40 per list at 4096 lists
 RESCORE = 4  # an approximate index returns this many times the candidates wanted, rescored exactly
 NPROBE = 32  # inverted lists a search visits; recorded per build, set again whenever an index is loaded
@@ -156,6 +157,22 @@ def _lone_pca(index):
     return inner, pca
 
 
+def _top_eigen(c: np.ndarray, k: int, iters: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenpairs of a symmetric matrix by subspace iteration, largest first.
+
+    A full `eigh` of a 2,048-wide covariance peaked at +150 MB (LAPACK's workspace and copies);
+    this holds a few D × (k + 16) blocks, and a PCA only needs the top of the spectrum."""
+    n = len(c)
+    if k + 16 >= n:
+        values, vectors = np.linalg.eigh(c)
+        return values[::-1][:k], vectors[:, ::-1][:, :k]
+    q = np.linalg.qr(c @ np.random.default_rng(0).standard_normal((n, k + 16)))[0]
+    for _ in range(iters):
+        q = np.linalg.qr(c @ q)[0]
+    values, small = np.linalg.eigh(q.T @ c @ q)
+    return values[::-1][:k], (q @ small[:, ::-1])[:, :k]
+
+
 def _fit_pca(pca, blocks) -> None:
     """PCA from streamed blocks: sums of x and xᵀx in float64, then `eigh` (FAISS's own PCA training
     took 85 s on 20k × 4096 rows here, this 8 s, and it never holds the sample twice)."""
@@ -171,13 +188,10 @@ def _fit_pca(pca, blocks) -> None:
     outer /= n
     for i in range(len(mean)):  # row by row: a D × D temporary is 128 MB at 4096 dims
         outer[i] -= mean[i] * mean
-    # float32 for the decomposition: only the top components matter, and LAPACK's workspace halves
-    values, vectors = np.linalg.eigh(outer.astype(np.float32))
-    del outer
-    order = np.argsort(-values)
+    values, vectors = _top_eigen(outer, pca.d_out)
     faiss.copy_array_to_vector(mean.astype(np.float32), pca.mean)
-    faiss.copy_array_to_vector(values[order].astype(np.float32), pca.eigenvalues)
-    faiss.copy_array_to_vector(np.ascontiguousarray(vectors[:, order].T, dtype=np.float32).ravel(), pca.PCAMat)
+    faiss.copy_array_to_vector(values.astype(np.float32), pca.eigenvalues)
+    faiss.copy_array_to_vector(np.ascontiguousarray(vectors.T, dtype=np.float32).ravel(), pca.PCAMat)
     pca.is_trained = True
     pca.prepare_Ab()
 
@@ -216,11 +230,12 @@ def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
     import faiss
     rows, dim = vectors.shape
     index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    step = max(256, min(BLOCK, FAISS_BLOCK_BYTES // (4 * dim)))  # rows per block by bytes, not count
     if not index.is_trained:
         sample = np.sort(np.random.default_rng(0).choice(rows, size=min(rows, TRAIN_ROWS), replace=False))
-        train_index(index, lambda: (_copy(vectors, sample[i:i + BLOCK]) for i in range(0, len(sample), BLOCK)))
-    for start in range(0, rows, BLOCK):
-        block = _copy(vectors, slice(start, start + BLOCK))
+        train_index(index, lambda: (_copy(vectors, sample[i:i + step]) for i in range(0, len(sample), step)))
+    for start in range(0, rows, step):
+        block = _copy(vectors, slice(start, start + step))
         index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
     faiss.write_index(index, str(path))
 
