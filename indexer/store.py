@@ -142,7 +142,7 @@ def check_factory(factory: str) -> None:
         faiss.index_factory(384, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
         raise ValueError(f"FAISS cannot make {factory!r}: give a factory string such as 'Flat', "
-                         "'IVF4096,SQ8' or 'PCA256,IVF4096,SQ8'") from None
+                         "'IVF4096,SQ8' or 'PCA512,IVF4096,SQ8'") from None
 
 
 def _lone_pca(index):
@@ -174,8 +174,9 @@ def _top_eigen(c: np.ndarray, k: int, iters: int = 30) -> tuple[np.ndarray, np.n
 
 
 def _fit_pca(pca, blocks) -> None:
-    """PCA from streamed blocks: sums of x and xᵀx in float64, then `eigh` (FAISS's own PCA training
-    took 85 s on 20k × 4096 rows here, this 8 s, and it never holds the sample twice)."""
+    """PCA from streamed blocks: sums of x and xᵀx in float64, then the top components (FAISS's own
+    PCA training took 85 s on 20k × 4096 rows here, a covariance and `eigh` 8 s; this never holds
+    the sample at all)."""
     import faiss
     total, outer, n = None, None, 0
     for x in blocks:
