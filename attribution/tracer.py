@@ -150,9 +150,8 @@ class Tracer:
         if self.info.get(factory_key, "Flat") == "Flat":
             return index.search(query[None], k)[1][0]
         ids = index.search(query[None], k * store.RESCORE)[1][0]
-        ids = ids[ids >= 0]
-        exact = rows[np.sort(ids)].astype(np.float32) @ query
-        return np.sort(ids)[top_k(exact, k)]
+        ids = np.sort(ids[ids >= 0])  # row order: the store reads forward, ties rank by row
+        return ids[top_k(rows[ids].astype(np.float32) @ query, k)]
 
     def rank(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
              candidates: int = 100, weights: dict | None = None) -> Ranking:
