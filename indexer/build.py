@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from db.errors import InputError
 from indexer import curvature, lexical, semantic, store
 from indexer.corpus import CHUNKINGS, Chunk
 from indexer.curvature import Stats
@@ -162,6 +163,18 @@ def raw_blocks(shards: list[Path], c: int):
             store.release(raw)
 
 
+def copy_shard_rows(out: np.ndarray, shards: list[Path], name: str, row: int) -> None:
+    """Each shard's `name` array into `out` from `row` on, as float16, block by block (pages released)."""
+    for shard in shards:
+        part = np.load(shard / name, mmap_mode="r")
+        for start in range(0, len(part), store.BLOCK):
+            block = part[start:start + store.BLOCK]
+            out[row + start:row + start + len(block)] = block.astype(np.float16)
+            store.release(out)
+        row += len(part)
+    out.flush()
+
+
 def feature_block(raw: np.ndarray, curv: curvature.Curvature | None, weight: float) -> np.ndarray:
     """Stored features of raw projected gradients (n, D_c): preconditioned, unit norm, × weight."""
     f = curv.apply(raw) if curv else np.array(raw, dtype=np.float32)
@@ -222,20 +235,16 @@ def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[Ch
     t = time.perf_counter()
     grad = finalize_gradients(out, shards, ckpts, config, progress)
     dense = store.create_array(out, "dense", len(texts), semantic.DIM)
-    row = 0
-    for shard in shards:
-        part = np.load(shard / "dense.npy", mmap_mode="r")
-        for start in range(0, len(part), store.BLOCK):
-            block = part[start:start + store.BLOCK]
-            dense[row + start:row + start + len(block)] = block.astype(np.float16)
-            store.release(dense)
-        row += len(part)
-    dense.flush()
+    copy_shard_rows(dense, shards, "dense.npy", 0)
     lexical.build(texts, out / "bm25")
     grad_rows, dense_rows = store.open_array(out, "grad"), store.open_array(out, "dense")
     factory = config.factory or store.choose_factory(*grad_rows.shape)
     dense_factory = store.choose_factory(*dense_rows.shape)  # MiniLM's 384 dims: an override is for gradients
-    store.build_faiss(grad_rows, out / "grad.faiss", factory)
+    try:
+        store.build_faiss(grad_rows, out / "grad.faiss", factory)
+    except RuntimeError as e:  # only an override gets here: the automatic choice fits any width
+        raise InputError(f"FAISS factory {factory!r} does not fit {grad_rows.shape[1]}-dim gradient features "
+                         f"({str(e).splitlines()[-1][:120]}): pick another --faiss-factory, or leave it out") from None
     store.build_faiss(dense_rows, out / "dense.faiss", dense_factory)
     progress("faiss", len(texts), len(texts))
     metas = [json.loads((s / "meta.json").read_text()) for s in shards]

@@ -136,7 +136,8 @@ def choose_factory(rows: int, dim: int) -> str:
 
 
 def check_factory(factory: str) -> None:
-    """ValueError unless FAISS can make `factory` (tried at the dense store's 384 dimensions)."""
+    """ValueError unless FAISS can parse `factory` (made at a placeholder width of 384: whether it fits
+    the gradient features' width is known only when the merge builds it)."""
     import faiss
     try:
         faiss.index_factory(384, factory, faiss.METRIC_INNER_PRODUCT)
@@ -211,18 +212,20 @@ def train_index(index, blocks) -> None:
     ivf = faiss.try_extract_index_ivf(inner.index)
     # k-means wants ~40 rows per list (and the 8-bit codes their value ranges); more only costs memory
     limit = max(40 * ivf.nlist, 20_000) if ivf is not None else None
-    reduced, n = None, 0
-    for x in blocks():
-        y = pca.apply(x)
-        if reduced is None:
-            total = sum(len(b) for b in blocks()) if limit is None else limit
-            reduced = np.empty((total, y.shape[1]), dtype=np.float32)
-        take = min(len(y), len(reduced) - n)
-        reduced[n:n + take] = y[:take]
-        n += take
-        if n == len(reduced):
-            break
-    inner.index.train(reduced[:n])
+    if limit is None:  # no inverted file behind the PCA: it trains on every reduced row
+        inner.index.train(np.concatenate([pca.apply(x) for x in blocks()]))
+    else:
+        reduced, n = None, 0
+        for x in blocks():
+            y = pca.apply(x)
+            if reduced is None:
+                reduced = np.empty((limit, y.shape[1]), dtype=np.float32)
+            take = min(len(y), limit - n)
+            reduced[n:n + take] = y[:take]
+            n += take
+            if n == limit:
+                break
+        inner.index.train(reduced[:n])
     inner.is_trained = index.is_trained = True
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from db.errors import InputError
 from indexer import curvature, lexical, semantic, store
-from indexer.build import BuildConfig, Progress, feature_block, raw_blocks, shard_stats
+from indexer.build import BuildConfig, Progress, copy_shard_rows, feature_block, raw_blocks, shard_stats
 
 KFAC = "kfac-c{c}.npz"
 CURVATURE = "curvature-c{c}.npz"
@@ -148,12 +148,7 @@ def append(old: Path, out: Path, shards: list[Path], live_texts: list[str], live
     _gradients(old, out, shards, info, new_rows, refit, progress)
     dense = store.create_array(out, "dense", rows, semantic.DIM)
     dense[:old_rows] = store.open_array(old, "dense")
-    row = old_rows
-    for shard in shards:
-        part = np.load(shard / "dense.npy", mmap_mode="r")
-        dense[row:row + len(part)] = part.astype(np.float16)
-        row += len(part)
-    dense.flush()
+    copy_shard_rows(dense, shards, "dense.npy", old_rows)
     removed = store.removed_rows(old)
     if len(removed):
         link_or_copy(old / store.REMOVED, out / store.REMOVED)

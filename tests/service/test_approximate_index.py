@@ -25,3 +25,18 @@ def test_an_ivf_build_ranks_as_the_exact_build(tmp_path, indexed):
             # candidates, every score comes from the float16 store, so the ranking is the exact one
             assert [h.external_id for h in approx.hits] == [h.external_id for h in exact.hits], (q.prompt, method)
             assert all(abs(a.score - e.score) < 1e-5 for a, e in zip(approx.hits, exact.hits))
+
+
+def test_a_factory_that_does_not_fit_the_features_is_refused_with_nothing_published(tmp_path, indexed):
+    import pytest
+
+    from db.errors import InputError
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")
+    corpus, _ = indexed.world.write(tmp_path / "world")
+    ops.ingest(settings, corpus, "world")
+    ops.add_model(settings, indexed.model_dir, "tiny")
+    # FAISS parses it, but a PCA cannot output more dimensions than the features have
+    with pytest.raises(InputError, match="does not fit .*-dim gradient features.*pick another --faiss-factory"):
+        ops.index(settings, "world", "tiny", BuildConfig(factory="PCA4096,Flat"))
+    assert not list(settings.stores.iterdir())  # no store, no partial build left behind
