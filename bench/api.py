@@ -16,7 +16,7 @@ import time
 
 import httpx
 
-from bench.world import make_world
+from service.demo.world import make_world
 
 TOKEN = "bench-token-" + "b" * 20
 

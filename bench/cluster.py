@@ -97,18 +97,11 @@ def forget_queue(broker_url: str, queue: str) -> None:
 @contextmanager
 def temporary_database(admin_url: str = PG_ADMIN):
     """A fresh PostgreSQL database; yields its URL and drops it (and our engines on it) after."""
-    from sqlalchemy import create_engine, text
+    from db.admin import create_database, drop_database
 
-    from db.engine import _ready
     name = f"wherefrom_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = create_database(admin_url, name)
     try:
-        yield admin_url.rsplit("/", 1)[0] + "/" + name
+        yield url
     finally:
-        for url in [u for u in _ready if u.endswith("/" + name)]:
-            _ready.pop(url).dispose()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(admin_url, name)

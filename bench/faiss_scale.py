@@ -38,7 +38,7 @@ NOISE_SHARE = 0.5  # norm of the noise part relative to the mixture part
 
 def real_features(data_dir: Path, questions: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows of the latest build's grad store, query gradients of the demo world's questions)."""
-    from bench.world import make_world
+    from service.demo.world import make_world
     from service import ops
     from service.settings import Settings
 

@@ -65,8 +65,8 @@ def inline_baseline(settings, prompts, n: int, name: str, threads: int | None) -
 
 
 def setup_world(settings, root: Path, name: str, cache: Path):
-    from bench.train import TrainConfig, train
-    from bench.world import make_world
+    from service.demo.train import TrainConfig, train
+    from service.demo.world import make_world
     from service import ops
 
     world = make_world(seed=7, n_people=10, n_filler=20)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import faiss_scale
-from bench.world import make_world
+from service.demo.world import make_world
 
 OUT = Path("bench/out")
 

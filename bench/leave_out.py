@@ -49,8 +49,8 @@ def removal_sets(world, tracer, scorer, questions, ext, k: int, rng) -> dict[str
 
 def run(seed: int, n_facts: int, k: int) -> dict:
     from bench.methods import Scorer
-    from bench.train import TrainConfig, train
-    from service.demo import is_correct
+    from service.demo.train import TrainConfig, train
+    from service.demo.run import is_correct
 
     world, _, tracer, ext, _, tokens, folder = prepare(seed)
     scorer = Scorer(folder, tracer, tokens)

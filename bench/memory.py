@@ -36,7 +36,7 @@ def run(args: list[str], env: dict) -> tuple[float, float]:
 
 
 def main():
-    from bench.train import TrainConfig, train
+    from service.demo.train import TrainConfig, train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="5000,50000")

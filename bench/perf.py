@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.world import make_world
+from service.demo.world import make_world
 
 OUT = Path("bench/out")
 
@@ -45,7 +45,7 @@ def corpus(worlds: int, group: int) -> list[str]:
 def setup(n_layer: int, n_embd: int, worlds: int, group: int, seed: int = 0):
     """A GPT-2 of the given size trained one epoch with the HF Trainer (so its checkpoint holds the
     Adam state the default features fold in), and the corpus tokenised as the build sees it."""
-    from bench.train import TrainConfig, train
+    from service.demo.train import TrainConfig, train
     from indexer.modelio import discover_checkpoints, load_model
 
     texts = corpus(worlds, group)

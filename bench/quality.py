@@ -27,7 +27,7 @@ TAIL_PATCH_QUESTIONS = 30  # tail-patch costs one forward/backward per (question
 def prepare(seed: int):
     """World, trained model, one default build; returns (world, settings, tracer, row ext ids, row tokens)."""
     from attribution.tracer import Tracer
-    from bench.train import TrainConfig, train
+    from service.demo.train import TrainConfig, train
     from bench.trap_world import make_trap_world
     from db import repo
     from db.engine import transaction
@@ -80,7 +80,7 @@ def run(seed: int, rerank_n: int = 20) -> dict:
     from attribution.rerank import exact_scores
     from attribution.verify import lexical_match, tail_patcher
     from bench.methods import Scorer
-    from service.demo import is_correct
+    from service.demo.run import is_correct
 
     world, settings, tracer, ext, texts, tokens, folder = prepare(seed)
     pos_of = {e: i for i, e in enumerate(ext)}

@@ -37,15 +37,15 @@ def first_rank(tracer, q, method: str, entries: dict) -> int | None:
 
 def run(seed: int, data: Path) -> dict:
     from attribution.tracer import Tracer
-    from bench.train import TrainConfig, train
-    from bench.world import make_world
+    from service.demo.train import TrainConfig, train
+    from service.demo.world import make_world
     from db import repo
     from db.models import IndexBuild
     from indexer.build import BuildConfig
     from indexer.gradients import GradientConfig
     from db.engine import transaction
     from service import ops
-    from service.demo import is_correct
+    from service.demo.run import is_correct
     from service.settings import Settings
 
     settings = Settings(data_dir=data, database_url=f"sqlite:///{data}/bench.db")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from bench.world import FILLER, PARAPHRASE_COUNTS, TEMPLATES, VALUES, Question, World
+from service.demo.world import FILLER, PARAPHRASE_COUNTS, TEMPLATES, VALUES, Question, World
 
 FIRST = "Alvena Casimir Delphine Halvard Isolde Mirela Norwin Oriel Rosalind Sefton Tamsin Verity".split()
 LAST = "Ashgrove Blackwood Dunhallow Greywater Ironvale Kettleby Larkspur Northcote Pemberton Whitlock".split()

@@ -12,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x77686572  # pg_advisory_xact_lock key for schema upgrades ("wher")
 _ready: dict[str, Engine] = {}
+_sessions: dict[str, sessionmaker] = {}  # one session factory per engine
 
 
 def alembic_config(connection=None):
@@ -71,13 +72,23 @@ def get_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
         upgrade(engine)
         _ready[url] = engine
+        _sessions[url] = sessionmaker(engine, expire_on_commit=False)
     return _ready[url]
+
+
+def forget_engine(url: str) -> None:
+    """Close and forget the engine of `url` (before its database is dropped)."""
+    _sessions.pop(url, None)
+    engine = _ready.pop(url, None)
+    if engine is not None:
+        engine.dispose()
 
 
 @contextmanager
 def transaction(url: str):
     """A session whose work is committed on success and rolled back on any error."""
-    session = sessionmaker(get_engine(url), expire_on_commit=False)()
+    get_engine(url)
+    session = _sessions[url]()
     try:
         yield session
         session.commit()

@@ -177,3 +177,11 @@ def _job_progress(s: Session, job_id: int, stage: str | None = None) -> None:
 
 def shards_of(s: Session, job_id: int) -> Sequence[JobShard]:
     return s.scalars(select(JobShard).where(JobShard.job_id == job_id).order_by(JobShard.shard)).all()
+
+
+def batch_summary(s: Session, job_ids: Sequence[int]) -> tuple[int, int, datetime | None, datetime | None]:
+    """(finished, failed, first created, last finished) over a batch of jobs (the benchmarks' wait)."""
+    finished, failed, first, last = s.execute(
+        select(func.count().filter(Job.status.in_(FINISHED)), func.count().filter(Job.status == "failed"),
+               func.min(Job.created_at), func.max(Job.finished_at)).where(Job.id.in_(job_ids))).one()
+    return finished, failed, first, last

@@ -21,6 +21,11 @@ def ping(s: Session) -> None:
     s.execute(text("SELECT 1"))
 
 
+def schema_revision(s: Session) -> str:
+    """The Alembic revision the database is at."""
+    return s.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
 # --- corpora and documents -------------------------------------------------------------------
 
 def get_or_create_corpus(s: Session, name: str, source: str | None = None) -> Corpus:
@@ -108,6 +113,20 @@ def add_model(s: Session, name: str, path: str, checkpoints: list[dict]) -> tupl
     s.flush()
     s.refresh(model)
     return model, True
+
+
+def get_model(s: Session, model_id: int) -> Model:
+    model = s.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"no model {model_id}: list models with `wherefrom doctor`")
+    return model
+
+
+def get_corpus(s: Session, corpus_id: int) -> Corpus:
+    corpus = s.get(Corpus, corpus_id)
+    if corpus is None:
+        raise NotFound(f"no corpus {corpus_id}: ingest one with `wherefrom ingest FILE --corpus NAME`")
+    return corpus
 
 
 def model_by_name(s: Session, name: str) -> Model:

@@ -3,7 +3,9 @@
 Every route but /healthz and the OpenAPI schema wants `Authorization: Bearer <WHEREFROM_API_TOKEN>`.
 Errors are `{"error": "<one line saying what to do>"}` with a 4xx status. Route functions are
 plain `def`: FastAPI runs them on its thread pool, so a trace (seconds of CPU) never blocks the
-event loop, and `ops.model_lock` keeps one trace at a time on the loaded models.
+event loop, and `tracer_cache.model_lock` keeps one trace at a time on the loaded models.
+Jobs are the jobs table's (`service.jobs`): on the workers when a broker is set, else on one
+background thread of this process.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from db.errors import Forbidden, InputError, WherefromError
 from service import api_schemas as sc
-from service import ops
-from service.jobs import JobQueue, JobView, job_queue
+from service import catalog, jobs, traces
+from service.job_params import TraceJob
 from service.settings import ApiSettings, Settings
+from service.views import JobView, TraceOutcome
 
 
 class BodyLimit:
@@ -100,12 +103,12 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _jobs(request: Request) -> JobQueue:
-    return request.app.state.jobs
+def _background(request: Request) -> jobs.Background:
+    return request.app.state.background
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
-JobsDep = Annotated[JobQueue, Depends(_jobs)]
+BackgroundDep = Annotated[jobs.Background, Depends(_background)]
 ERRORS = {c: {"model": sc.ErrorOut} for c in (400, 401, 403, 404, 409, 413, 422)}
 # the report is one self-contained page: forbid it every fetch, script and frame
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -131,19 +134,19 @@ def inside_data_dir(settings: Settings, path: str) -> Path:
 def healthz(settings: SettingsDep):
     """Liveness and database reachability; no token needed."""
     try:
-        ops.ping_database(settings)
+        catalog.ping_database(settings)
     except Exception as e:  # any failure to reach the database is "not healthy", with its reason
         return _error(503, f"database unreachable: {type(e).__name__}")
     return {"status": "ok"}
 
 
-@routes.post("/traces", status_code=201, response_model=ops.TraceOutcome, responses={202: {"model": sc.JobAccepted}})
-def create_trace(body: sc.TraceRequest, settings: SettingsDep, jobs: JobsDep):
+@routes.post("/traces", status_code=201, response_model=TraceOutcome, responses={202: {"model": sc.JobAccepted}})
+def create_trace(body: sc.TraceRequest, settings: SettingsDep, background: BackgroundDep):
     """Trace an answer now (201), or with `"async": true` queue it and answer 202 with a job."""
     if not body.run_async:
-        return ops.trace(settings, **body.trace_params())
-    ops.resolve_build(settings, body.corpus, body.model)  # unknown names: 404 now, not a failed job
-    job_id = jobs.submit("trace", body.trace_params())
+        return traces.trace(settings, **body.trace_params())
+    traces.resolve_build(settings, body.corpus, body.model)  # unknown names: 404 now, not a failed job
+    job_id = jobs.submit(settings, TraceJob(**body.trace_params()), background=background)
     return JSONResponse(sc.JobAccepted(job_id=job_id, status="queued", url=f"/jobs/{job_id}").model_dump(),
                         status_code=202, headers={"Location": f"/jobs/{job_id}"})
 
@@ -152,13 +155,13 @@ def create_trace(body: sc.TraceRequest, settings: SettingsDep, jobs: JobsDep):
 def list_traces(settings: SettingsDep, model: str | None = Query(None, description="Only this model's traces."),
                 q: str | None = Query(None, max_length=500, description="Question contains (any case)."),
                 limit: int = Query(20, ge=1, le=500), offset: int = Query(0, ge=0)):
-    items, total = ops.list_traces(settings, model, q, limit, offset)
+    items, total = traces.list_traces(settings, model, q, limit, offset)
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
-@routes.get("/traces/{trace_id}", response_model=ops.TraceOutcome)
+@routes.get("/traces/{trace_id}", response_model=TraceOutcome)
 def get_trace(trace_id: int, settings: SettingsDep):
-    return ops.get_trace(settings, trace_id)
+    return traces.get_trace(settings, trace_id)
 
 
 @routes.get("/traces/{trace_id}/report", response_class=HTMLResponse)
@@ -171,26 +174,28 @@ def trace_report(trace_id: int, settings: SettingsDep, top: int = Query(5, ge=1,
 
 
 @routes.get("/jobs/{job_id}", response_model=JobView)
-def get_job(job_id: str, jobs: JobsDep):
-    return jobs.get(job_id)
+def get_job(job_id: str, settings: SettingsDep):
+    """A job of the jobs table, by the id `wherefrom jobs` shows too."""
+    return jobs.get(settings, job_id)
 
 
 @routes.post("/corpora/{corpus}/documents", status_code=201, response_model=sc.IngestOut)
 def ingest(corpus: str, body: sc.DocumentsIn, settings: SettingsDep):
     """Add documents to a corpus (created if new); the same documents again change nothing."""
     if body.path is not None:
-        result = ops.ingest(settings, inside_data_dir(settings, body.path), corpus)
+        result = catalog.ingest(settings, inside_data_dir(settings, body.path), corpus)
     else:
-        result = ops.ingest_records(settings, corpus, [(d.id, d.text, d.metadata) for d in body.documents])
+        result = catalog.ingest_records(settings, corpus, [(d.id, d.text, d.metadata) for d in body.documents])
     return {"corpus": corpus, "added": result.added, "unchanged": result.unchanged}
 
 
-def create_app(settings: Settings, api: ApiSettings, jobs: JobQueue | None = None) -> FastAPI:
-    """The API over one data directory; `jobs` defaults to `service.jobs.job_queue(settings)`."""
+def create_app(settings: Settings, api: ApiSettings, background: jobs.Background | None = None) -> FastAPI:
+    """The API over one data directory; queued jobs run on the workers when a broker is set, else on
+    `background` (default: one thread of this process)."""
     app = FastAPI(title="wherefrom", version="0.1.0",
                   description="Which training documents taught a language model this answer?")
     app.state.settings, app.state.api = settings, api
-    app.state.jobs = jobs or job_queue(settings)
+    app.state.background = background or jobs.Background()
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=api.max_body_bytes)
     app.include_router(open_routes)

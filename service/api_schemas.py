@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP API (they make its OpenAPI schema).
 
-Responses that are plain results of `service.ops` (a trace, a trace summary, a job) use those
+Responses that are plain views (`service.views`: a trace, a trace summary, a job) use those
 dataclasses directly; FastAPI turns them into schemas.
 """
 
@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.ops import TraceSummary
+from service.views import TraceSummary
 
 Method = Literal["hybrid", "grad", "dense", "bm25"]
 
@@ -49,7 +49,7 @@ class TracePage(BaseModel):
 
 
 class JobAccepted(BaseModel):
-    job_id: str
+    job_id: int
     status: str
     url: str
 

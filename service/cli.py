@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -31,29 +30,6 @@ def _settings(data_dir):
     return Settings.from_env(data_dir)
 
 
-@contextmanager
-def progress_bars(enabled: bool = True):
-    """A `progress(stage, n, total)` callback drawing one rich bar with ETA per stage."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bars = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), transient=False, disable=not enabled, console=_err())
-    tasks = {}
-
-    def advance(stage: str, n: int, total: int):
-        if stage not in tasks:
-            tasks[stage] = bars.add_task(stage, total=total)
-        bars.advance(tasks[stage], n)
-
-    with bars:
-        yield advance
-
-
-def _err():
-    from rich.console import Console
-    return Console(stderr=True)
-
-
 @app.command()
 def ingest(path: Path = typer.Argument(..., help="JSONL, Parquet, CSV, a folder of .txt files, or a saved HF dataset."),
            corpus: str = typer.Option(..., "--corpus", "-c", help="Corpus name to add the documents to."),
@@ -64,8 +40,8 @@ def ingest(path: Path = typer.Argument(..., help="JSONL, Parquet, CSV, a folder 
                                                                       "this many UTF-8 bytes."),
            data_dir: Optional[Path] = DataDir):
     """Add documents to a corpus (idempotent: the same documents again change nothing)."""
-    from service import ops
-    r = ops.ingest(_settings(data_dir), path, corpus, fmt, id_field, text_field, max_doc_bytes)
+    from service import catalog
+    r = catalog.ingest(_settings(data_dir), path, corpus, fmt, id_field, text_field, max_doc_bytes)
     typer.echo(f"corpus {corpus}: {r.added} added, {r.unchanged} already there")
 
 
@@ -77,8 +53,8 @@ def model_add(path: Path = typer.Argument(..., help="A save_pretrained folder or
                                                               "when adapter_config.json names a hub id or another path."),
               data_dir: Optional[Path] = DataDir):
     """Register a model and its checkpoints (weights checksums, learning rates, optimizer state)."""
-    from service import ops
-    model_id, n, created = ops.add_model(_settings(data_dir), path, name, base)
+    from service import catalog
+    model_id, n, created = catalog.add_model(_settings(data_dir), path, name, base)
     typer.echo(f"model {name} (id {model_id}): {n} checkpoint(s){'' if created else ', already registered'}")
 
 
@@ -117,7 +93,8 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
         return
     from indexer.build import BuildConfig
     from indexer.gradients import GradientConfig
-    from service import ops
+    from service import builds, jobs
+    from service.render import progress_bars
     try:
         config = BuildConfig(gradient=GradientConfig(k_in=proj, k_out=proj, seed=seed, modules=modules,
                                                      optimizer_norm=not no_adam), batch_size=batch_size,
@@ -126,19 +103,20 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
     except ValueError as e:
         raise _input_error(str(e))
     settings = _settings(data_dir)
+    spec = builds.index_job(settings, corpus, model, config, checkpoints)
     if settings.broker_url:
-        from service import build_job, tasks
-        job_id = tasks.submit(settings, "index", build_job.index_params(settings, corpus, model, config, checkpoints))
+        job_id = jobs.submit(settings, spec)
         typer.echo(f"job {job_id} queued on {settings.queue}: follow it with `wherefrom jobs`")
         return
     with progress_bars() as progress:
-        out = ops.index(settings, corpus, model, config, checkpoints, progress)
+        out = jobs.index_here(settings, spec, progress)
     typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
                f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
                f"{out.skipped_empty} empty document(s) skipped")
 
 
 def _update(settings, corpus: str, model: str, refit: bool) -> None:
+    from service.render import progress_bars
     from service.update import update
     with progress_bars() as progress:
         out = update(settings, corpus, model, refit, progress)
@@ -181,14 +159,15 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
                                                                  "WHEREFROM_BROKER_URL is set) and print the job."),
           data_dir: Optional[Path] = DataDir):
     """Which training documents back the model's answer to QUESTION?"""
-    from service import ops
     if run_async:
-        from service import tasks
+        from service import jobs
+        from service.job_params import TraceJob
         settings = _settings(data_dir)
-        params = tasks.trace_params(question, answer, corpus, model, k, method, rerank, verify)
-        _print_jobs([tasks.get(settings, tasks.submit(settings, "trace", params))], as_json)
+        spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify)
+        _print_jobs([jobs.get(settings, jobs.submit(settings, spec))], as_json)
         return
-    out = ops.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify)
+    from service import traces
+    out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
     else:
@@ -204,8 +183,8 @@ def traces(model: Optional[str] = typer.Option(None, "--model", "-m", help="Only
            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
            data_dir: Optional[Path] = DataDir):
     """List past traces, newest first."""
-    from service import ops
-    items, total = ops.list_traces(_settings(data_dir), model, contains, limit, offset)
+    from service import traces as trace_log
+    items, total = trace_log.list_traces(_settings(data_dir), model, contains, limit, offset)
     if as_json:
         typer.echo(json.dumps({"items": [asdict(i) for i in items], "total": total, "limit": limit,
                                "offset": offset}, indent=2))
@@ -219,8 +198,8 @@ def show(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom tr
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
          data_dir: Optional[Path] = DataDir):
     """Show a stored trace: its question, answer and ranked documents."""
-    from service import ops
-    out = ops.get_trace(_settings(data_dir), trace_id)
+    from service import traces
+    out = traces.get_trace(_settings(data_dir), trace_id)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
     else:
@@ -293,7 +272,7 @@ def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if 
          questions: int = typer.Option(8, help="How many traced questions to print."),
          data_dir: Optional[Path] = DataDir):
     """Generate a world of niche facts, train a small GPT-2, index it and trace answers back to sources."""
-    from service.demo import run_demo
+    from service.demo.run import run_demo
     run_demo(_settings(data_dir), fresh=fresh, shown=questions)
 
 
@@ -307,18 +286,18 @@ def jobs(ctx: typer.Context,
     """List jobs, newest first, with their progress."""
     if ctx.invoked_subcommand:
         return
-    from service import tasks
-    _print_jobs(tasks.list_jobs(_settings(data_dir), status, kind, limit), as_json)
+    from service import jobs as job_system
+    _print_jobs(job_system.list_jobs(_settings(data_dir), status, kind, limit), as_json)
 
 
 @jobs_app.command("resume")
 def jobs_resume(job_id: int = typer.Argument(..., help="The job to run again from where it stopped."),
                 data_dir: Optional[Path] = DataDir):
     """Queue a failed or stuck job again; finished shards are kept."""
-    from service import tasks
+    from service import jobs as job_system
     settings = _settings(data_dir)
-    tasks.resume(settings, job_id)
-    _print_jobs([tasks.get(settings, job_id)], False)
+    job_system.resume(settings, job_id)
+    _print_jobs([job_system.get(settings, job_id)], False)
 
 
 def _print_jobs(views, as_json: bool) -> None:
@@ -348,12 +327,8 @@ def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker
 @db_app.command("upgrade")
 def db_upgrade(data_dir: Optional[Path] = DataDir):
     """Migrate the database to the latest schema (docker-compose's one-shot `migrate` service)."""
-    from sqlalchemy import text
-
-    from db.engine import get_engine
-    settings = _settings(data_dir)
-    with get_engine(settings.database_url).connect() as conn:  # get_engine migrates to head
-        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    from service.catalog import schema_revision
+    revision = schema_revision(_settings(data_dir))  # migrates to head first
     typer.echo(f"database at revision {revision}")
 
 

@@ -8,13 +8,10 @@ registered.
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from service.settings import Settings
+from service.settings import Settings, redact_url
 
 
 @dataclass
@@ -25,45 +22,29 @@ class Check:
     fix: str = ""
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
-
-
 def check_database(settings: Settings) -> Check:
-    from service import ops
+    from service.catalog import ping_database
     try:
-        ops.ping_database(settings)
+        ping_database(settings)
     except Exception as e:  # any failure here is the finding itself
-        return Check("database", "problem", f"cannot use {_redact(settings.database_url)}: {type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:200]}",
+        return Check("database", "problem", f"cannot use {redact_url(settings.database_url)}: {type(e).__name__}: "
+                     f"{redact_url(str(e).splitlines()[0][:200])}",
                      "start the database or fix WHEREFROM_DATABASE_URL")
-    return Check("database", "ok", _redact(settings.database_url))
+    return Check("database", "ok", redact_url(settings.database_url))
 
 
-def check_broker(url: str | None, timeout: float = 3.0) -> Check | None:
-    """TCP connect, and for Redis a PING (AUTH first when the URL has a password)."""
-    if not url:
+def check_broker(settings: Settings) -> Check | None:
+    """The broker the workers use, reached the way they reach it (kombu)."""
+    from db.errors import WherefromError
+    from service import broker
+
+    if not settings.broker_url:
         return None
-    parts = urlsplit(url)
-    default = {"redis": 6379, "rediss": 6380, "amqp": 5672}.get(parts.scheme, 0)
-    where = f"{parts.hostname}:{parts.port or default}"
-    fix = "start the broker or fix WHEREFROM_BROKER_URL"
     try:
-        with socket.create_connection((parts.hostname, parts.port or default), timeout=timeout) as sock:
-            if parts.scheme == "redis":
-                if parts.password:
-                    sock.sendall(f"AUTH {parts.password}\r\n".encode())
-                    sock.recv(128)
-                sock.sendall(b"PING\r\n")
-                reply = sock.recv(128)
-                if not reply.startswith(b"+PONG"):
-                    return Check("broker", "problem", f"{where} answered {reply[:60]!r} to PING", fix)
-    except OSError as e:
-        return Check("broker", "problem", f"cannot reach {where}: {e}", fix)
-    return Check("broker", "ok", _redact(url))
+        broker.check_broker(settings)
+    except WherefromError as e:
+        return Check("broker", "problem", str(e).split(": start")[0], "start the broker or fix WHEREFROM_BROKER_URL")
+    return Check("broker", "ok", redact_url(settings.broker_url))
 
 
 def _build_check(build, facts, corpus: str, model: str) -> Check:
@@ -87,11 +68,10 @@ def _build_check(build, facts, corpus: str, model: str) -> Check:
 def check_stores(settings: Settings) -> list[Check]:
     from db import repo, update_repo
     from db.engine import transaction
-    from db.models import Corpus, Model
 
     with transaction(settings.database_url) as s:
-        builds = [(b, update_repo.entry_facts(s, b), s.get(Corpus, b.corpus_id).name,
-                   s.get(Model, b.model_id).name if b.model_id else "MODEL") for b in repo.list_builds(s)]
+        builds = [(b, update_repo.entry_facts(s, b), repo.get_corpus(s, b.corpus_id).name,
+                   repo.get_model(s, b.model_id).name if b.model_id else "MODEL") for b in repo.list_builds(s)]
     checks = [_build_check(*b) for b in builds]
     leftovers = sorted(settings.stores.glob("*.partial")) if settings.stores.exists() else []
     if leftovers:
@@ -131,7 +111,7 @@ def check_models(settings: Settings) -> list[Check]:
 def run_checks(settings: Settings) -> list[Check]:
     """All checks; later ones are skipped when the database is unusable (they read it)."""
     checks = [check_database(settings)]
-    broker = check_broker(os.environ.get("WHEREFROM_BROKER_URL"))
+    broker = check_broker(settings)
     if broker:
         checks.append(broker)
     if checks[0].status == "ok":

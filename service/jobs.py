@@ -1,118 +1,225 @@
-"""Background work behind a two-method interface, so that the API does not care who runs it.
+"""The one job system: what `wherefrom index`, `wherefrom trace --async` and the API submit, and
+what workers run.
 
-`JobQueue.submit(kind, params) -> job id` and `JobQueue.get(job_id) -> JobView`. Task functions
-take (settings, params) with JSON-able params and return a JSON-able result, so that a Celery
-task can call the very same function.
+A job is a row of `jobs`. Tasks carry only its id (and a shard number), reload everything from
+SQL and the shared stores directory, and are safe to run twice: a task delivered again after its
+worker died, or while a slow first delivery still runs, finds the work done or redoes it to the
+same bytes, and a job commits its result with its final status in one transaction.
 
-`InProcessJobs` is the embedded default: one worker thread in the serving process, status kept
-in memory (lost on restart; ids are random so an old id is a clean 404, never another job).
-One thread because every trace takes `ops.model_lock` anyway: more threads would only queue.
-A SQL-backed queue (Celery + a jobs table) implements the same two methods; `job_queue` is the
-one place that picks the implementation for `wherefrom serve`.
+Where tasks run is a dispatcher's business: `Inline` runs them in this process, one after the
+other (no broker configured: the embedded default), `service.broker.Broker` sends them to the
+Celery workers. The functions that run are the same either way. The use-cases (`service.builds`,
+`service.traces`) never import this module: it names them by job kind.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
-import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from typing import Protocol
 
-from db.errors import InputError, NotFound, WherefromError
+from db import job_repo
+from db.engine import transaction
+from db.errors import InputError, JobFinished, NotFound, Unavailable, WherefromError
+from db.models import Job
+from service.job_params import SPECS, IndexJob, TraceJob
 from service.settings import Settings
+from service.views import BuildOutcome, JobView, job_view
 
 log = logging.getLogger(__name__)
-STATUSES = ("queued", "running", "succeeded", "failed")
+Spec = IndexJob | TraceJob
 
 
-@dataclass(frozen=True)
-class JobView:
-    id: str
-    kind: str
-    status: str  # one of STATUSES
-    params: dict
-    result: dict | None = None
-    error: str | None = None  # one line, for the user, when status is "failed"
-    created_at: str = field(default_factory=lambda: _now())
-    started_at: str | None = None
-    finished_at: str | None = None
+class Inline:
+    """Runs tasks in this process, in the order they are sent; `progress` feeds the CLI's bars."""
+
+    def __init__(self, progress: Callable[[str, int, int], None] | None = None):
+        self.progress = progress
+        self.pending: deque[tuple[str, tuple]] = deque()
+
+    def send(self, task: str, *args) -> None:
+        self.pending.append((task, args))
+
+    def drain(self, settings: Settings) -> None:
+        worker = f"inline@{socket.gethostname()}:{os.getpid()}"
+        while self.pending:
+            task, args = self.pending.popleft()
+            run_task(settings, task, args, self, worker)
 
 
-class JobQueue(Protocol):
-    def submit(self, kind: str, params: dict) -> str: ...
+class Background:
+    """Runs inline jobs on one thread of a long-lived process (the API without a broker).
 
-    def get(self, job_id: str) -> JobView: ...
+    One thread, because every trace holds `tracer_cache.model_lock` anyway: more would only queue.
+    At most `limit` jobs wait; one more is refused (503) instead of growing memory without bound.
+    """
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def run_trace(settings: Settings, params: dict) -> dict:
-    from service import ops
-    return {"trace_id": ops.trace(settings, **params).trace_id}
-
-
-TASKS: dict[str, Callable[[Settings, dict], dict]] = {"trace": run_trace}
-
-
-class InProcessJobs:
-    """Runs jobs on one background thread of this process; remembers about `keep` jobs."""
-
-    def __init__(self, settings: Settings, keep: int = 10_000):
-        self.settings, self.keep = settings, keep
-        self._jobs: dict[str, JobView] = {}
+    def __init__(self, limit: int = 100):
+        self.limit, self.waiting = limit, 0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wherefrom-job")
 
-    def submit(self, kind: str, params: dict) -> str:
-        if kind not in TASKS:
-            raise InputError(f"unknown job kind {kind!r}: use one of {', '.join(TASKS)}")
-        job = JobView(id=uuid.uuid4().hex, kind=kind, status="queued", params=params)
+    def start(self, settings: Settings, job_id: int) -> None:
         with self._lock:
-            self._jobs[job.id] = job
-            # forget the oldest finished jobs beyond `keep` (dicts keep insertion order); never
-            # one still waiting or running, which its thread will update
-            finished = [i for i, j in self._jobs.items() if j.status in ("succeeded", "failed")]
-            for i in finished[:max(0, len(self._jobs) - self.keep)]:
-                del self._jobs[i]
-        self._pool.submit(self._run, job.id)
-        return job.id
+            if self.waiting >= self.limit:
+                raise Unavailable(f"{self.limit} jobs are waiting already: try again when some have finished")
+            self.waiting += 1
+        self._pool.submit(self._run, settings, job_id)
 
-    def get(self, job_id: str) -> JobView:
-        with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}: job ids come from POST /traces with \"async\": true")
-        return job
-
-    def _update(self, job_id: str, **changes) -> JobView:
-        with self._lock:
-            self._jobs[job_id] = job = replace(self._jobs[job_id], **changes)
-            return job
-
-    def _run(self, job_id: str) -> None:
-        job = self._update(job_id, status="running", started_at=_now())
+    def _run(self, settings: Settings, job_id: int) -> None:
         try:
-            result = TASKS[job.kind](self.settings, job.params)
-        except WherefromError as e:
-            self._update(job_id, status="failed", error=str(e), finished_at=_now())
-        except Exception as e:  # a bug, not the user's doing: keep the traceback in the log
-            log.exception("job %s (%s) failed", job_id, job.kind)
-            self._update(job_id, status="failed", error=f"internal error ({type(e).__name__}): see the server log",
-                         finished_at=_now())
-        else:
-            self._update(job_id, status="succeeded", result=result, finished_at=_now())
+            _run_inline(settings, job_id)
+        except WherefromError:
+            pass  # recorded on the job
+        except Exception:
+            log.exception("job %s failed", job_id)  # recorded on the job too, as an internal error
+        finally:
+            with self._lock:
+                self.waiting -= 1
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def job_queue(settings: Settings) -> JobQueue:
-    """The queue `wherefrom serve` hands to the API. With a broker (WHEREFROM_BROKER_URL), a Celery
-    queue over the jobs table belongs here; without one, jobs run in this process."""
-    return InProcessJobs(settings)
+def submit(settings: Settings, spec: Spec, progress=None, background: Background | None = None,
+           inline: bool = False) -> int:
+    """Record a job and run it: on the broker's workers when one is configured (unless `inline`),
+    else here — now, or on `background`'s thread when one is given. Returns the job id."""
+    if spec.kind not in KINDS:
+        raise InputError(f"unknown job kind {spec.kind!r}: use one of {', '.join(KINDS)}")
+    with transaction(settings.database_url) as s:
+        job_id = job_repo.create_job(s, spec.kind, spec.params()).id
+    _start(settings, job_id, progress, background, inline)
+    return job_id
+
+
+def resume(settings: Settings, job_id: int) -> None:
+    """Queue a failed or stuck job again; it continues from whatever its earlier runs finished."""
+    with transaction(settings.database_url) as s:
+        job_repo.requeue_job(s, job_id)
+    _start(settings, job_id)
+
+
+def _start(settings: Settings, job_id: int, progress=None, background: Background | None = None,
+           inline: bool = False) -> None:
+    if settings.broker_url and not inline:
+        from service.broker import QUICK, Broker
+        try:
+            Broker(settings, QUICK).send("job", job_id)
+        except Unavailable as e:  # recorded, so the job does not sit "queued" for ever
+            _fail(settings, job_id, str(e))
+            raise
+    elif background is not None:
+        try:
+            background.start(settings, job_id)
+        except Unavailable as e:
+            _fail(settings, job_id, str(e))
+            raise
+    else:
+        _run_inline(settings, job_id, progress)
+
+
+def _run_inline(settings: Settings, job_id: int, progress=None) -> None:
+    dispatch = Inline(progress)
+    dispatch.send("job", job_id)
+    dispatch.drain(settings)
+
+
+def sweep(settings: Settings, quiet_s: float) -> list[int]:
+    """Send again the jobs no worker is working on (`job_repo.claim_stalled`); run by idle workers."""
+    from datetime import timedelta
+
+    from db.models import utcnow
+    from service.broker import Broker
+
+    now = utcnow()
+    with transaction(settings.database_url) as s:
+        ids = job_repo.claim_stalled(s, now - timedelta(seconds=quiet_s),
+                                     now - timedelta(seconds=settings.visibility_timeout))
+    dispatch = Broker(settings)
+    for job_id in ids:
+        log.warning("job %s: no worker had it for %.0f s, sending it again", job_id, quiet_s)
+        dispatch.send("job", job_id)  # run_job picks up where the job stopped
+    return ids
+
+
+def run_task(settings: Settings, task: str, args: tuple, dispatch, worker: str) -> None:
+    """Run one task and record a failure on its job. A job another run finished is left alone."""
+    job_id = args[0]
+    try:
+        RUNNERS[task](settings, *args, dispatch=dispatch, worker=worker)
+    except JobFinished as e:
+        log.info("%s %s: %s, nothing to do", task, args, e)
+    except WherefromError as e:  # the user's to fix; partial files are useless then, unless the broker was down
+        if _fail(settings, job_id, str(e), discard=not isinstance(e, Unavailable)):
+            raise
+    except BaseException as e:
+        reason = "interrupted" if not isinstance(e, Exception) else f"internal error ({type(e).__name__}: {e})"
+        first_line = reason.splitlines()[0][:300]
+        if _fail(settings, job_id, f"{first_line}; see the worker log, then `wherefrom jobs resume {job_id}` "
+                                   "(a build keeps its finished shards)"):
+            raise
+        log.info("%s %s failed after its job finished (a concurrent run won): %s", task, args, reason)
+
+
+def _fail(settings: Settings, job_id: int, error: str, discard: bool = False) -> bool:
+    """Fail the job unless it already finished; a user error also drops its partial files."""
+    with transaction(settings.database_url) as s:
+        failed = job_repo.fail_job(s, job_id, error)
+        job = job_repo.get_job(s, job_id)
+    if failed and discard and job.kind == "index":
+        from service import builds
+        builds.discard(settings, job)
+    return failed
+
+
+def run_job(settings: Settings, job_id: int, dispatch, worker: str) -> None:
+    """A job's first task: mark it running, then hand it to its kind."""
+    with transaction(settings.database_url) as s:
+        job = job_repo.start_job(s, job_id, worker)
+    KINDS[job.kind](settings, job, dispatch, worker)
+
+
+def _run_trace(settings: Settings, job: Job, dispatch, worker: str) -> None:
+    from service import traces
+    spec = TraceJob.from_params(job.params)
+    traces.trace(settings, **spec.params(), job_id=job.id)  # commits the trace and the job's result together
+
+
+def _build_stage(name: str):
+    def run(settings, *args, **kwargs):
+        from service import builds  # imports torch: only where a build runs, not for `wherefrom jobs`
+        return getattr(builds, name)(settings, *args, **kwargs)
+    return run
+
+
+KINDS = {"index": _build_stage("plan"), "trace": _run_trace}  # a job's first task, by kind
+RUNNERS = {"job": run_job, "shard": _build_stage("run_shard"), "merge": _build_stage("run_merge")}
+assert set(KINDS) == set(SPECS)  # every kind of job has its parameters and its runner
+
+
+def index_here(settings: Settings, spec: IndexJob, progress=None) -> BuildOutcome:
+    """Run an index job in this process to its published build (the demo, `wherefrom index` without
+    a broker): the same stages a worker runs, so the store is the same file for file."""
+    from service import builds
+    return builds.outcome(settings, submit(settings, spec, progress, inline=True))
+
+
+# --- reading jobs (CLI, API) -----------------------------------------------------------------
+
+def list_jobs(settings: Settings, status: str | None = None, kind: str | None = None,
+              limit: int = 50) -> list[JobView]:
+    with transaction(settings.database_url) as s:
+        return [job_view(j) for j in job_repo.list_jobs(s, status, kind, limit)]
+
+
+def get(settings: Settings, job_id: int | str) -> JobView:
+    """One job with its shards; NotFound for an id that is not a job's (the API passes its path as text)."""
+    if not str(job_id).isdigit():
+        raise NotFound(f"no job {job_id}: list jobs with `wherefrom jobs`")
+    with transaction(settings.database_url) as s:
+        return job_view(job_repo.get_job(s, int(job_id)), job_repo.shards_of(s, int(job_id)))

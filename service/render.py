@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+
+@contextmanager
+def progress_bars(enabled: bool = True):
+    """A `progress(stage, n, total)` callback drawing one rich bar with ETA per stage."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bars = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=False, disable=not enabled, console=Console(stderr=True))
+    tasks = {}
+
+    def advance(stage: str, n: int, total: int):
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.advance(tasks[stage], n)
+
+    with bars:
+        yield advance
 
 
 def snippet(text: str, start: int, end: int, width: int = 90) -> str:
@@ -75,6 +95,7 @@ def print_checks(checks, console: Console | None = None) -> None:
     problems = sum(c.status == "problem" for c in checks)
     console.print(f"{problems} problem(s)" if problems else "all good", style="red" if problems else "green")
 
+
 def _outcome(v) -> str:
     if v.error:
         return v.error
@@ -93,6 +114,6 @@ def print_jobs(views, console: Console | None = None) -> None:
                          no_wrap=col not in ("stage", "result / error"))
     colour = {"succeeded": "green", "failed": "red", "running": "yellow"}
     for v in views:
-        table.add_row(v.id, v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
+        table.add_row(str(v.id), v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
                       v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[11:19], _outcome(v))
     console.print(table if views else "no jobs")

@@ -12,9 +12,10 @@ from datetime import datetime, timezone
 
 from db import repo
 from db.engine import transaction
-from db.models import Model
-from service import ops
+from service.catalog import checkpoints_by_step
 from service.settings import Settings
+from service.tracer_cache import build_tracer, model_lock
+from service.views import iso_utc
 
 
 @dataclass
@@ -65,10 +66,10 @@ def _load(settings: Settings, trace_id: int):
     with transaction(settings.database_url) as s:
         t = repo.get_trace(s, trace_id)
         build = repo.get_build(s, t.build_id)
-        model = s.get(Model, t.model_id)
+        model = repo.get_model(s, t.model_id)
         entries = repo.entries_at(s, t.build_id, [r.position for r in t.results])
         rows = [(r, entries[r.position][0], entries[r.position][1]) for r in t.results]
-        return t, build.store_path, model.name, ops.checkpoints_by_step(model), rows
+        return t, build.store_path, model.name, checkpoints_by_step(model), rows
 
 
 def build_report(settings: Settings, trace_id: int, top: int = 5, tail_patch: bool = True) -> Report:
@@ -77,8 +78,8 @@ def build_report(settings: Settings, trace_id: int, top: int = 5, tail_patch: bo
     from attribution.verify import tail_patcher
 
     t, store_path, model_name, by_step, rows = _load(settings, trace_id)
-    with ops.model_lock:
-        tracer = ops.build_tracer(store_path, by_step)
+    with model_lock:
+        tracer = build_tracer(store_path, by_step)
         q_grad = tracer.query_gradient(t.question, t.answer)
         shown = rows[:top]
         cosines = explain.checkpoint_cosines(tracer, q_grad, [r.position for r, _, _ in shown])
@@ -92,7 +93,7 @@ def build_report(settings: Settings, trace_id: int, top: int = 5, tail_patch: bo
         steps = [c.step for c in tracer.ckpts]
     more = [_more(r, d.external_id, d.text, (e.char_start, e.char_end), t.answer) for r, e, d in rows[top:]]
     return Report(t.id, t.question, t.answer, t.answer_generated, model_name, t.method, t.build_id,
-                  ops.iso_utc(t.created_at), steps, logprobs, words, exposed.count, exposed.threshold, cards, more,
+                  iso_utc(t.created_at), steps, logprobs, words, exposed.count, exposed.threshold, cards, more,
                   patcher.lr if patcher else None, patcher.step if patcher else None)
 
 

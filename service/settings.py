@@ -5,6 +5,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of any URL in it replaced by ***: what may be printed, logged or stored."""
+    import re
+
+    def hide(m: re.Match) -> str:
+        url = m.group(0)
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            return url
+        return url.replace(f":{password}@", ":***@") if password else url
+    return re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", hide, text)
 
 
 @dataclass(frozen=True)

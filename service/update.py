@@ -20,11 +20,11 @@ import numpy as np
 from db import repo, update_repo
 from db.engine import transaction
 from db.errors import Conflict, InputError
-from db.models import Model
 from indexer import store
 from indexer.build import BuildConfig, Progress, compute_shard
 from indexer.modelio import check_unchanged
 from indexer.plan import shard_ranges
+from service.catalog import checkpoints_by_step
 from service.settings import Settings
 
 
@@ -116,12 +116,11 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
     New rows are computed as one more set of shards with the build's own config (projection seed,
     Adam fold, checkpoints). Returns (None when nothing is new, token counts by document).
     """
-    from service.build_job import chunk_documents
-    from service.ops import checkpoints_by_step
+    from service.builds import chunk_documents
 
     with transaction(settings.database_url) as s:
         build = repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
-        by_step = checkpoints_by_step(s.get(Model, build.model_id))
+        by_step = checkpoints_by_step(repo.get_model(s, build.model_id))
         docs = update_repo.unindexed_documents(s, build.id, build.corpus_id)
         build_id, checksum, old = build.id, build.checksum, Path(build.store_path)
     info = store.read_info(old)

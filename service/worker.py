@@ -1,12 +1,6 @@
-"""The Celery app. Messages carry job ids; state lives in SQL and files on the shared stores volume.
+"""`wherefrom worker`: a Celery worker process that takes index shards, merges and traces.
 
-Delivery is at least once, made safe by idempotent tasks (`service.tasks`):
-- `task_acks_late`: a task is acknowledged when it returns, so a worker killed mid-shard leaves
-  its message unacknowledged, and Redis hands it to another worker after `visibility_timeout`;
-- `worker_prefetch_multiplier=1` with the solo pool: a busy worker holds no second shard that an
-  idle worker could be computing;
-- the solo pool: torch is not fork-safe once its thread pools exist, and a shard uses every core
-  anyway; scale with more worker processes (`docker compose up --scale worker=N`).
+The app and its delivery guarantees are in `service.broker`; the tasks in `service.tasks`.
 """
 
 from __future__ import annotations
@@ -14,87 +8,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from functools import lru_cache
 
-from service.settings import Settings
+from db.errors import Unavailable
+from service import jobs, tasks
+from service.broker import celery_app, check_broker
+from service.settings import Settings, redact_url
 
 log = logging.getLogger("wherefrom.worker")
 
 
-@lru_cache(maxsize=4)
-def celery_app(settings: Settings):
-    from celery import Celery
-
-    app = Celery("wherefrom", broker=settings.broker_url, set_as_current=False)
-    vt = settings.visibility_timeout
-    app.conf.update(
-        task_default_queue=settings.queue,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,  # results live in the jobs table
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,  # a restarting broker is waited for, not given up on
-        worker_cancel_long_running_tasks_on_connection_loss=False,  # the running shard finishes and counts
-        broker_transport_options={
-            "visibility_timeout": vt,
-            # look for timed-out messages every vt/10 s (10 s at most): a dead worker's shard moves on
-            # soon after vt, not after kombu's default 100 s sweep
-            "unacked_restore_interval": max(1, min(10, vt // 10)),
-            "unacked_restore_throttle": 1,
-        },
-    )
-    _register(app, settings)
-    return app
-
-
-def _register(app, settings: Settings) -> None:
-    @app.task(name="wherefrom.run_job", bind=True)
-    def run_job(self, job_id: int):
-        _run(self, settings, "job", job_id)
-
-    @app.task(name="wherefrom.index_shard", bind=True)
-    def index_shard(self, job_id: int, shard: int):
-        _run(self, settings, "shard", job_id, shard)
-
-    @app.task(name="wherefrom.index_merge", bind=True)
-    def index_merge(self, job_id: int):
-        _run(self, settings, "merge", job_id)
-
-
-def _run(task, settings: Settings, name: str, *args) -> None:
-    from db.errors import WherefromError
-    from service import tasks
-
-    try:
-        tasks.run_task(settings, name, args, tasks.Broker(settings), task.request.hostname or "worker")
-    except WherefromError as e:  # recorded on the job already; nothing to retry
-        log.warning("job %s failed: %s", args[0], e)
-
-
 def check(settings: Settings) -> str:
     """Reach the broker and the database, or raise a WherefromError saying which is down."""
-    from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
 
-    from db.engine import get_engine
-    from db.errors import Unavailable, InputError
+    from service.catalog import ping_database
 
-    if not settings.broker_url:
-        raise InputError("no broker: set WHEREFROM_BROKER_URL (e.g. redis://localhost:6379/0) to run workers")
+    check_broker(settings)
     try:
-        with celery_app(settings).connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=5)
-    except Exception as e:
-        raise Unavailable(f"cannot reach the broker at {settings.broker_url} ({type(e).__name__}): "
-                                "start Redis or fix WHEREFROM_BROKER_URL") from None
-    try:
-        with get_engine(settings.database_url).connect() as conn:  # also migrates it to head
-            conn.execute(text("SELECT 1"))
+        ping_database(settings)  # also migrates it to head
     except OperationalError as e:
         raise Unavailable(f"cannot reach the database ({str(e.orig).splitlines()[0]}): "
                           "start it or fix WHEREFROM_DATABASE_URL") from None
-    return f"broker {settings.broker_url} and database reachable"
+    return f"broker {redact_url(settings.broker_url)} and database reachable"
 
 
 def sweep_after(settings: Settings) -> float:
@@ -110,8 +45,6 @@ def _sweep_when_idle(settings: Settings) -> None:
     the wrong moment leaves a build waiting for a shard nobody will compute.
     """
     from celery import signals
-
-    from service import tasks
 
     quiet = sweep_after(settings)
     state = {"busy": False, "since": time.monotonic()}
@@ -129,7 +62,7 @@ def _sweep_when_idle(settings: Settings) -> None:
             time.sleep(quiet / 3)
             if not state["busy"] and time.monotonic() - state["since"] >= quiet:
                 try:
-                    tasks.sweep(settings, quiet)
+                    jobs.sweep(settings, quiet)
                 except Exception:  # the broker or the database is down: the next round tries again
                     log.warning("sweeping for lost jobs failed", exc_info=True)
     threading.Thread(target=loop, name="wherefrom-sweeper", daemon=True).start()
@@ -146,8 +79,10 @@ def start(settings: Settings, name: str | None, loglevel: str, threads: int | No
         import torch
         torch.set_num_threads(threads)
     _sweep_when_idle(settings)
+    app = celery_app(settings)
+    tasks.register(app, settings)
     argv = ["worker", "--pool=solo", "--without-mingle", "--without-gossip", "--without-heartbeat",
             f"--queues={settings.queue}", f"--loglevel={loglevel}"]
     if name:
         argv.append(f"--hostname={name}")
-    celery_app(settings).worker_main(argv)
+    app.worker_main(argv)

@@ -38,14 +38,14 @@ def db_url(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_world():
-    from bench.world import make_world
+    from service.demo.world import make_world
     return make_world(seed=7, n_people=10, n_filler=20)
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_world):
     """A 2-layer GPT-2 trained on the tiny world with the HF Trainer: (model dir, trainer)."""
-    from bench.train import TrainConfig, train
+    from service.demo.train import TrainConfig, train
     out = tmp_path_factory.mktemp("model")
     config = TrainConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=512, epochs=40, batch_size=8,
                          n_checkpoints=3, seed=7)

@@ -17,7 +17,7 @@ TEXT = dict(DOCS)
 
 @pytest.fixture(scope="module")
 def tok():
-    from bench.train import train_tokenizer
+    from service.demo.train import train_tokenizer
     return train_tokenizer([t for _, t in DOCS] * 3, vocab_size=300)
 
 

@@ -37,7 +37,7 @@ GQA = {"llama", "mistral", "qwen2"}  # num_key_value_heads = 2 < num_attention_h
 
 
 def _config(arch: str, **kw):
-    from bench.train import TrainConfig
+    from service.demo.train import TrainConfig
     args = dict(arch=arch, n_layer=2, n_embd=64, n_head=4, n_kv_head=2 if arch in GQA else None,
                 vocab_size=300, epochs=60, batch_size=8, learning_rate=5e-3, n_checkpoints=2, seed=0)
     return TrainConfig(**{**args, **kw})
@@ -46,7 +46,7 @@ def _config(arch: str, **kw):
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory):
     """The corpus as a JSONL file, and one tokenizer fitted on it that every model shares."""
-    from bench.train import train_tokenizer
+    from service.demo.train import train_tokenizer
     root = tmp_path_factory.mktemp("planted")
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in DOCS))
@@ -71,7 +71,7 @@ def _drop_pad_token(folder):
 @pytest.fixture(scope="session", params=ARCHS)
 def arch_build(request, tmp_path_factory, planted):
     """One architecture trained (2 checkpoints with optimizer.pt), ingested, registered and indexed."""
-    from bench.train import train
+    from service.demo.train import train
     root = tmp_path_factory.mktemp(request.param)
     trainer = train([t for _, t in DOCS], root / "model", _config(request.param), tokenizer=planted.tokenizer)
     if request.param == "gpt_neox":
@@ -126,7 +126,7 @@ def lora_build(tmp_path_factory, planted):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from bench.train import train
+    from service.demo.train import train
     root = tmp_path_factory.mktemp("lora")
     texts = [t for _, t in DOCS]
     base_run = train(texts[1:], root / "base-run", _config("llama"), tokenizer=planted.tokenizer)

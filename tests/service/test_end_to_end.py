@@ -9,7 +9,7 @@ from db.engine import transaction
 from db.models import Document, IndexEntry, Trace
 from indexer import store
 from service import ops
-from service.demo import is_correct
+from service.demo.run import is_correct
 from service.settings import Settings
 
 

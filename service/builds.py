@@ -23,26 +23,27 @@ from pathlib import Path
 from db import job_repo, repo
 from db.engine import transaction
 from db.errors import InputError, JobFinished
-from db.models import FINISHED, Job, Model
+from db.models import FINISHED, Job
 from indexer import store
 from indexer.build import BuildConfig, compute_shard, merge_shards
-from indexer.modelio import check_unchanged, weights_stat
+from indexer.modelio import CheckpointInfo, check_unchanged, context_length, select_checkpoints, weights_stat
 from indexer.plan import Plan, write_plan
+from service.catalog import model_checkpoints
+from service.job_params import IndexJob
 from service.settings import Settings
+from service.views import BuildOutcome
 
 PROGRESS_EVERY_S = 2.0  # a shard writes its progress to SQL at most this often
 
 
-def index_params(settings: Settings, corpus: str, model: str, config: BuildConfig | dict | None = None,
-                 checkpoints: str = "all") -> dict:
-    """Check an index request now (names, documents, checkpoints, weights) and return job params."""
-    from service.ops import _checkpoint_infos, _select
-
+def index_job(settings: Settings, corpus: str, model: str, config: BuildConfig | dict | None = None,
+              checkpoints: str = "all") -> IndexJob:
+    """Check an index request now (names, documents, checkpoints, weights) and return the job to submit."""
     config = BuildConfig(**config) if isinstance(config, dict) else (config or BuildConfig())
     with transaction(settings.database_url) as s:
         c_row, m_row = repo.corpus_by_name(s, corpus), repo.model_by_name(s, model)
         n_docs = repo.count_documents(s, c_row.id)
-        ckpts = _select(_checkpoint_infos(m_row), checkpoints)
+        ckpts = select_checkpoints([CheckpointInfo.from_row(c) for c in m_row.checkpoints], checkpoints)
         corpus_id, model_id = c_row.id, m_row.id
     if not n_docs:
         raise InputError(f"corpus {corpus!r} has no documents: ingest some first")
@@ -51,16 +52,14 @@ def index_params(settings: Settings, corpus: str, model: str, config: BuildConfi
     check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256, "base_path": c.base_path}
                      for c in ckpts])
     _check_window(config, ckpts[-1].base_path or ckpts[-1].path)
-    return {"corpus": corpus, "model": model, "corpus_id": corpus_id, "model_id": model_id,
-            "checkpoint_steps": [c.step for c in ckpts], "config": asdict(config),
-            "store": f"{corpus}-{model}-{uuid.uuid4().hex[:8]}"}
+    return IndexJob(corpus=corpus, model=model, corpus_id=corpus_id, model_id=model_id,
+                    checkpoint_steps=[c.step for c in ckpts], config=asdict(config),
+                    store=f"{corpus}-{model}-{uuid.uuid4().hex[:8]}")
 
 
 def _check_window(config: BuildConfig, folder: Path) -> None:
     """Refuse now, not in the plan stage, a chunk length or stride the model's context cannot take."""
-    from service.ops import _context_length
-
-    context = _context_length(folder)
+    context = context_length(folder)
     width = config.max_tokens or context
     if width > context:
         raise InputError(f"chunks of {width} tokens do not fit the model's context of {context}: "
@@ -71,20 +70,22 @@ def _check_window(config: BuildConfig, folder: Path) -> None:
                          f"pass --stride between 1 and {window}")
 
 
-def work_dir(settings: Settings, params: dict) -> Path:
-    return settings.stores / (params["store"] + ".partial")
+def _spec(job: Job) -> tuple[IndexJob, BuildConfig]:
+    spec = IndexJob.from_params(job.params)
+    return spec, BuildConfig(**spec.config)
 
 
-def _checkpoints(settings: Settings, params: dict):
-    from service.ops import _checkpoint_infos
+def work_dir(settings: Settings, job: Job) -> Path:
+    return settings.stores / (IndexJob.from_params(job.params).store + ".partial")
 
-    with transaction(settings.database_url) as s:
-        by_step = {c.step: c for c in _checkpoint_infos(s.get(Model, params["model_id"]))}
-    missing = [step for step in params["checkpoint_steps"] if step not in by_step]
+
+def _checkpoints(settings: Settings, spec: IndexJob) -> list[CheckpointInfo]:
+    by_step = model_checkpoints(settings, spec.model_id)
+    missing = [step for step in spec.checkpoint_steps if step not in by_step]
     if missing:
-        raise InputError(f"checkpoints {missing} of model {params['model']!r} are no longer registered: "
+        raise InputError(f"checkpoints {missing} of model {spec.model!r} are no longer registered: "
                          "start a new build with `wherefrom index`")
-    return [by_step[step] for step in params["checkpoint_steps"]]
+    return [by_step[step] for step in spec.checkpoint_steps]
 
 
 def _open_job(settings: Settings, job_id: int) -> Job:
@@ -93,7 +94,7 @@ def _open_job(settings: Settings, job_id: int) -> Job:
         job = job_repo.get_job(s, job_id)
     if job.status in FINISHED:
         if job.status == "succeeded":
-            shutil.rmtree(work_dir(settings, job.params), ignore_errors=True)
+            shutil.rmtree(work_dir(settings, job), ignore_errors=True)
         raise JobFinished(f"job {job_id} is already {job.status}")
     return job
 
@@ -110,7 +111,7 @@ def _missing(work: Path, plan: Plan) -> list[int]:
 
 def plan(settings: Settings, job: Job, dispatch, worker: str) -> None:
     """Chunk the corpus once, record the shards, and send every shard that is not done yet."""
-    work = work_dir(settings, job.params)
+    work = work_dir(settings, job)
     if not Plan.exists(work):
         with transaction(settings.database_url) as s:
             job_repo.set_stage(s, job.id, "planning: chunking the corpus", worker)
@@ -132,24 +133,23 @@ def chunk_documents(docs: list[tuple[int, str]], ckpts, config: BuildConfig):
     of `config` over checkpoints `ckpts` chunks them (`wherefrom index --update` chunks the same way)."""
     from indexer.corpus import chunk_corpus
     from indexer.modelio import load_tokenizer
-    from service.ops import _context_length
 
     tokenizer = load_tokenizer(ckpts[-1].path, ckpts[-1].base_path)
-    max_tokens = config.max_tokens or _context_length(ckpts[-1].base_path or ckpts[-1].path)
+    max_tokens = config.max_tokens or context_length(ckpts[-1].base_path or ckpts[-1].path)
     chunks, counts = chunk_corpus(tokenizer, docs, max_tokens, config.append_eos, config.chunking, config.stride)
     by_id = dict(docs)
     return chunks, [by_id[c.document_id][c.char_start:c.char_end] for c in chunks], counts
 
 
 def _write_plan(settings: Settings, job: Job, work: Path) -> None:
-    p, config = job.params, BuildConfig(**job.params["config"])
+    spec, config = _spec(job)
     with transaction(settings.database_url) as s:
-        docs = [(d.id, d.text) for d in repo.corpus_documents(s, p["corpus_id"])]
-    ckpts = _checkpoints(settings, p)
+        docs = [(d.id, d.text) for d in repo.corpus_documents(s, spec.corpus_id)]
+    ckpts = _checkpoints(settings, spec)
     chunks, texts, counts = chunk_documents(docs, ckpts, config)
     if not chunks:
-        raise InputError(f"no document of corpus {p['corpus']!r} has any tokens: check the text field")
-    provenance = {"corpus": p["corpus"], "model": p["model"], "job_id": job.id,
+        raise InputError(f"no document of corpus {spec.corpus!r} has any tokens: check the text field")
+    provenance = {"corpus": spec.corpus, "model": spec.model, "job_id": job.id,
                   "tokenizer_hash": ckpts[0].tokenizer_hash,
                   "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
                                    "learning_rate": c.learning_rate, **weights_stat(c.path, c.base_path),
@@ -183,19 +183,19 @@ class _ShardProgress:
 def run_shard(settings: Settings, job_id: int, shard: int, dispatch, worker: str) -> None:
     """Compute one shard unless its files exist; send the merge once no shard is missing."""
     job = _open_job(settings, job_id)
-    work = work_dir(settings, job.params)
+    spec, config = _spec(job)
+    work = work_dir(settings, job)
     layout = Plan.load(work)
     target = _shard_dir(work, shard)
     if not target.is_dir():
         with transaction(settings.database_url) as s:
             job_repo.start_shard(s, job_id, shard, worker)
         start, end = layout.shards[shard]
-        ckpts = _checkpoints(settings, job.params)
+        ckpts = _checkpoints(settings, spec)
         check_unchanged(layout.meta["provenance"]["checkpoints"])
         progress = _ShardProgress(settings, job_id, shard, end - start, len(ckpts), layout.rows, dispatch.progress)
         with store.atomic_dir(target) as tmp:
-            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts,
-                          BuildConfig(**job.params["config"]), progress)
+            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts, config, progress)
     with transaction(settings.database_url) as s:
         job_repo.finish_shard(s, job_id, shard, worker)
     if not _missing(work, layout):
@@ -207,7 +207,8 @@ def run_shard(settings: Settings, job_id: int, shard: int, dispatch, worker: str
 def run_merge(settings: Settings, job_id: int, dispatch, worker: str) -> None:
     """Reduce the shards into the final stores and publish them with the build's SQL rows."""
     job = _open_job(settings, job_id)
-    work = work_dir(settings, job.params)
+    spec, config = _spec(job)
+    work = work_dir(settings, job)
     layout = Plan.load(work)
     missing = _missing(work, layout)
     if missing:  # sent early by a resumed job: the missing shards send the merge again
@@ -216,15 +217,14 @@ def run_merge(settings: Settings, job_id: int, dispatch, worker: str) -> None:
         return
     with transaction(settings.database_url) as s:
         job_repo.set_stage(s, job_id, "merging shards", worker)
-    config = BuildConfig(**job.params["config"])
-    ckpts = _checkpoints(settings, job.params)
+    ckpts = _checkpoints(settings, spec)
     bars = dispatch.progress or (lambda *_: None)
     out = work / f"out-{uuid.uuid4().hex[:8]}"
     out.mkdir()
     try:
         info = merge_shards(out, [_shard_dir(work, k) for k in range(len(layout.shards))],
                             layout.texts(0, layout.rows), ckpts, config, layout.meta["provenance"], bars)
-        _publish(settings, job_id, out, settings.stores / job.params["store"], layout, info)
+        _publish(settings, job_id, out, settings.stores / spec.store, layout, info)
     finally:
         shutil.rmtree(out, ignore_errors=True)  # gone already when published (renamed)
     shutil.rmtree(work, ignore_errors=True)
@@ -235,10 +235,10 @@ def _publish(settings: Settings, job_id: int, out: Path, final: Path, layout: Pl
     try:
         with transaction(settings.database_url) as s:
             job = job_repo.lock_open_job(s, job_id)  # JobFinished: a concurrent merge published first
-            p = job.params
+            spec = IndexJob.from_params(job.params)
             build = repo.create_build(
-                s, corpus_id=p["corpus_id"], model_id=p["model_id"], kind="hybrid",
-                config={**info["config"], "checkpoint_steps": p["checkpoint_steps"]}, store_path=str(final),
+                s, corpus_id=spec.corpus_id, model_id=spec.model_id, kind="hybrid",
+                config={**info["config"], "checkpoint_steps": spec.checkpoint_steps}, store_path=str(final),
                 entries=layout.entries(), job_id=job_id, checksum=info["checksum"])
             repo.set_token_counts(s, layout.doc_tokens())
             if final.exists():  # left by a merge killed between its rename and its commit: never published
@@ -256,4 +256,13 @@ def _publish(settings: Settings, job_id: int, out: Path, final: Path, layout: Pl
 
 def discard(settings: Settings, job: Job) -> None:
     """Drop a failed build's partial files (a user error: resuming would fail the same way)."""
-    shutil.rmtree(work_dir(settings, job.params), ignore_errors=True)
+    shutil.rmtree(work_dir(settings, job), ignore_errors=True)
+
+
+def outcome(settings: Settings, job_id: int) -> BuildOutcome:
+    """The build a succeeded index job published."""
+    with transaction(settings.database_url) as s:
+        result = job_repo.get_job(s, job_id).result
+        store_path = repo.get_build(s, result["build_id"]).store_path
+    return BuildOutcome(result["build_id"], result["rows"], result["skipped_empty"],
+                        store.read_info(Path(store_path)), job_id)

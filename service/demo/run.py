@@ -13,8 +13,7 @@ import time
 
 from rich.console import Console
 
-from service.cli import progress_bars
-from service.render import print_trace
+from service.render import print_trace, progress_bars
 from service.settings import Settings
 
 CORPUS, MODEL = "demo", "demo-gpt2"
@@ -38,9 +37,9 @@ def _pick(questions, shown: int):
 
 
 def run_demo(settings: Settings, fresh: bool = False, shown: int = 8, seed: int = 0) -> dict:
-    from bench.train import TrainConfig, train
-    from bench.world import make_world
-    from service import ops
+    from service import builds, catalog, jobs, traces
+    from service.demo.train import TrainConfig, train
+    from service.demo.world import make_world
 
     console = Console()
     started = time.perf_counter()
@@ -61,17 +60,17 @@ def run_demo(settings: Settings, fresh: bool = False, shown: int = 8, seed: int 
         partial.rename(model_dir)
     else:
         console.print(f"[bold]2/4 training[/] skipped: reusing {model_dir} (pass --fresh to retrain)")
-    ingested = ops.ingest(settings, corpus_path, CORPUS)
-    ops.add_model(settings, model_dir, MODEL)
+    ingested = catalog.ingest(settings, corpus_path, CORPUS)
+    catalog.add_model(settings, model_dir, MODEL)
     console.print(f"[bold]3/4 indexing[/] corpus {CORPUS} ({ingested.added} new documents), model {MODEL}")
     with progress_bars() as progress:
-        build = ops.index(settings, CORPUS, MODEL, progress=progress)
+        build = jobs.index_here(settings, builds.index_job(settings, CORPUS, MODEL), progress)
     console.print(f"build {build.build_id}: {build.rows} rows; gradient features "
                   f"{sum(build.info['gradient']['dims'])} dims over {len(build.info['checkpoints'])} checkpoints")
 
     console.print("[bold]4/4 tracing[/] answers back to the documents that taught them\n")
     for q in _pick(world.questions, shown):
-        out = ops.trace(settings, q.prompt, corpus=CORPUS, model=MODEL, k=5)
+        out = traces.trace(settings, q.prompt, corpus=CORPUS, model=MODEL, k=5)
         print_trace(out, truth=set(q.source_ids), correct=is_correct(out.answer, q.answer), console=console)
         console.print()
     summary = evaluate(settings, world.questions)
@@ -87,10 +86,10 @@ def run_demo(settings: Settings, fresh: bool = False, shown: int = 8, seed: int 
 
 def evaluate(settings: Settings, questions) -> dict:
     """Trace every question; over correctly answered ones, where does a true source rank?"""
-    from service import ops
+    from service import traces
     rows = {}
     for q in questions:
-        out = ops.trace(settings, q.prompt, corpus=CORPUS, model=MODEL, k=10)
+        out = traces.trace(settings, q.prompt, corpus=CORPUS, model=MODEL, k=10)
         row = rows.setdefault(q.n_paraphrases, {"questions": 0, "correct": 0, "rank1": 0, "rr": 0.0})
         row["questions"] += 1
         if not is_correct(out.answer, q.answer):

@@ -1,0 +1,94 @@
+"""What wherefrom knows about: corpora and their documents, models and their checkpoints.
+
+One transaction per call; the CLI, the API and the demo call these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from db import repo
+from db.engine import transaction
+from db.errors import InputError
+from indexer.corpus import MAX_DOC_BYTES, check_size, read_corpus
+from indexer.modelio import CheckpointInfo, discover_checkpoints
+from service.settings import Settings
+
+
+def ingest(settings: Settings, path: Path, corpus: str, fmt: str = "auto", id_field: str = "id",
+           text_field: str = "text", max_doc_bytes: int = MAX_DOC_BYTES) -> repo.IngestResult:
+    docs = read_corpus(Path(path), fmt, id_field, text_field, max_doc_bytes)
+    with transaction(settings.database_url) as s:
+        return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus, str(Path(path).resolve())), docs)
+
+
+def ingest_records(settings: Settings, corpus: str, docs: list[tuple[str, str, dict]]) -> repo.IngestResult:
+    """Ingest documents given in memory (the API's JSON body), with the file path's checks."""
+    for ext_id, text, _ in docs:
+        check_size(text, f"document {ext_id!r}")
+    with transaction(settings.database_url) as s:
+        return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus), docs)
+
+
+def add_model(settings: Settings, path: Path, name: str, base: Path | None = None) -> tuple[int, int, bool]:
+    """Register a model folder; returns (model id, checkpoint count, created).
+
+    `base`: for LoRA adapters, the local base model folder when adapter_config.json names another.
+    """
+    ckpts = discover_checkpoints(Path(path), Path(base) if base else None)
+    for c in {c.tokenizer_hash: c for c in ckpts}.values():
+        check_tokenizer_fits(c.path, c.base_path)
+    rows = [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
+             "tokenizer_hash": c.tokenizer_hash, "learning_rate": c.learning_rate,
+             "optimizer_state_path": str(c.optimizer_state_path) if c.optimizer_state_path else None,
+             "base_path": str(c.base_path) if c.base_path else None}
+            for c in ckpts]
+    with transaction(settings.database_url) as s:
+        model, created = repo.add_model(s, name, str(Path(path).resolve()), rows)
+        return model.id, len(rows), created
+
+
+def check_tokenizer_fits(folder: Path, base: Path | None = None) -> None:
+    """Refuse a tokenizer that is not the model's: ids past its embedding rows, or another eos.
+
+    `base`: a LoRA adapter's base model folder, which holds the config (and maybe the tokenizer).
+    """
+    from transformers import AutoConfig
+
+    from indexer.modelio import load_tokenizer
+    fix = "save the tokenizer the model was trained with into the folder (tokenizer.save_pretrained)"
+    try:
+        tokenizer = load_tokenizer(folder, base)
+        config = AutoConfig.from_pretrained(base or folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"the model or tokenizer in {folder} does not load ({e.__class__.__name__}): {fix}") from None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(config, "vocab_size", None)
+    if rows and len(tokenizer) > rows:
+        raise InputError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's embeddings have "
+                         f"{rows} rows, so it is another model's tokenizer: {fix}")
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    if None not in eos and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        raise InputError(f"the tokenizer in {folder} ends text with token {tokenizer.eos_token_id} but the model with "
+                         f"{eos[0]}, so it is another model's tokenizer: {fix}")
+
+
+def checkpoints_by_step(model) -> dict[int, CheckpointInfo]:
+    """A `db.models.Model` row's checkpoints, by training step."""
+    return {c.step: CheckpointInfo.from_row(c) for c in model.checkpoints}
+
+
+def model_checkpoints(settings: Settings, model_id: int) -> dict[int, CheckpointInfo]:
+    with transaction(settings.database_url) as s:
+        return checkpoints_by_step(repo.get_model(s, model_id))
+
+
+def ping_database(settings: Settings) -> None:
+    with transaction(settings.database_url) as s:
+        repo.ping(s)
+
+
+def schema_revision(settings: Settings) -> str:
+    """Migrates the database to head on first use, then says where it is."""
+    with transaction(settings.database_url) as s:
+        return repo.schema_revision(s)

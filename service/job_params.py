@@ -1,0 +1,82 @@
+"""What a job of each kind is asked to do: typed, validated once, stored in `jobs.params` with `asdict`.
+
+The CLI, the API and `wherefrom jobs resume` all build these; the stages that run a job read
+them back with `from_params`. A bad request fails here, at submit time, as one line, instead of
+as a failed job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from attribution.methods import METHODS, RERANKS
+from db.errors import InputError
+
+MAX_K = 1000
+
+
+def check_question(question: str) -> None:
+    if not question.strip():
+        raise InputError("the question is empty: ask something")
+
+
+def check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise InputError(f"k must be between 1 and {MAX_K}")
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    """Trace one answer (`wherefrom trace`, `POST /traces`)."""
+
+    question: str = field(metadata={"help": "The prompt or question the model answered."})
+    answer: str | None = field(default=None, metadata={"help": "The answer to trace; default: the model's greedy answer."})
+    corpus: str | None = field(default=None, metadata={"help": "Corpus name; default: the latest build's."})
+    model: str | None = field(default=None, metadata={"help": "Model name; default: the latest build's."})
+    k: int = field(default=10, metadata={"help": f"How many documents to return (1-{MAX_K})."})
+    method: str = field(default="hybrid", metadata={"help": " | ".join(METHODS)})
+    rerank: str | None = field(default=None, metadata={"help": "exact: rescore the top candidates with full "
+                                                               "gradients (captum TracInCP)."})
+    verify: bool = field(default=False, metadata={"help": "Tail-patch and lexical check of each document."})
+
+    kind = "trace"
+
+    def __post_init__(self):
+        check_question(self.question)
+        check_k(self.k)
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.rerank not in (None, *RERANKS):
+            raise InputError(f"unknown rerank {self.rerank!r}: use --rerank exact, or leave it out")
+
+    def params(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "TraceJob":
+        return cls(**params)
+
+
+@dataclass(frozen=True)
+class IndexJob:
+    """Build the stores of a corpus for a model (`wherefrom index`); made by `service.builds.index_job`."""
+
+    corpus: str
+    model: str
+    corpus_id: int
+    model_id: int
+    checkpoint_steps: list[int]
+    config: dict  # `indexer.build.BuildConfig` as a dict (asdict): it imports torch, a job row must not
+    store: str  # the store's folder name under the data directory's stores/
+
+    kind = "index"
+
+    def params(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "IndexJob":
+        return cls(**params)
+
+
+SPECS = {"trace": TraceJob, "index": IndexJob}
