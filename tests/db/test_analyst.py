@@ -1,4 +1,4 @@
-"""The read-only analyst role on PostgreSQL, and the README's analyst queries run as that role."""
+"""The read-only analyst role on PostgreSQL, and the analyst queries of docs/sql.md run as that role."""
 
 import re
 import uuid
@@ -13,7 +13,7 @@ from db import job_repo, repo
 from db.engine import get_engine, transaction
 from db.models import Trace
 
-README = Path(__file__).parents[2] / "README.md"
+SQL_DOC = Path(__file__).parents[2] / "docs" / "sql.md"
 INSUFFICIENT_PRIVILEGE, READ_ONLY_TRANSACTION = "42501", "25006"
 WRITES = [
     "INSERT INTO corpora (name, created_at) VALUES ('mine', now())",
@@ -63,8 +63,8 @@ def test_the_analyst_reads_tables_created_after_the_migrations(analyst, pg_url):
             c.execute(text("DROP TABLE later_table"))
 
 
-def readme_queries() -> list[str]:
-    return re.findall(r"<!-- analyst-query -->\n```sql\n(.*?)```", README.read_text(), re.S)
+def documented_queries() -> list[str]:
+    return re.findall(r"<!-- analyst-query -->\n```sql\n(.*?)```", SQL_DOC.read_text(), re.S)
 
 
 def seed(url: str) -> dict:
@@ -94,8 +94,8 @@ def seed(url: str) -> dict:
         return {"tag": tag, "job": job.id, **traces}
 
 
-def test_the_readme_queries_answer_their_questions_as_the_analyst(analyst, pg_url):
-    backing, unsupported, in_progress = readme_queries()
+def test_the_documented_queries_answer_their_questions_as_the_analyst(analyst, pg_url):
+    backing, unsupported, in_progress = documented_queries()
     ids = seed(pg_url)
     with analyst.connect() as c:
         rows = [r for r in c.execute(text(backing)).all() if r.document.endswith(ids["tag"])]

@@ -132,7 +132,7 @@ def artifacts_dir() -> Path:
 def chromium(*args, profile: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium")
     if exe is None:
-        pytest.fail("chromium is not installed: `apt-get install -y chromium` (.ci/run installs it)")
+        pytest.fail("chromium is not installed: run `bash scripts/system-deps`")
     return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
                           capture_output=True, text=True, timeout=180)
 
