@@ -24,6 +24,7 @@ from torch import nn
 from db.errors import InputError
 from indexer.adapter import tracked_layers
 from indexer.curvature import LayerStats, Stats
+from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
 
 
 @dataclass
@@ -168,3 +169,32 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
                                       ignore_index=-100, reduction="none")  # (B, T-1)
     counts = (shift_labels != -100).sum(1).clamp_min(1)
     return tok.sum(1) / counts
+
+
+def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = None,
+            label_spans: list[tuple[int, int] | None] | None = None):
+    """Right-padded (ids, mask, labels); labels are -100 on padding, before `label_from[i]` and
+    outside `label_spans[i]` (start, end) where that is not None."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, start in enumerate(label_from or []):
+        labels[i, :start] = -100
+    for i, span in enumerate(label_spans or []):
+        if span is not None:
+            labels[i, :span[0]] = -100
+            labels[i, span[1]:] = -100
+    return ids, mask, labels
+
+
+def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
+    """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there."""
+    model, tokenizer = load_model(ckpt.path, ckpt.base_path)
+    moments = {}
+    if config.optimizer_norm and ckpt.optimizer_state_path:
+        moments = adam_second_moments(model, ckpt.optimizer_state_path)
+    return model, tokenizer, Featurizer(model, config, moments)
