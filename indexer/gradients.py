@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,27 +31,38 @@ from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
 class GradientConfig:
     """How gradients become features. Defaults keep a 4-layer GPT-2 at 1,024 dims per checkpoint."""
 
-    k_in: int | None = 8  # input-side projection size per layer; None = no projection (exact)
-    k_out: int | None = 8  # output-side projection size per layer; None = no projection (exact)
-    seed: int = 0  # projection seed; recorded in info.json so queries use the same matrices
-    # regex over module names to track (re.search); None = every nn.Linear/Conv1D but the output head,
-    # or for a LoRA adapter its lora_A/lora_B layers only (indexer.adapter.default_pattern)
-    modules: str | None = None
-    optimizer_norm: bool = True  # divide by √(Adam second moment) when optimizer.pt is present
-    eps: float = 1e-8  # added to second moments before the square root
-    curvature: str = "ekfac"  # "ekfac": precondition by EK-FAC fitted in the projected space; "none"
-    damping: float = 0.1  # EK-FAC damping, relative to each layer's mean corrected eigenvalue
+    k_in: int | None = field(default=8, metadata={
+        "help": "input-side projection size per layer; None = no projection (exact)"})
+    k_out: int | None = field(default=8, metadata={
+        "help": "output-side projection size per layer; None = no projection (exact)"})
+    seed: int = field(default=0, metadata={
+        "help": "projection seed; recorded in info.json so queries use the same matrices"})
+    # for a LoRA adapter the default is its lora_A/lora_B layers only (indexer.adapter.default_pattern)
+    modules: str | None = field(default=None, metadata={
+        "help": "regex over module names to track (re.search); None = every nn.Linear/Conv1D but the output head"})
+    optimizer_norm: bool = field(default=True, metadata={
+        "help": "divide by √(Adam second moment) when optimizer.pt is present"})
+    eps: float = field(default=1e-8, metadata={"help": "added to second moments before the square root"})
+    curvature: str = field(default="ekfac", metadata={
+        "help": "'ekfac': precondition by EK-FAC fitted in the projected space; 'none': no preconditioning"})
+    damping: float = field(default=0.1, metadata={
+        "help": "EK-FAC damping, relative to each layer's mean corrected eigenvalue"})
 
     def __post_init__(self):
         if self.curvature not in ("ekfac", "none"):
-            raise ValueError("curvature must be 'ekfac' or 'none'")
+            raise InputError(f"curvature must be 'ekfac' or 'none', not {self.curvature!r}")
         if self.damping < 0:
-            raise ValueError("damping must be non-negative")
+            raise InputError(f"damping must be non-negative, not {self.damping}: give 0 or more")
         for k in (self.k_in, self.k_out):
             if k is not None and k < 1:
-                raise ValueError("projection sizes must be positive, or None for exact gradients")
+                raise InputError(f"projection sizes must be positive, or None for exact gradients: "
+                                 f"pass --proj 1 or more, not {k}")
         if self.modules is not None:
-            re.compile(self.modules)
+            try:
+                re.compile(self.modules)
+            except re.error as e:
+                raise InputError(f"--modules {self.modules!r} is not a regular expression ({e}): "
+                                 "pass a regex over module names such as 'attn|mlp'") from None
 
 
 def _gaussian(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
