@@ -55,3 +55,19 @@ def test_top_k_equals_a_stable_full_sort():
                    np.r_[np.zeros(500), -np.inf * np.ones(20), rng.random(5)]):
         for k in (1, 10, 100, 999, 1000, 2000):
             assert np.array_equal(top_k(scores, k), np.argsort(-scores, kind="stable")[:k])
+
+
+def test_an_approximate_index_rescores_its_candidates_from_the_store(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows = x.astype(np.float16)
+    ann.build_faiss(rows, tmp_path / "flat.faiss", "Flat")
+    ann.build_faiss(rows, tmp_path / "ivf.faiss", "IVF4,SQ8")
+    exact = ann.AnnIndex.load(tmp_path / "flat.faiss")
+    approx = ann.AnnIndex.load(tmp_path / "ivf.faiss", "IVF4,SQ8", nprobe=4)
+    assert exact.exact and not approx.exact and faiss.extract_index_ivf(approx.index).nprobe == 4
+    for q in x[:20]:
+        truth = ann.top_k(rows.astype(np.float32) @ q, 10)
+        assert np.array_equal(approx.search(q, 10, rows), truth)  # every list searched: exact scores
+        assert set(exact.search(q, 10, rows)) == set(truth)
