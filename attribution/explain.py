@@ -20,8 +20,7 @@ import torch
 
 from attribution.tracer import Tracer, encode_qa
 from attribution.verify import lexical_spans
-from indexer.build import collate
-from indexer.gradients import per_example_loss
+from indexer.gradients import collate, per_example_loss
 
 # Exposure: on the demo world (seed 0, 160 facts stated in 1-8 documents) the count is exact for
 # every fact at any threshold from 0.4 to 0.7 once neighbours must name the question's names; 0.6
@@ -161,7 +160,7 @@ def exposure(tracer: Tracer, statement_row: int, question: str, answer: str,
     does not. `text_of(rows)` returns the text of store rows.
     """
     query = np.asarray(tracer.dense[statement_row], dtype=np.float32)[None]
-    sims, rows = tracer.dense_index.search(query, min(neighbours, tracer.dense.shape[0]))
+    sims, rows = tracer.dense_index.index.search(query, min(neighbours, tracer.dense.shape[0]))
     close = [(int(r), float(s)) for r, s in zip(rows[0], sims[0]) if r >= 0 and s >= threshold]
     texts, names = text_of([r for r, _ in close]), named_words(question)
     keep = [(r, s) for r, s in close

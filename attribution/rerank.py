@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from attribution.tracer import encode_qa
-from indexer.build import collate
-from indexer.gradients import Featurizer, GradientConfig
+from indexer.gradients import Featurizer, GradientConfig, collate
 
 DOC_BATCH = 4  # full gradients are (batch × parameters of the tracked layers) floats
 

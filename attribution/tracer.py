@@ -18,8 +18,10 @@ import torch
 
 from db.errors import InputError
 from indexer import lexical, semantic, store
-from indexer.build import BuildConfig, collate, featurizer_for
+from indexer.ann import NPROBE, AnnIndex, top_k
+from indexer.build import BuildConfig
 from indexer.curvature import Curvature
+from indexer.gradients import collate, featurizer_for
 from indexer.modelio import CheckpointInfo
 
 METHODS = ("hybrid", "grad", "dense", "bm25")
@@ -90,10 +92,10 @@ class Tracer:
         self.weights = self.info["gradient"]["weights"]
         self.grad = store.open_array(self.folder, "grad")
         self.dense = store.open_array(self.folder, "dense")
-        self.grad_index = store.read_faiss(self.folder / "grad.faiss")
-        self.dense_index = store.read_faiss(self.folder / "dense.faiss")
-        for index in (self.grad_index, self.dense_index):  # nprobe is not saved with an index
-            store.set_nprobe(index, self.info.get("faiss_nprobe", store.NPROBE))
+        nprobe = self.info.get("faiss_nprobe", NPROBE)
+        self.grad_index = AnnIndex.load(self.folder / "grad.faiss", self.info.get("faiss_factory", "Flat"), nprobe)
+        self.dense_index = AnnIndex.load(self.folder / "dense.faiss", self.info.get("dense_faiss_factory", "Flat"),
+                                         nprobe)
         self.lexical = lexical.Lexical(self.folder / "bm25")
         self.removed = store.removed_rows(self.folder)  # deleted documents' rows: never candidates
         self._featurizers: dict[int, tuple] = {}
@@ -143,16 +145,6 @@ class Tracer:
             parts.append(f[0] / max(np.linalg.norm(f[0]), 1e-30) * self.weights[c])
         return np.concatenate(parts).astype(np.float32)
 
-    def _search(self, index, rows: np.ndarray, query: np.ndarray, k: int, factory_key: str) -> np.ndarray:
-        """The k best rows for `query`. An approximate index (anything but Flat) is asked for
-        `store.RESCORE`× more, rescored exactly from the float16 store: at 10M rows its top 100
-        held 92 % of the true top-10, its top 400 rescored 99 % (bench/faiss_scale.py)."""
-        if self.info.get(factory_key, "Flat") == "Flat":
-            return index.search(query[None], k)[1][0]
-        ids = index.search(query[None], k * store.RESCORE)[1][0]
-        ids = np.sort(ids[ids >= 0])  # row order: the store reads forward, ties rank by row
-        return ids[top_k(rows[ids].astype(np.float32) @ query, k)]
-
     def rank(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
              candidates: int = 100, weights: dict | None = None) -> Ranking:
         if not question.strip():
@@ -179,8 +171,8 @@ class Tracer:
         live_bm25 = bm25.copy()
         live_bm25[self.removed] = -np.inf
         pools = {
-            "grad": self._search(self.grad_index, self.grad, q_grad, k_cand, "faiss_factory"),
-            "dense": self._search(self.dense_index, self.dense, q_dense, k_cand, "dense_faiss_factory"),
+            "grad": self.grad_index.search(q_grad, k_cand, self.grad),
+            "dense": self.dense_index.search(q_dense, k_cand, self.dense),
             "bm25": top_k(live_bm25, k_cand),
         }
         # candidates in row order, so equal scores rank by row whichever index found them
@@ -196,18 +188,6 @@ class Tracer:
         hits = [Hit(int(pool[i]), float(score[i]), {m: float(v[i]) for m, v in raw.items()}) for i in top]
         timings["rank"] = time.perf_counter() - t
         return Ranking(answer, generated, hits, timings)
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, highest first, ties by index: `np.argsort(-scores,
-    kind="stable")[:k]` without sorting every row (at 100k rows the full sort took ~8 ms a trace)."""
-    n = len(scores)
-    if k >= n:
-        return np.argsort(-scores, kind="stable")
-    kth = np.partition(scores, n - k)[n - k]  # the k-th highest value
-    above = np.flatnonzero(scores > kth)
-    chosen = np.concatenate([above, np.flatnonzero(scores == kth)[:k - len(above)]])
-    return chosen[np.argsort(-scores[chosen], kind="stable")]
 
 
 def combine(raw: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

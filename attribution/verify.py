@@ -19,8 +19,7 @@ import torch
 from torch.func import functional_call
 
 from attribution.tracer import encode_qa
-from indexer.build import collate
-from indexer.gradients import per_example_loss
+from indexer.gradients import collate, per_example_loss
 from indexer.modelio import CheckpointInfo, adam_second_moments, load_model, train_batch_size
 
 

@@ -13,7 +13,7 @@ Rows are made in blocks from a per-block seed, so the same rows can be made agai
 adding and exact search without holding them all: the ground truth is an exact streamed top-10.
 For each factory string it reports recall@10 (against exact inner-product search), milliseconds
 per query (one query at a time, as a trace searches), the index's bytes per document and its
-build time. "auto" is what wherefrom picks for that many rows (`indexer.store.choose_factory`).
+build time. "auto" is what wherefrom picks for that many rows (`indexer.ann.choose_factory`).
 
 Recall is reported twice: of the index alone, and after the exact rescoring of its top 100 that a
 trace does (its candidates' scores come from the float16 store, here made again from the rows'
@@ -120,10 +120,10 @@ def exact_top(rows: Rows, queries: np.ndarray, k: int = 10) -> np.ndarray:
 
 def build(rows: Rows, factory: str, folder: Path) -> tuple[object, float, int]:
     """Train on a sample, add every block with ids, write the index; (index, seconds, bytes).
-    Trained as `indexer.store.build_faiss` trains (its sample size, our streamed PCA)."""
+    Trained as `indexer.ann.build_faiss` trains (its sample size, our streamed PCA)."""
     import faiss
 
-    from indexer.store import TRAIN_ROWS, train_index
+    from indexer.ann import TRAIN_ROWS, train_index
     t = time.perf_counter()
     index = faiss.IndexIDMap2(faiss.index_factory(rows.dim, factory, faiss.METRIC_INNER_PRODUCT))
     if not index.is_trained:
@@ -138,7 +138,7 @@ def build(rows: Rows, factory: str, folder: Path) -> tuple[object, float, int]:
 
 
 def tune(index, nprobe: int) -> None:
-    from indexer.store import set_nprobe
+    from indexer.ann import set_nprobe
     if nprobe:
         set_nprobe(index, nprobe)
 
@@ -169,7 +169,7 @@ def main():
     import faiss
     import tempfile
 
-    from indexer.store import choose_factory
+    from indexer.ann import choose_factory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default="wherefrom-data", help="a data dir with a built demo")

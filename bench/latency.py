@@ -59,7 +59,7 @@ def make_scaled(demo_dir: Path, work: Path, n: int):
     from db import repo
     from db.engine import transaction
     from db.models import Model
-    from indexer import lexical, store
+    from indexer import ann, lexical, store
     from service import ops
     from service.settings import Settings
 
@@ -90,11 +90,11 @@ def make_scaled(demo_dir: Path, work: Path, n: int):
         shutil.copy(f, folder / f.name)
     lexical.build([t for _, t, _ in docs], folder / "bm25")
     grad_rows, dense_rows = store.open_array(folder, "grad"), store.open_array(folder, "dense")
-    factory, dense_factory = store.choose_factory(*grad_rows.shape), store.choose_factory(*dense_rows.shape)
-    store.build_faiss(grad_rows, folder / "grad.faiss", factory)
-    store.build_faiss(dense_rows, folder / "dense.faiss", dense_factory)
+    factory, dense_factory = ann.choose_factory(*grad_rows.shape), ann.choose_factory(*dense_rows.shape)
+    ann.build_faiss(grad_rows, folder / "grad.faiss", factory)
+    ann.build_faiss(dense_rows, folder / "dense.faiss", dense_factory)
     store.write_info(folder, {**info, "rows": n, "faiss_factory": factory, "dense_faiss_factory": dense_factory,
-                              "faiss_nprobe": store.NPROBE, "checksum": store.checksum(folder),
+                              "faiss_nprobe": ann.NPROBE, "checksum": store.checksum(folder),
                               "synthetic": "bench.latency"})
     with transaction(settings.database_url) as s:
         corpus, model = repo.corpus_by_name(s, "scale"), repo.model_by_name(s, "demo")

@@ -15,9 +15,9 @@ import torch
 
 from attribution.tracer import Tracer, encode_qa
 from indexer import curvature, semantic
-from indexer.build import BuildConfig, checkpoint_weights, collate, compute_shard, featurizer_for
+from indexer.build import BuildConfig, checkpoint_weights, compute_shard
 from indexer.curvature import Stats
-from indexer.gradients import GradientConfig
+from indexer.gradients import GradientConfig, collate, featurizer_for
 
 METHODS = ("bm25 (q)", "bm25 (q+a)", "dense (q+a)", "repsim", "grad dot", "grad cosine", "tracin",
            "tracin cosine", "ekfac influence", "trackstar", "hybrid", "hybrid + exact rerank")

@@ -60,8 +60,7 @@ def setup(n_layer: int, n_embd: int, worlds: int, group: int, seed: int = 0):
 
 def plain_pass(model, ids, pad, batch_size: int) -> float:
     """(a): forward+backward with weight gradients, as a training step without the update."""
-    from indexer.build import collate
-    from indexer.gradients import per_example_loss
+    from indexer.gradients import collate, per_example_loss
     model.zero_grad(set_to_none=True)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     t = time.perf_counter()
@@ -75,7 +74,7 @@ def plain_pass(model, ids, pad, batch_size: int) -> float:
 def our_build(ckpt, ids, batch_size: int, projection: int) -> float:
     """(b): the gradient store of one checkpoint with the default features: projected gradients
     with the Adam fold and K-FAC sums, EK-FAC fit, unit norm, float16 store and its FAISS index."""
-    from indexer import store
+    from indexer import ann, store
     from indexer.build import BuildConfig, finalize_gradients, shard_gradients
     from indexer.corpus import Chunk
     from indexer.gradients import GradientConfig
@@ -89,7 +88,7 @@ def our_build(ckpt, ids, batch_size: int, projection: int) -> float:
         (shard / "meta.json").write_text(json.dumps({"rows": len(chunks), **meta}))
         finalize_gradients(Path(tmp), [shard], [ckpt], config, lambda *a: None)
         grad = store.open_array(Path(tmp), "grad")
-        store.build_faiss(grad, Path(tmp) / "grad.faiss", store.choose_factory(*grad.shape))
+        ann.build_faiss(grad, Path(tmp) / "grad.faiss", ann.choose_factory(*grad.shape))
         return time.perf_counter() - t
 
 
@@ -110,8 +109,7 @@ def captum_per_example(model, ids, pad, sample: int) -> float:
     from torch.utils.data import TensorDataset
 
     from indexer.adapter import tracked_layers
-    from indexer.build import collate
-    from indexer.gradients import per_example_loss
+    from indexer.gradients import collate, per_example_loss
     data = TensorDataset(*collate(ids[:sample], pad))
     layers = ["lm." + l.name for l in tracked_layers(model)]
     with tempfile.TemporaryDirectory() as tmp:

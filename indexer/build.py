@@ -17,14 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from db.errors import InputError
 from indexer import curvature, lexical, semantic, store
+from indexer.ann import NPROBE, build_faiss, check_factory, choose_factory
 from indexer.corpus import CHUNKINGS, Chunk
 from indexer.curvature import Stats
-from indexer.gradients import Featurizer, GradientConfig
-from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
+from indexer.gradients import GradientConfig, collate, featurizer_for
+from indexer.modelio import CheckpointInfo
 
 Progress = Callable[[str, int, int], None]  # (stage, rows done now, stage total)
 
@@ -33,40 +33,49 @@ Progress = Callable[[str, int, int], None]  # (stage, rows done now, stage total
 class BuildConfig:
     """What a build computes. Stored in info.json and in the build's SQL row."""
 
-    gradient: GradientConfig = field(default_factory=GradientConfig)
-    batch_size: int = 16  # chunks per forward/backward pass
-    max_tokens: int | None = None  # chunk length; None = the model's context length
-    checkpoint_weights: str = "lr"  # "lr" (TracIn: √lr per checkpoint) or "uniform"
-    append_eos: bool = True  # end each document with eos, as one-document-per-example training does
-    # how documents became training examples (see `indexer.corpus`): "sliding" windows (every
-    # `stride` tokens; None = the window width, no overlap), "truncate" (first window only) or
-    # "packed" (documents concatenated into full blocks, one row per block and document segment).
-    # Overlapping and packed rows count shared tokens once per row in the K-FAC factors.
-    chunking: str = "sliding"
-    stride: int | None = None
-    factory: str | None = None  # the gradient index's FAISS factory; None = chosen from rows and width
-    nprobe: int = store.NPROBE  # inverted lists searched per query when the factory has an IVF
-    # chunks per shard (a range of documents): the unit of work of a build job and of length-sorting
-    # into batches. Results depend on it and never on how many workers share the shards.
-    shard_size: int = 4096
+    gradient: GradientConfig = field(default_factory=GradientConfig, metadata={
+        "help": "how gradients become features (indexer.gradients.GradientConfig)"})
+    batch_size: int = field(default=16, metadata={"help": "chunks per forward/backward pass"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "chunk length in tokens; None = the model's context length"})
+    checkpoint_weights: str = field(default="lr", metadata={
+        "help": "'lr' (TracIn: √lr per checkpoint) or 'uniform'"})
+    append_eos: bool = field(default=True, metadata={
+        "help": "end each document with eos, as one-document-per-example training does"})
+    # see `indexer.corpus`: sliding windows start every `stride` tokens; packed documents are
+    # concatenated into full blocks, one row per block and document segment. Overlapping and packed
+    # rows count shared tokens once per row in the K-FAC factors.
+    chunking: str = field(default="sliding", metadata={
+        "help": "how documents became training examples: 'sliding' windows, 'truncate' (first window only) "
+                "or 'packed' (documents concatenated into full blocks)"})
+    stride: int | None = field(default=None, metadata={
+        "help": "tokens between sliding windows' starts; None = the window width, no overlap"})
+    factory: str | None = field(default=None, metadata={
+        "help": "the gradient index's FAISS factory; None = chosen from rows and width"})
+    nprobe: int = field(default=NPROBE, metadata={
+        "help": "inverted lists searched per query when the factory has an IVF"})
+    # the unit of work of a build job and of length-sorting into batches: results depend on it and
+    # never on how many workers share the shards
+    shard_size: int = field(default=4096, metadata={"help": "chunks per shard (a range of documents)"})
 
     def __post_init__(self):
         if isinstance(self.gradient, dict):
             self.gradient = GradientConfig(**self.gradient)
         if self.checkpoint_weights not in ("lr", "uniform"):
-            raise ValueError("checkpoint_weights must be 'lr' or 'uniform'")
+            raise InputError(f"checkpoint_weights must be 'lr' or 'uniform', not {self.checkpoint_weights!r}")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise InputError(f"batch_size must be at least 1: pass --batch-size 1 or more, not {self.batch_size}")
         if self.nprobe < 1:
-            raise ValueError("nprobe must be at least 1")
+            raise InputError(f"nprobe must be at least 1: pass --nprobe 1 or more, not {self.nprobe}")
         if self.factory is not None:
-            store.check_factory(self.factory)
+            check_factory(self.factory)
         if self.shard_size < 1:
-            raise ValueError("shard_size must be at least 1")
+            raise InputError(f"shard_size must be at least 1: pass --shard-size 1 or more, not {self.shard_size}")
         if self.chunking not in CHUNKINGS:
-            raise ValueError(f"chunking must be one of {', '.join(CHUNKINGS)}")
+            raise InputError(f"chunking must be one of {', '.join(CHUNKINGS)}: pass --chunking with one of them")
         if self.stride is not None and (self.chunking != "sliding" or self.stride < 1):
-            raise ValueError("stride is a positive number of tokens, for --chunking sliding only")
+            raise InputError("stride is a positive number of tokens, for --chunking sliding only: "
+                             "pass --stride 1 or more with --chunking sliding, or leave --stride out")
 
 
 def checkpoint_weights(ckpts: list[CheckpointInfo], mode: str) -> list[float]:
@@ -75,35 +84,6 @@ def checkpoint_weights(ckpts: list[CheckpointInfo], mode: str) -> list[float]:
         return [1 / math.sqrt(len(ckpts))] * len(ckpts)
     total = sum(lrs)
     return [math.sqrt(lr / total) for lr in lrs]
-
-
-def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = None,
-            label_spans: list[tuple[int, int] | None] | None = None):
-    """Right-padded (ids, mask, labels); labels are -100 on padding, before `label_from[i]` and
-    outside `label_spans[i]` (start, end) where that is not None."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    for i, start in enumerate(label_from or []):
-        labels[i, :start] = -100
-    for i, span in enumerate(label_spans or []):
-        if span is not None:
-            labels[i, :span[0]] = -100
-            labels[i, span[1]:] = -100
-    return ids, mask, labels
-
-
-def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
-    """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there."""
-    model, tokenizer = load_model(ckpt.path, ckpt.base_path)
-    moments = {}
-    if config.optimizer_norm and ckpt.optimizer_state_path:
-        moments = adam_second_moments(model, ckpt.optimizer_state_path)
-    return model, tokenizer, Featurizer(model, config, moments)
 
 
 def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: list[CheckpointInfo],
@@ -238,14 +218,14 @@ def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[Ch
     copy_shard_rows(dense, shards, "dense.npy", 0)
     lexical.build(texts, out / "bm25")
     grad_rows, dense_rows = store.open_array(out, "grad"), store.open_array(out, "dense")
-    factory = config.factory or store.choose_factory(*grad_rows.shape)
-    dense_factory = store.choose_factory(*dense_rows.shape)  # MiniLM's 384 dims: an override is for gradients
+    factory = config.factory or choose_factory(*grad_rows.shape)
+    dense_factory = choose_factory(*dense_rows.shape)  # MiniLM's 384 dims: an override is for gradients
     try:
-        store.build_faiss(grad_rows, out / "grad.faiss", factory)
+        build_faiss(grad_rows, out / "grad.faiss", factory)
     except RuntimeError as e:  # only an override gets here: the automatic choice fits any width
         raise InputError(f"FAISS factory {factory!r} does not fit {grad_rows.shape[1]}-dim gradient features "
                          f"({str(e).splitlines()[-1][:120]}): pick another --faiss-factory, or leave it out") from None
-    store.build_faiss(dense_rows, out / "dense.faiss", dense_factory)
+    build_faiss(dense_rows, out / "dense.faiss", dense_factory)
     progress("faiss", len(texts), len(texts))
     metas = [json.loads((s / "meta.json").read_text()) for s in shards]
     timings = {k: sum(m["timings_s"][k] for m in metas) for k in ("gradients", "embeddings")}

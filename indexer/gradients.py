@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,33 +24,45 @@ from torch import nn
 from db.errors import InputError
 from indexer.adapter import tracked_layers
 from indexer.curvature import LayerStats, Stats
+from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
 
 
 @dataclass
 class GradientConfig:
     """How gradients become features. Defaults keep a 4-layer GPT-2 at 1,024 dims per checkpoint."""
 
-    k_in: int | None = 8  # input-side projection size per layer; None = no projection (exact)
-    k_out: int | None = 8  # output-side projection size per layer; None = no projection (exact)
-    seed: int = 0  # projection seed; recorded in info.json so queries use the same matrices
-    # regex over module names to track (re.search); None = every nn.Linear/Conv1D but the output head,
-    # or for a LoRA adapter its lora_A/lora_B layers only (indexer.adapter.default_pattern)
-    modules: str | None = None
-    optimizer_norm: bool = True  # divide by √(Adam second moment) when optimizer.pt is present
-    eps: float = 1e-8  # added to second moments before the square root
-    curvature: str = "ekfac"  # "ekfac": precondition by EK-FAC fitted in the projected space; "none"
-    damping: float = 0.1  # EK-FAC damping, relative to each layer's mean corrected eigenvalue
+    k_in: int | None = field(default=8, metadata={
+        "help": "input-side projection size per layer; None = no projection (exact)"})
+    k_out: int | None = field(default=8, metadata={
+        "help": "output-side projection size per layer; None = no projection (exact)"})
+    seed: int = field(default=0, metadata={
+        "help": "projection seed; recorded in info.json so queries use the same matrices"})
+    # for a LoRA adapter the default is its lora_A/lora_B layers only (indexer.adapter.default_pattern)
+    modules: str | None = field(default=None, metadata={
+        "help": "regex over module names to track (re.search); None = every nn.Linear/Conv1D but the output head"})
+    optimizer_norm: bool = field(default=True, metadata={
+        "help": "divide by √(Adam second moment) when optimizer.pt is present"})
+    eps: float = field(default=1e-8, metadata={"help": "added to second moments before the square root"})
+    curvature: str = field(default="ekfac", metadata={
+        "help": "'ekfac': precondition by EK-FAC fitted in the projected space; 'none': no preconditioning"})
+    damping: float = field(default=0.1, metadata={
+        "help": "EK-FAC damping, relative to each layer's mean corrected eigenvalue"})
 
     def __post_init__(self):
         if self.curvature not in ("ekfac", "none"):
-            raise ValueError("curvature must be 'ekfac' or 'none'")
+            raise InputError(f"curvature must be 'ekfac' or 'none', not {self.curvature!r}")
         if self.damping < 0:
-            raise ValueError("damping must be non-negative")
+            raise InputError(f"damping must be non-negative, not {self.damping}: give 0 or more")
         for k in (self.k_in, self.k_out):
             if k is not None and k < 1:
-                raise ValueError("projection sizes must be positive, or None for exact gradients")
+                raise InputError(f"projection sizes must be positive, or None for exact gradients: "
+                                 f"pass --proj 1 or more, not {k}")
         if self.modules is not None:
-            re.compile(self.modules)
+            try:
+                re.compile(self.modules)
+            except re.error as e:
+                raise InputError(f"--modules {self.modules!r} is not a regular expression ({e}): "
+                                 "pass a regex over module names such as 'attn|mlp'") from None
 
 
 def _gaussian(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
@@ -168,3 +180,32 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
                                       ignore_index=-100, reduction="none")  # (B, T-1)
     counts = (shift_labels != -100).sum(1).clamp_min(1)
     return tok.sum(1) / counts
+
+
+def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = None,
+            label_spans: list[tuple[int, int] | None] | None = None):
+    """Right-padded (ids, mask, labels); labels are -100 on padding, before `label_from[i]` and
+    outside `label_spans[i]` (start, end) where that is not None."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, start in enumerate(label_from or []):
+        labels[i, :start] = -100
+    for i, span in enumerate(label_spans or []):
+        if span is not None:
+            labels[i, :span[0]] = -100
+            labels[i, span[1]:] = -100
+    return ids, mask, labels
+
+
+def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
+    """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there."""
+    model, tokenizer = load_model(ckpt.path, ckpt.base_path)
+    moments = {}
+    if config.optimizer_norm and ckpt.optimizer_state_path:
+        moments = adam_second_moments(model, ckpt.optimizer_state_path)
+    return model, tokenizer, Featurizer(model, config, moments)

@@ -35,6 +35,33 @@ class CheckpointInfo:
     optimizer_state_path: Path | None
     base_path: Path | None = None  # a LoRA adapter's local base model folder; None for a whole model
 
+    @classmethod
+    def from_row(cls, row) -> CheckpointInfo:
+        """The checkpoint a `db.models.Checkpoint` row records."""
+        return cls(Path(row.path), row.step, row.weights_sha256, row.tokenizer_hash, row.learning_rate,
+                   Path(row.optimizer_state_path) if row.optimizer_state_path else None,
+                   Path(row.base_path) if row.base_path else None)
+
+
+def select_checkpoints(ckpts: list, which: str) -> list:
+    """'all', 'last', or a comma list of steps; InputError naming the known steps when one is missing."""
+    if which == "all":
+        return ckpts
+    if which == "last":
+        return ckpts[-1:]
+    wanted = {int(x) for x in which.split(",")}
+    chosen = [c for c in ckpts if c.step in wanted]
+    if len(chosen) != len(wanted):
+        raise InputError(f"checkpoints {sorted(wanted)} not all found; known steps: {[c.step for c in ckpts]}")
+    return chosen
+
+
+def context_length(folder: Path) -> int:
+    """The model's context length from its config.json (2048 when the config names none)."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+
 
 def is_adapter(folder: Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).exists()

@@ -26,6 +26,7 @@ import numpy as np
 
 from db.errors import InputError
 from indexer import curvature, lexical, semantic, store
+from indexer.ann import build_faiss
 from indexer.build import BuildConfig, Progress, copy_shard_rows, feature_block, raw_blocks, shard_stats
 
 KFAC = "kfac-c{c}.npz"
@@ -154,7 +155,7 @@ def append(old: Path, out: Path, shards: list[Path], live_texts: list[str], live
         link_or_copy(old / store.REMOVED, out / store.REMOVED)
     _bm25(out, live_texts, live_positions, rows)
     if refit:  # every vector changed
-        store.build_faiss(store.open_array(out, "grad"), out / "grad.faiss.all", info["faiss_factory"])
+        build_faiss(store.open_array(out, "grad"), out / "grad.faiss.all", info["faiss_factory"])
         _faiss_without(out / "grad.faiss.all", out / "grad.faiss", removed)
         (out / "grad.faiss.all").unlink()
     else:

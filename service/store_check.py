@@ -55,9 +55,9 @@ def dead_rows(build, facts: EntryFacts) -> list[int]:
 def _index_problem(folder: Path, live: np.ndarray) -> str | None:
     import faiss
 
-    from indexer import store
+    from indexer import ann
     for name in ("grad.faiss", "dense.faiss"):
-        index = store.read_faiss(folder / name)
+        index = ann.read_faiss(folder / name)
         ids = np.sort(faiss.vector_to_array(index.id_map)) if hasattr(index, "id_map") else None
         if ids is None or index.ntotal != len(live) or not np.array_equal(ids, live):
             have = set() if ids is None else set(ids.tolist())

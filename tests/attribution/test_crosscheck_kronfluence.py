@@ -10,9 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from indexer.adapter import tracked_layers
-from indexer.build import collate
 from indexer.curvature import Stats, fit
-from indexer.gradients import Featurizer, GradientConfig, per_example_loss
+from indexer.gradients import Featurizer, GradientConfig, collate, per_example_loss
 from tests.indexer.test_gradients import tiny_llama
 
 

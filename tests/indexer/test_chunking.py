@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from db.errors import InputError
-from indexer.build import collate
 from indexer.corpus import chunk_corpus, chunk_document
+from indexer.gradients import collate
 from indexer.plan import Plan, write_plan
 
 DOCS = [(1, " ".join(f"Alvena Ashgrove was born in {1800 + i} in Porto." for i in range(12))),

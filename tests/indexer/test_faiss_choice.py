@@ -4,16 +4,16 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import store
+from indexer import ann
 from indexer.build import BuildConfig
 
 
 def test_factory_follows_rows_and_width():
-    assert store.choose_factory(10_000, 4096) == "Flat"  # 160 MB of float32: one scan
-    assert store.choose_factory(100_000, 384) == "Flat"
-    assert store.choose_factory(100_000, 4096) == "PCA512,IVF1024,SQ8"
-    assert store.choose_factory(10_000_000, 4096) == "PCA512,IVF4096,SQ8"
-    assert store.choose_factory(1_000_000, 384) == "IVF4096,SQ8"  # narrow features: no PCA
+    assert ann.choose_factory(10_000, 4096) == "Flat"  # 160 MB of float32: one scan
+    assert ann.choose_factory(100_000, 384) == "Flat"
+    assert ann.choose_factory(100_000, 4096) == "PCA512,IVF1024,SQ8"
+    assert ann.choose_factory(10_000_000, 4096) == "PCA512,IVF4096,SQ8"
+    assert ann.choose_factory(1_000_000, 384) == "IVF4096,SQ8"  # narrow features: no PCA
 
 
 def test_numpy_pca_matches_faiss_and_the_index_finds_each_row(tmp_path):
@@ -21,8 +21,8 @@ def test_numpy_pca_matches_faiss_and_the_index_finds_each_row(tmp_path):
     centres = rng.standard_normal((20, 64)).astype(np.float32)
     x = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 64)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    store.build_faiss(x, tmp_path / "i.faiss", "PCA16,IVF8,SQ8")
-    index = store.read_faiss(tmp_path / "i.faiss")
+    ann.build_faiss(x, tmp_path / "i.faiss", "PCA16,IVF8,SQ8")
+    index = ann.read_faiss(tmp_path / "i.faiss")
     pca = faiss.downcast_VectorTransform(faiss.downcast_index(faiss.downcast_index(index).index).chain.at(0))
     reference = faiss.PCAMatrix(64, 16)
     reference.train(x)
@@ -32,13 +32,13 @@ def test_numpy_pca_matches_faiss_and_the_index_finds_each_row(tmp_path):
     exact = np.argsort(-(x[:200] @ x.T), axis=1)[:, :10]
 
     def recall_after_rerank(nprobe):  # what a trace sees: the top 100 rescored exactly
-        store.set_nprobe(index, nprobe)
+        ann.set_nprobe(index, nprobe)
         _, found = index.search(x[:200], 100)
         top = [ids[np.argsort(-(x[ids] @ q))[:10]] for ids, q in zip(found, x[:200])]
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, exact)])
 
     assert recall_after_rerank(8) > 0.9  # every list searched: only the codes approximate
-    store.set_nprobe(index, 3)  # through the id map and the PCA to the inverted file
+    ann.set_nprobe(index, 3)  # through the id map and the PCA to the inverted file
     assert faiss.extract_index_ivf(index).nprobe == 3
 
 
@@ -49,9 +49,25 @@ def test_a_factory_faiss_cannot_make_is_refused_before_any_work():
 
 
 def test_top_k_equals_a_stable_full_sort():
-    from attribution.tracer import top_k
+    from indexer.ann import top_k
     rng = np.random.default_rng(1)
     for scores in (rng.standard_normal(1000), rng.integers(0, 4, 1000).astype(float),
                    np.r_[np.zeros(500), -np.inf * np.ones(20), rng.random(5)]):
         for k in (1, 10, 100, 999, 1000, 2000):
             assert np.array_equal(top_k(scores, k), np.argsort(-scores, kind="stable")[:k])
+
+
+def test_an_approximate_index_rescores_its_candidates_from_the_store(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows = x.astype(np.float16)
+    ann.build_faiss(rows, tmp_path / "flat.faiss", "Flat")
+    ann.build_faiss(rows, tmp_path / "ivf.faiss", "IVF4,SQ8")
+    exact = ann.AnnIndex.load(tmp_path / "flat.faiss")
+    approx = ann.AnnIndex.load(tmp_path / "ivf.faiss", "IVF4,SQ8", nprobe=4)
+    assert exact.exact and not approx.exact and faiss.extract_index_ivf(approx.index).nprobe == 4
+    for q in x[:20]:
+        truth = ann.top_k(rows.astype(np.float32) @ q, 10)
+        assert np.array_equal(approx.search(q, 10, rows), truth)  # every list searched: exact scores
+        assert set(exact.search(q, 10, rows)) == set(truth)

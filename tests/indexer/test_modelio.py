@@ -1,6 +1,7 @@
 """Reading a Trainer run: checkpoints, learning rates, and Adam moments mapped to the right weights."""
 
 import json
+import re
 
 import torch
 
@@ -32,3 +33,24 @@ def test_adam_moments_map_to_the_parameters_the_optimizer_held(trained):
     for name, v in moments.items():
         want = trainer.optimizer.state[live[name]]["exp_avg_sq"]
         assert torch.equal(v, want.float()), name
+
+
+def test_checkpoints_are_selected_by_step_and_recorded_rows_read_back(trained):
+    import pytest
+
+    from db.errors import InputError
+    from db.models import Checkpoint
+    from indexer.modelio import CheckpointInfo, context_length, select_checkpoints
+
+    folder, _ = trained
+    ckpts = discover_checkpoints(folder)
+    steps = [c.step for c in ckpts]
+    assert select_checkpoints(ckpts, "all") == ckpts and select_checkpoints(ckpts, "last") == ckpts[-1:]
+    assert select_checkpoints(ckpts, f"{steps[2]},{steps[0]}") == [ckpts[0], ckpts[2]]
+    with pytest.raises(InputError, match=re.escape(f"known steps: {steps}")):
+        select_checkpoints(ckpts, f"{steps[0]},999999")
+    c = ckpts[0]
+    row = Checkpoint(step=c.step, path=str(c.path), weights_sha256=c.weights_sha256, tokenizer_hash=c.tokenizer_hash,
+                     learning_rate=c.learning_rate, optimizer_state_path=str(c.optimizer_state_path), base_path=None)
+    assert CheckpointInfo.from_row(row) == c
+    assert context_length(c.path) > 0

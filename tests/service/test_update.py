@@ -14,7 +14,7 @@ from attribution.tracer import METHODS, Tracer
 from db.engine import transaction
 from db.errors import Conflict
 from db.models import Document, IndexBuild, IndexEntry, Model
-from indexer import store
+from indexer import ann, store
 from service import ops, update
 from service.settings import Settings
 
@@ -137,7 +137,7 @@ def test_deleted_documents_never_come_back(world, base, tiny_world, run_cli):
         assert not set(gone) & {h.external_id for h in hits}, method
         assert method == "hybrid" or len(hits) == live
     folder = store_of(world, base.build.build_id)
-    assert all(store.read_faiss(folder / n).ntotal == live for n in ("grad.faiss", "dense.faiss"))
+    assert all(ann.read_faiss(folder / n).ntotal == live for n in ("grad.faiss", "dense.faiss"))
 
     code, out, _ = run_cli("delete", "--corpus", "world", gone[0])
     assert code in (0, None) and "0 deleted, 1 already deleted; builds updated: none" in out

@@ -1,0 +1,148 @@
+"""Approximate nearest neighbours over a store's rows: which FAISS factory, building, loading, search.
+
+A FAISS index is a derived cache of a store's float16 rows, named by its factory string
+(`indexer.store` knows only the on-disk format). Search is exact while a scan is cheap; beyond,
+an approximate index only chooses candidates and every returned row is rescored exactly from
+the store (`AnnIndex.search`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from db.errors import InputError
+from indexer import pca as pca_fit
+from indexer.store import BLOCK, release
+
+FLAT_BYTES = 256 << 20  # exact search while its float32 vectors stay under this (one scan ≈ 20-30 ms here)
+FAISS_BLOCK_BYTES = 16 << 20  # float32 bytes per block fed to FAISS (2,048 rows at 2,048 dims)
+TRAIN_ROWS = 160_000  # rows an index trains on: 40 per list at 4096 lists
+RESCORE = 4  # an approximate index returns this many times the candidates wanted, rescored exactly
+NPROBE = 32  # inverted lists a search visits; recorded per build, set again whenever an index is loaded
+EXACT = "Flat"
+
+
+def choose_factory(rows: int, dim: int) -> str:
+    """Exact search while a scan is cheap; beyond, an inverted file over 8-bit codes, after a PCA to
+    512 dimensions when the features are wider (about 540 bytes per document at 10M rows).
+
+    A trace rescores its candidates from the float16 store, so the index only has to bring the true
+    top-10 into its top-100: approximate codes cost little recall there.
+    """
+    if rows * dim * 4 <= FLAT_BYTES:
+        return EXACT
+    # ≈ 4√n lists, a power of two in [256, 4096]: more lists would need more training rows than fit
+    # in memory at this width (FAISS wants ~40 per list), and 4096 keeps a 10M-row probe of 32 lists
+    # at ~80k codes
+    lists = 1 << max(8, min(12, round(np.log2(4 * rows ** 0.5))))
+    # PCA256 kept recall@10 at 0.938 on 1M rows of 4096-dim features, PCA512 at 0.995 (bench/faiss_scale.py)
+    pca = "PCA512," if dim > 512 else ""
+    return f"{pca}IVF{lists},SQ8"
+
+
+def check_factory(factory: str) -> None:
+    """InputError unless FAISS can parse `factory` (made at a placeholder width of 384: whether it fits
+    the gradient features' width is known only when the merge builds it)."""
+    import faiss
+    try:
+        faiss.index_factory(384, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise InputError(f"FAISS cannot make {factory!r}: pass --faiss-factory a factory string such as 'Flat', "
+                         "'IVF4096,SQ8' or 'PCA512,IVF4096,SQ8', or leave it out") from None
+
+
+def train_index(index, blocks) -> None:
+    """Train `index` on sample rows given as `blocks()`, a function returning an iterator of float32
+    blocks. A PCA in front is fitted streaming and the index behind it trains on the reduced rows
+    (TRAIN_ROWS × 512 floats at most), so training memory does not follow the corpus."""
+    lone = pca_fit.lone_pca(index)
+    if lone is None:
+        index.train(np.concatenate(list(blocks())))
+        return
+    import faiss
+    inner, pca = lone
+    pca_fit.fit_pca(pca, blocks())
+    ivf = faiss.try_extract_index_ivf(inner.index)
+    # k-means wants ~40 rows per list (and the 8-bit codes their value ranges); more only costs memory;
+    # with no inverted file behind the PCA, it trains on every reduced row
+    limit = max(40 * ivf.nlist, 20_000) if ivf is not None else None
+    inner.index.train(pca_fit.reduced_rows(pca, blocks(), limit))
+    inner.is_trained = index.is_trained = True
+
+
+def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
+    """Inner-product FAISS index over `vectors`, FAISS id = row position, trained and added in blocks."""
+    import faiss
+    rows, dim = vectors.shape
+    index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    step = max(256, min(BLOCK, FAISS_BLOCK_BYTES // (4 * dim)))  # rows per block by bytes, not count
+    if not index.is_trained:
+        sample = np.sort(np.random.default_rng(0).choice(rows, size=min(rows, TRAIN_ROWS), replace=False))
+        train_index(index, lambda: (_copy(vectors, sample[i:i + step]) for i in range(0, len(sample), step)))
+    for start in range(0, rows, step):
+        block = _copy(vectors, slice(start, start + step))
+        index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+    faiss.write_index(index, str(path))
+
+
+def _copy(vectors: np.ndarray, rows) -> np.ndarray:
+    """Rows of a (memory-mapped) array as contiguous float32, its pages released after."""
+    block = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    release(vectors)
+    return block
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    """Inverted lists searched per query (a no-op on exact indexes)."""
+    import faiss
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    except RuntimeError:
+        pass  # no inverted file inside
+
+
+def read_faiss(path: Path):
+    """A FAISS index file, memory-mapped read-only, as written (nprobe is not saved with it)."""
+    import faiss
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, highest first, ties by index: `np.argsort(-scores,
+    kind="stable")[:k]` without sorting every row (at 100k rows the full sort took ~8 ms a trace)."""
+    n = len(scores)
+    if k >= n:
+        return np.argsort(-scores, kind="stable")
+    kth = np.partition(scores, n - k)[n - k]  # the k-th highest value
+    above = np.flatnonzero(scores > kth)
+    chosen = np.concatenate([above, np.flatnonzero(scores == kth)[:k - len(above)]])
+    return chosen[np.argsort(-scores[chosen], kind="stable")]
+
+
+@dataclass
+class AnnIndex:
+    """A loaded FAISS index over a store's rows: the index, the nprobe set on it, whether it is exact."""
+
+    index: object  # faiss.Index (an IndexIDMap2: FAISS id = store row)
+    nprobe: int = NPROBE
+    exact: bool = True
+
+    @classmethod
+    def load(cls, path: Path, factory: str = EXACT, nprobe: int = NPROBE) -> AnnIndex:
+        """The index at `path`, built with `factory` (as recorded in info.json), searching `nprobe` lists."""
+        index = read_faiss(path)
+        set_nprobe(index, nprobe)  # nprobe is not saved with an index
+        return cls(index, nprobe, factory == EXACT)
+
+    def search(self, query: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
+        """The k best store rows for `query` (D,). An approximate index is asked for `RESCORE`× more,
+        rescored exactly from `rows`, the float16 store: at 10M rows its top 100 held 92 % of the true
+        top-10, its top 400 rescored 99 % (bench/faiss_scale.py)."""
+        if self.exact:
+            return self.index.search(query[None], k)[1][0]
+        ids = self.index.search(query[None], k * RESCORE)[1][0]
+        ids = np.sort(ids[ids >= 0])  # row order: the store reads forward, ties rank by row
+        return ids[top_k(rows[ids].astype(np.float32) @ query, k)]
