@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from attribution.tracer import encode_qa
-from indexer.gradients import Featurizer, GradientConfig, collate
+from indexer.gradients import Featurizer, collate
+from indexer.config import GradientConfig
 
 DOC_BATCH = 4  # full gradients are (batch × parameters of the tracked layers) floats
 

@@ -18,8 +18,8 @@ import torch
 
 from db.errors import InputError
 from indexer import lexical, semantic, store
-from indexer.ann import NPROBE, AnnIndex, top_k
-from indexer.build import BuildConfig
+from indexer.ann import AnnIndex, top_k
+from indexer.config import BuildConfig, NPROBE
 from indexer.curvature import Curvature
 from indexer.gradients import collate, featurizer_for
 from indexer.modelio import CheckpointInfo

@@ -79,10 +79,10 @@ class Workers:
 
 
 def wait_job(settings: Settings, job_id: int, workers: Workers, timeout: float = 600):
-    from service import tasks
+    from service import jobs
 
     def finished():
-        view = tasks.get(settings, job_id)
+        view = jobs.get(settings, job_id)
         return view if view.status in FINISHED else None
     return wait_for(finished, timeout, f"job {job_id}", interval=0.5, logs=workers.tail)
 

@@ -39,12 +39,12 @@ NOISE_SHARE = 0.5  # norm of the noise part relative to the mixture part
 def real_features(data_dir: Path, questions: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows of the latest build's grad store, query gradients of the demo world's questions)."""
     from service.demo.world import make_world
-    from service import ops
+    from service import tracer_cache, traces
     from service.settings import Settings
 
     settings = Settings.from_env(data_dir)
-    target = ops.resolve_build(settings)
-    tracer = ops.build_tracer(target.store_path, target.by_step)
+    target = traces.resolve_build(settings)
+    tracer = tracer_cache.build_tracer(target.store_path, target.by_step)
     base = np.asarray(tracer.grad, dtype=np.float32)
     world = make_world(0)
     queries = [tracer.query_gradient(q.prompt, " " + q.answer.strip()) for q in world.questions[:questions]]

@@ -27,24 +27,20 @@ from bench.cluster import REDIS, Workers, temporary_database, wait_for
 
 
 def submit_and_wait(settings, workers, prompts, n: int, name: str) -> dict:
-    from sqlalchemy import func, select
-
+    from db import job_repo
     from db.engine import transaction
-    from db.models import FINISHED, Job
-    from service import tasks
+    from service import jobs
+    from service.job_params import TraceJob
 
-    ids = [tasks.submit(settings, "trace", tasks.trace_params(prompts[i % len(prompts)], corpus=name, model=name,
-                                                              k=5)) for i in range(n)]
+    ids = [jobs.submit(settings, TraceJob(prompts[i % len(prompts)], corpus=name, model=name, k=5))
+           for i in range(n)]
 
     def all_finished():
         with transaction(settings.database_url) as s:
-            return s.scalar(select(func.count()).select_from(Job)
-                            .where(Job.id.in_(ids), Job.status.in_(FINISHED))) == n
+            return job_repo.batch_summary(s, ids)[0] == n
     wait_for(all_finished, 1800, f"{n} trace jobs", interval=0.1, logs=workers.tail)
     with transaction(settings.database_url) as s:
-        first, last = s.execute(select(func.min(Job.created_at), func.max(Job.finished_at))
-                                .where(Job.id.in_(ids))).one()
-        failed = s.scalar(select(func.count()).select_from(Job).where(Job.id.in_(ids), Job.status == "failed"))
+        _, failed, first, last = job_repo.batch_summary(s, ids)
     seconds = (last - first).total_seconds()
     return {"jobs": n, "failed": failed, "seconds": round(seconds, 2), "jobs_per_s": round(n / seconds, 2)}
 
@@ -52,22 +48,22 @@ def submit_and_wait(settings, workers, prompts, n: int, name: str) -> dict:
 def inline_baseline(settings, prompts, n: int, name: str, threads: int | None) -> dict:
     import torch
 
-    from service import ops
+    from service import traces
 
     if threads:  # the same threads as one worker: the baseline is one worker without the job machinery
         torch.set_num_threads(threads)
-    ops.trace(settings, prompts[0], corpus=name, model=name, k=5)  # load the tracer
+    traces.trace(settings, prompts[0], corpus=name, model=name, k=5)  # load the tracer
     t = time.perf_counter()
     for i in range(n):
-        ops.trace(settings, prompts[i % len(prompts)], corpus=name, model=name, k=5)
+        traces.trace(settings, prompts[i % len(prompts)], corpus=name, model=name, k=5)
     seconds = time.perf_counter() - t
     return {"jobs": n, "seconds": round(seconds, 2), "jobs_per_s": round(n / seconds, 2)}
 
 
 def setup_world(settings, root: Path, name: str, cache: Path):
     from service.demo.train import TrainConfig, train
+    from service import catalog, jobs
     from service.demo.world import make_world
-    from service import ops
 
     world = make_world(seed=7, n_people=10, n_filler=20)
     corpus, _ = world.write(root / "world")
@@ -78,9 +74,9 @@ def setup_world(settings, root: Path, name: str, cache: Path):
               TrainConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=512, epochs=40, batch_size=8,
                           n_checkpoints=3, seed=7))
         (cache / "model.partial").rename(model)
-    ops.ingest(settings, corpus, name)
-    ops.add_model(settings, model, name)
-    ops.index(settings, name, name)
+    catalog.ingest(settings, corpus, name)
+    catalog.add_model(settings, model, name)
+    jobs.index_here(settings, name, name)
     return [q.prompt for q in world.questions]
 
 

@@ -19,7 +19,6 @@ import json
 import shutil
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -58,15 +57,14 @@ def make_scaled(demo_dir: Path, work: Path, n: int):
     """A data dir holding an n-document corpus and a build of it (see the module docstring)."""
     from db import repo
     from db.engine import transaction
-    from db.models import Model
     from indexer import ann, lexical, store
-    from service import ops
+    from service import catalog, traces
     from service.settings import Settings
 
     demo = Settings.from_env(demo_dir)
-    target = ops.resolve_build(demo)
+    target = traces.resolve_build(demo)
     with transaction(demo.database_url) as s:
-        model_path = s.get(Model, target.model_id).path
+        model_path = repo.get_model(s, target.model_id).path
     real = Path(target.store_path)
     info = store.read_info(real)
 
@@ -77,7 +75,7 @@ def make_scaled(demo_dir: Path, work: Path, n: int):
     docs = texts_for(n)
     with transaction(settings.database_url) as s:
         repo.ingest_documents(s, repo.get_or_create_corpus(s, "scale"), docs)
-    ops.add_model(settings, Path(model_path), "demo")
+    catalog.add_model(settings, Path(model_path), "demo")
 
     folder = settings.stores / f"scale-{n}"
     folder.mkdir()
@@ -111,11 +109,11 @@ def percentile(xs: list[float], p: float) -> float:
 
 
 def run(settings, questions, generate: bool) -> dict:
-    from service import ops
+    from service import traces
     total, stages = [], {}
     for q in questions:
         t = time.perf_counter()
-        out = ops.trace(settings, q.prompt, answer=None if generate else " " + q.answer.strip())
+        out = traces.trace(settings, q.prompt, answer=None if generate else " " + q.answer.strip())
         total.append(1000 * (time.perf_counter() - t))
         for k, v in out.timings.items():
             stages.setdefault(k, []).append(1000 * v)

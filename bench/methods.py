@@ -15,9 +15,11 @@ import torch
 
 from attribution.tracer import Tracer, encode_qa
 from indexer import curvature, semantic
-from indexer.build import BuildConfig, checkpoint_weights, compute_shard
+from indexer.build import checkpoint_weights, compute_shard
+from indexer.config import BuildConfig
 from indexer.curvature import Stats
-from indexer.gradients import GradientConfig, collate, featurizer_for
+from indexer.gradients import collate, featurizer_for
+from indexer.config import GradientConfig
 
 METHODS = ("bm25 (q)", "bm25 (q+a)", "dense (q+a)", "repsim", "grad dot", "grad cosine", "tracin",
            "tracin cosine", "ekfac influence", "trackstar", "hybrid", "hybrid + exact rerank")

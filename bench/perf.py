@@ -75,9 +75,10 @@ def our_build(ckpt, ids, batch_size: int, projection: int) -> float:
     """(b): the gradient store of one checkpoint with the default features: projected gradients
     with the Adam fold and K-FAC sums, EK-FAC fit, unit norm, float16 store and its FAISS index."""
     from indexer import ann, store
-    from indexer.build import BuildConfig, finalize_gradients, shard_gradients
+    from indexer.build import finalize_gradients, shard_gradients
+    from indexer.config import BuildConfig
     from indexer.corpus import Chunk
-    from indexer.gradients import GradientConfig
+    from indexer.config import GradientConfig
     chunks = [Chunk(0, 0, 0, x) for x in ids]
     config = BuildConfig(batch_size=batch_size, gradient=GradientConfig(k_in=projection, k_out=projection))
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,8 +32,7 @@ def prepare(seed: int):
     from db import repo
     from db.engine import transaction
     from db.errors import NotFound
-    from db.models import IndexBuild
-    from service import ops
+    from service import catalog, jobs
     from service.settings import Settings
 
     folder = OUT / f"trap-seed{seed}"
@@ -42,19 +41,19 @@ def prepare(seed: int):
     corpus, _ = world.write(folder / "world")
     if not any((folder / "model").glob("checkpoint-*/model.safetensors")):
         train([d["text"] for d in world.documents], folder / "model", TrainConfig(seed=seed))
-    ops.ingest(settings, corpus, "trap")
-    ops.add_model(settings, folder / "model", "trap")
+    catalog.ingest(settings, corpus, "trap")
+    catalog.add_model(settings, folder / "model", "trap")
     try:
         with transaction(settings.database_url) as s:
             build_id = repo.latest_build(s).id
     except NotFound:
-        build_id = ops.index(settings, "trap", "trap").build_id
+        build_id = jobs.index_here(settings, "trap", "trap").build_id
     with transaction(settings.database_url) as s:
-        build = s.get(IndexBuild, build_id)
+        build = repo.get_build(s, build_id)
         entries = repo.entries_at(s, build.id, range(build.row_count))
         ext = [entries[i][1].external_id for i in range(build.row_count)]
         texts = [entries[i][1].text for i in range(build.row_count)]
-        ckpts = list(ops.checkpoints_by_step(repo.model_by_name(s, "trap")).values())
+        ckpts = list(catalog.checkpoints_by_step(repo.model_by_name(s, "trap")).values())
         store_path = build.store_path
     tracer = Tracer(Path(store_path), ckpts)
     _, tokenizer, _ = tracer.featurizer(len(ckpts) - 1)

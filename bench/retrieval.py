@@ -40,11 +40,9 @@ def run(seed: int, data: Path) -> dict:
     from service.demo.train import TrainConfig, train
     from service.demo.world import make_world
     from db import repo
-    from db.models import IndexBuild
-    from indexer.build import BuildConfig
-    from indexer.gradients import GradientConfig
+    from indexer.config import BuildConfig, GradientConfig
     from db.engine import transaction
-    from service import ops
+    from service import catalog, jobs
     from service.demo.run import is_correct
     from service.settings import Settings
 
@@ -56,19 +54,19 @@ def run(seed: int, data: Path) -> dict:
     if not model_dir.exists():
         train([d["text"] for d in world.documents], model_dir, TrainConfig(seed=seed))
     train_s = time.perf_counter() - t
-    ops.ingest(settings, corpus, "w")
-    ops.add_model(settings, model_dir, "m")
+    catalog.ingest(settings, corpus, "w")
+    catalog.add_model(settings, model_dir, "m")
     n_ckpt = len(list(model_dir.glob("checkpoint-*")))
     steps = sorted(int(p.name.split("-")[1]) for p in model_dir.glob("checkpoint-*"))
     results, correct_qs = {}, None
     for name, (which, adam, curv) in VARIANTS.items():
         chosen = {"all": "all", "last": "last", "first": str(steps[0])}[which]
-        build = ops.index(settings, "w", "m", BuildConfig(gradient=GradientConfig(optimizer_norm=adam, curvature=curv)), chosen)
+        build = jobs.index_here(settings, "w", "m", BuildConfig(gradient=GradientConfig(optimizer_norm=adam, curvature=curv)), chosen)
         with transaction(settings.database_url) as s:
-            b = s.get(IndexBuild, build.build_id)
+            b = repo.get_build(s, build.build_id)
             entries = {p: d.external_id for p, (_, d) in repo.entries_at(s, b.id, range(b.row_count)).items()}
             store_path = b.store_path
-            ckpts = ops.checkpoints_by_step(repo.model_by_name(s, "m"))
+            ckpts = catalog.checkpoints_by_step(repo.model_by_name(s, "m"))
         tracer = Tracer(Path(store_path), [ckpts[c["step"]] for c in build.info["checkpoints"]])
         if correct_qs is None:
             correct_qs = [q for q in world.questions if is_correct(tracer.generate(q.prompt), q.answer)]

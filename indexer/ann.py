@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from db.errors import InputError
 from indexer import pca as pca_fit
+from indexer.config import NPROBE
 from indexer.store import BLOCK, release
 
 FLAT_BYTES = 256 << 20  # exact search while its float32 vectors stay under this (one scan ≈ 20-30 ms here)
 FAISS_BLOCK_BYTES = 16 << 20  # float32 bytes per block fed to FAISS (2,048 rows at 2,048 dims)
 TRAIN_ROWS = 160_000  # rows an index trains on: 40 per list at 4096 lists
 RESCORE = 4  # an approximate index returns this many times the candidates wanted, rescored exactly
-NPROBE = 32  # inverted lists a search visits; recorded per build, set again whenever an index is loaded
 EXACT = "Flat"
 
 
@@ -41,17 +40,6 @@ def choose_factory(rows: int, dim: int) -> str:
     # PCA256 kept recall@10 at 0.938 on 1M rows of 4096-dim features, PCA512 at 0.995 (bench/faiss_scale.py)
     pca = "PCA512," if dim > 512 else ""
     return f"{pca}IVF{lists},SQ8"
-
-
-def check_factory(factory: str) -> None:
-    """InputError unless FAISS can parse `factory` (made at a placeholder width of 384: whether it fits
-    the gradient features' width is known only when the merge builds it)."""
-    import faiss
-    try:
-        faiss.index_factory(384, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        raise InputError(f"FAISS cannot make {factory!r}: pass --faiss-factory a factory string such as 'Flat', "
-                         "'IVF4096,SQ8' or 'PCA512,IVF4096,SQ8', or leave it out") from None
 
 
 def train_index(index, blocks) -> None:

@@ -13,69 +13,21 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from db.errors import InputError
 from indexer import curvature, lexical, semantic, store
-from indexer.ann import NPROBE, build_faiss, check_factory, choose_factory
-from indexer.corpus import CHUNKINGS, Chunk
+from indexer.ann import build_faiss, choose_factory
+from indexer.corpus import Chunk
 from indexer.curvature import Stats
-from indexer.gradients import GradientConfig, collate, featurizer_for
+from indexer.gradients import collate, featurizer_for
+from indexer.config import BuildConfig
 from indexer.modelio import CheckpointInfo
 
 Progress = Callable[[str, int, int], None]  # (stage, rows done now, stage total)
-
-
-@dataclass
-class BuildConfig:
-    """What a build computes. Stored in info.json and in the build's SQL row."""
-
-    gradient: GradientConfig = field(default_factory=GradientConfig, metadata={
-        "help": "how gradients become features (indexer.gradients.GradientConfig)"})
-    batch_size: int = field(default=16, metadata={"help": "chunks per forward/backward pass"})
-    max_tokens: int | None = field(default=None, metadata={
-        "help": "chunk length in tokens; None = the model's context length"})
-    checkpoint_weights: str = field(default="lr", metadata={
-        "help": "'lr' (TracIn: √lr per checkpoint) or 'uniform'"})
-    append_eos: bool = field(default=True, metadata={
-        "help": "end each document with eos, as one-document-per-example training does"})
-    # see `indexer.corpus`: sliding windows start every `stride` tokens; packed documents are
-    # concatenated into full blocks, one row per block and document segment. Overlapping and packed
-    # rows count shared tokens once per row in the K-FAC factors.
-    chunking: str = field(default="sliding", metadata={
-        "help": "how documents became training examples: 'sliding' windows, 'truncate' (first window only) "
-                "or 'packed' (documents concatenated into full blocks)"})
-    stride: int | None = field(default=None, metadata={
-        "help": "tokens between sliding windows' starts; None = the window width, no overlap"})
-    factory: str | None = field(default=None, metadata={
-        "help": "the gradient index's FAISS factory; None = chosen from rows and width"})
-    nprobe: int = field(default=NPROBE, metadata={
-        "help": "inverted lists searched per query when the factory has an IVF"})
-    # the unit of work of a build job and of length-sorting into batches: results depend on it and
-    # never on how many workers share the shards
-    shard_size: int = field(default=4096, metadata={"help": "chunks per shard (a range of documents)"})
-
-    def __post_init__(self):
-        if isinstance(self.gradient, dict):
-            self.gradient = GradientConfig(**self.gradient)
-        if self.checkpoint_weights not in ("lr", "uniform"):
-            raise InputError(f"checkpoint_weights must be 'lr' or 'uniform', not {self.checkpoint_weights!r}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be at least 1: pass --batch-size 1 or more, not {self.batch_size}")
-        if self.nprobe < 1:
-            raise InputError(f"nprobe must be at least 1: pass --nprobe 1 or more, not {self.nprobe}")
-        if self.factory is not None:
-            check_factory(self.factory)
-        if self.shard_size < 1:
-            raise InputError(f"shard_size must be at least 1: pass --shard-size 1 or more, not {self.shard_size}")
-        if self.chunking not in CHUNKINGS:
-            raise InputError(f"chunking must be one of {', '.join(CHUNKINGS)}: pass --chunking with one of them")
-        if self.stride is not None and (self.chunking != "sliding" or self.stride < 1):
-            raise InputError("stride is a positive number of tokens, for --chunking sliding only: "
-                             "pass --stride 1 or more with --chunking sliding, or leave --stride out")
 
 
 def checkpoint_weights(ckpts: list[CheckpointInfo], mode: str) -> list[float]:

@@ -14,8 +14,6 @@ columns by c^-½ — folded into the projections at no cost per example.
 from __future__ import annotations
 
 import hashlib
-import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,46 +21,9 @@ from torch import nn
 
 from db.errors import InputError
 from indexer.adapter import tracked_layers
+from indexer.config import GradientConfig
 from indexer.curvature import LayerStats, Stats
 from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
-
-
-@dataclass
-class GradientConfig:
-    """How gradients become features. Defaults keep a 4-layer GPT-2 at 1,024 dims per checkpoint."""
-
-    k_in: int | None = field(default=8, metadata={
-        "help": "input-side projection size per layer; None = no projection (exact)"})
-    k_out: int | None = field(default=8, metadata={
-        "help": "output-side projection size per layer; None = no projection (exact)"})
-    seed: int = field(default=0, metadata={
-        "help": "projection seed; recorded in info.json so queries use the same matrices"})
-    # for a LoRA adapter the default is its lora_A/lora_B layers only (indexer.adapter.default_pattern)
-    modules: str | None = field(default=None, metadata={
-        "help": "regex over module names to track (re.search); None = every nn.Linear/Conv1D but the output head"})
-    optimizer_norm: bool = field(default=True, metadata={
-        "help": "divide by √(Adam second moment) when optimizer.pt is present"})
-    eps: float = field(default=1e-8, metadata={"help": "added to second moments before the square root"})
-    curvature: str = field(default="ekfac", metadata={
-        "help": "'ekfac': precondition by EK-FAC fitted in the projected space; 'none': no preconditioning"})
-    damping: float = field(default=0.1, metadata={
-        "help": "EK-FAC damping, relative to each layer's mean corrected eigenvalue"})
-
-    def __post_init__(self):
-        if self.curvature not in ("ekfac", "none"):
-            raise InputError(f"curvature must be 'ekfac' or 'none', not {self.curvature!r}")
-        if self.damping < 0:
-            raise InputError(f"damping must be non-negative, not {self.damping}: give 0 or more")
-        for k in (self.k_in, self.k_out):
-            if k is not None and k < 1:
-                raise InputError(f"projection sizes must be positive, or None for exact gradients: "
-                                 f"pass --proj 1 or more, not {k}")
-        if self.modules is not None:
-            try:
-                re.compile(self.modules)
-            except re.error as e:
-                raise InputError(f"--modules {self.modules!r} is not a regular expression ({e}): "
-                                 "pass a regex over module names such as 'attn|mlp'") from None
 
 
 def _gaussian(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:

@@ -27,7 +27,8 @@ import numpy as np
 from db.errors import InputError
 from indexer import curvature, lexical, semantic, store
 from indexer.ann import build_faiss
-from indexer.build import BuildConfig, Progress, copy_shard_rows, feature_block, raw_blocks, shard_stats
+from indexer.build import Progress, copy_shard_rows, feature_block, raw_blocks, shard_stats
+from indexer.config import BuildConfig
 
 KFAC = "kfac-c{c}.npz"
 CURVATURE = "curvature-c{c}.npz"

@@ -25,7 +25,8 @@ from db.engine import transaction
 from db.errors import InputError, JobFinished
 from db.models import FINISHED, Job
 from indexer import store
-from indexer.build import BuildConfig, compute_shard, merge_shards
+from indexer.build import compute_shard, merge_shards
+from indexer.config import BuildConfig
 from indexer.modelio import CheckpointInfo, check_unchanged, context_length, select_checkpoints, weights_stat
 from indexer.plan import Plan, write_plan
 from service.catalog import model_checkpoints

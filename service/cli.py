@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from indexer.corpus import MAX_DOC_BYTES  # stdlib only: --help stays instant
+from indexer.config import BuildConfig, GradientConfig  # torch-free: --help stays instant
+from indexer.corpus import MAX_DOC_BYTES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wherefrom: which training documents taught a language model this answer?")
@@ -58,27 +59,47 @@ def model_add(path: Path = typer.Argument(..., help="A save_pretrained folder or
     typer.echo(f"model {name} (id {model_id}): {n} checkpoint(s){'' if created else ', already registered'}")
 
 
+# `wherefrom index`'s build options are config fields: parameter -> (config class, field). Help and
+# default come from the field, so the two cannot drift (tests/service/test_cli.py checks every field).
+INDEX_OPTIONS = {"proj": (GradientConfig, "k_in"), "seed": (GradientConfig, "seed"),
+                 "modules": (GradientConfig, "modules"), "no_adam": (GradientConfig, "optimizer_norm"),
+                 "batch_size": (BuildConfig, "batch_size"), "shard_size": (BuildConfig, "shard_size"),
+                 "chunking": (BuildConfig, "chunking"), "stride": (BuildConfig, "stride"),
+                 "faiss_factory": (BuildConfig, "factory"), "nprobe": (BuildConfig, "nprobe")}
+NEGATED = {"no_adam"}  # a flag that turns its boolean field off
+
+
+def _config_option(param: str, *flags: str, help_prefix: str = ""):
+    cls, name = INDEX_OPTIONS[param]
+    f = next(f for f in fields(cls) if f.name == name)
+    text = help_prefix + f.metadata["help"]
+    return typer.Option(not f.default if param in NEGATED else f.default, *flags,
+                        help=text[:1].upper() + text[1:] + ".")
+
+
+def build_config(**values) -> BuildConfig:
+    """The BuildConfig of `wherefrom index`'s options (`--proj` sets both projection sides)."""
+    by_class = {GradientConfig: {}, BuildConfig: {}}
+    for param, value in values.items():
+        cls, name = INDEX_OPTIONS[param]
+        by_class[cls][name] = not value if param in NEGATED else value
+    by_class[GradientConfig]["k_out"] = by_class[GradientConfig]["k_in"]
+    return BuildConfig(gradient=GradientConfig(**by_class[GradientConfig]), **by_class[BuildConfig])
+
+
 @app.command()
 def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.Option(..., "--model", "-m"),
           checkpoints: str = typer.Option("all", help="all | last | comma-separated steps"),
-          proj: int = typer.Option(8, help="Projection size per side and layer (features k×k per layer)."),
-          seed: int = typer.Option(0, help="Projection seed."),
-          batch_size: int = typer.Option(16, help="Chunks per forward/backward pass."),
-          modules: Optional[str] = typer.Option(None, help="Regex (re.search) over module names to track; default: "
-                                                           "every linear layer but the output head, or a LoRA "
-                                                           "adapter's lora_A/lora_B layers."),
-          no_adam: bool = typer.Option(False, "--no-adam", help="Skip Adam second-moment normalisation."),
-          shard_size: int = typer.Option(4096, help="Chunks per shard: the unit of work one worker takes."),
-          chunking: str = typer.Option("sliding", help="How documents were cut into training examples: "
-                                       "sliding (windows every --stride tokens), truncate (first window "
-                                       "only; the rest is not indexed) or packed (concatenated into full "
-                                       "context blocks, as HF run_clm)."),
-          stride: Optional[int] = typer.Option(None, help="sliding: tokens between window starts; default "
-                                                         "the window width (no overlap)."),
-          faiss_factory: Optional[str] = typer.Option(None, help="FAISS factory string for the gradient index, e.g. "
-                                                      "'Flat' or 'PCA256,IVF4096,SQ8'; default: chosen from "
-                                                      "rows and dimension (exact up to 256 MB of vectors)."),
-          nprobe: int = typer.Option(32, help="Inverted lists searched per query when the index has an IVF."),
+          proj: int = _config_option("proj", help_prefix="per side (features k×k per layer): "),
+          seed: int = _config_option("seed"),
+          batch_size: int = _config_option("batch_size"),
+          modules: Optional[str] = _config_option("modules"),
+          no_adam: bool = _config_option("no_adam", "--no-adam", help_prefix="turn off: "),
+          shard_size: int = _config_option("shard_size"),
+          chunking: str = _config_option("chunking"),
+          stride: Optional[int] = _config_option("stride"),
+          faiss_factory: Optional[str] = _config_option("faiss_factory"),
+          nprobe: int = _config_option("nprobe"),
           update: bool = typer.Option(False, "--update", help="Add the documents ingested since the latest "
                                       "build to it (its own config; the options above are ignored)."),
           refit: bool = typer.Option(False, "--refit-curvature", help="With --update: refit EK-FAC over all "
@@ -91,25 +112,18 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
     if update:
         _update(_settings(data_dir), corpus, model, refit)
         return
-    from indexer.build import BuildConfig
-    from indexer.gradients import GradientConfig
     from service import builds, jobs
     from service.render import progress_bars
-    try:
-        config = BuildConfig(gradient=GradientConfig(k_in=proj, k_out=proj, seed=seed, modules=modules,
-                                                     optimizer_norm=not no_adam), batch_size=batch_size,
-                             shard_size=shard_size, chunking=chunking, stride=stride,
-                             factory=faiss_factory, nprobe=nprobe)
-    except ValueError as e:
-        raise _input_error(str(e))
+    config = build_config(proj=proj, seed=seed, batch_size=batch_size, modules=modules, no_adam=no_adam,
+                          shard_size=shard_size, chunking=chunking, stride=stride, faiss_factory=faiss_factory,
+                          nprobe=nprobe)
     settings = _settings(data_dir)
-    spec = builds.index_job(settings, corpus, model, config, checkpoints)
     if settings.broker_url:
-        job_id = jobs.submit(settings, spec)
+        job_id = jobs.submit(settings, builds.index_job(settings, corpus, model, config, checkpoints))
         typer.echo(f"job {job_id} queued on {settings.queue}: follow it with `wherefrom jobs`")
         return
     with progress_bars() as progress:
-        out = jobs.index_here(settings, spec, progress)
+        out = jobs.index_here(settings, corpus, model, config, checkpoints, progress)
     typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
                f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
                f"{out.skipped_empty} empty document(s) skipped")

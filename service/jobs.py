@@ -202,10 +202,13 @@ RUNNERS = {"job": run_job, "shard": _build_stage("run_shard"), "merge": _build_s
 assert set(KINDS) == set(SPECS)  # every kind of job has its parameters and its runner
 
 
-def index_here(settings: Settings, spec: IndexJob, progress=None) -> BuildOutcome:
-    """Run an index job in this process to its published build (the demo, `wherefrom index` without
-    a broker): the same stages a worker runs, so the store is the same file for file."""
+def index_here(settings: Settings, corpus: str, model: str, config=None, checkpoints: str = "all",
+               progress=None) -> BuildOutcome:
+    """Build a corpus's stores for a model in this process, whatever the broker setting (the demo,
+    `wherefrom index` without a broker): the same stages a worker runs, so the store is the same
+    file for file. `config`: an `indexer.config.BuildConfig` (default settings when None)."""
     from service import builds
+    spec = builds.index_job(settings, corpus, model, config, checkpoints)
     return builds.outcome(settings, submit(settings, spec, progress, inline=True))
 
 

@@ -21,7 +21,8 @@ from db import repo, update_repo
 from db.engine import transaction
 from db.errors import Conflict, InputError
 from indexer import store
-from indexer.build import BuildConfig, Progress, compute_shard
+from indexer.build import Progress, compute_shard
+from indexer.config import BuildConfig
 from indexer.modelio import check_unchanged
 from indexer.plan import shard_ranges
 from service.catalog import checkpoints_by_step

@@ -67,12 +67,12 @@ def indexed(tmp_path_factory, trained, tiny_world):
     tests may add traces and corpora, never change the build or the model)."""
     from types import SimpleNamespace
 
-    from service import ops
+    from service import catalog, jobs
     from service.settings import Settings
     root = tmp_path_factory.mktemp("indexed")
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root}/data/wherefrom.db")
     corpus, _ = tiny_world.write(root / "world")
-    ops.ingest(settings, corpus, "world")
-    ops.add_model(settings, trained[0], "tiny")
-    build = ops.index(settings, "world", "tiny")
+    catalog.ingest(settings, corpus, "world")
+    catalog.add_model(settings, trained[0], "tiny")
+    build = jobs.index_here(settings, "world", "tiny")
     return SimpleNamespace(settings=settings, world=tiny_world, build=build, model_dir=trained[0])

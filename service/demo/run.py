@@ -37,7 +37,7 @@ def _pick(questions, shown: int):
 
 
 def run_demo(settings: Settings, fresh: bool = False, shown: int = 8, seed: int = 0) -> dict:
-    from service import builds, catalog, jobs, traces
+    from service import catalog, jobs, traces
     from service.demo.train import TrainConfig, train
     from service.demo.world import make_world
 
@@ -64,7 +64,7 @@ def run_demo(settings: Settings, fresh: bool = False, shown: int = 8, seed: int 
     catalog.add_model(settings, model_dir, MODEL)
     console.print(f"[bold]3/4 indexing[/] corpus {CORPUS} ({ingested.added} new documents), model {MODEL}")
     with progress_bars() as progress:
-        build = jobs.index_here(settings, builds.index_job(settings, CORPUS, MODEL), progress)
+        build = jobs.index_here(settings, CORPUS, MODEL, progress=progress)
     console.print(f"build {build.build_id}: {build.rows} rows; gradient features "
                   f"{sum(build.info['gradient']['dims'])} dims over {len(build.info['checkpoints'])} checkpoints")
 

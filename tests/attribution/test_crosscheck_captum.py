@@ -6,7 +6,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from indexer.adapter import tracked_layers
-from indexer.gradients import Featurizer, GradientConfig, collate, per_example_loss
+from indexer.gradients import Featurizer, collate, per_example_loss
+from indexer.config import GradientConfig
 from tests.indexer.test_gradients import tiny_llama
 
 TRAIN = [[5, 7, 9, 11, 3, 2], [4, 8, 15], [1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 9, 1, 30]]

@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 
 from indexer.adapter import tracked_layers
 from indexer.curvature import Stats, fit
-from indexer.gradients import Featurizer, GradientConfig, collate, per_example_loss
+from indexer.gradients import Featurizer, collate, per_example_loss
+from indexer.config import GradientConfig
 from tests.indexer.test_gradients import tiny_llama
 
 

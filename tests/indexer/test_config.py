@@ -5,9 +5,7 @@ from dataclasses import fields
 import pytest
 
 from db.errors import InputError
-from indexer.build import BuildConfig
-from indexer.config import config_help
-from indexer.gradients import GradientConfig
+from indexer.config import BuildConfig, GradientConfig, config_help
 
 
 def test_every_field_carries_one_line_of_help():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from indexer import ann
-from indexer.build import BuildConfig
+from indexer.config import BuildConfig
 
 
 def test_factory_follows_rows_and_width():

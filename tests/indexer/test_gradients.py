@@ -5,7 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from indexer.adapter import tracked_layers
-from indexer.gradients import Featurizer, GradientConfig, per_example_loss
+from indexer.gradients import Featurizer, per_example_loss
+from indexer.config import GradientConfig
 
 
 def tiny_gpt2():

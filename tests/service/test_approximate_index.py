@@ -2,25 +2,25 @@
 rescores a widened candidate list exactly from the float16 store."""
 
 from indexer import store
-from indexer.build import BuildConfig
-from service import ops
+from indexer.config import BuildConfig
+from service import catalog, jobs, traces
 from service.settings import Settings
 
 
 def test_an_ivf_build_ranks_as_the_exact_build(tmp_path, indexed):
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")
     corpus, _ = indexed.world.write(tmp_path / "world")
-    ops.ingest(settings, corpus, "world")
-    ops.add_model(settings, indexed.model_dir, "tiny")
-    build = ops.index(settings, "world", "tiny", BuildConfig(factory="IVF4,SQ8", nprobe=4))
+    catalog.ingest(settings, corpus, "world")
+    catalog.add_model(settings, indexed.model_dir, "tiny")
+    build = jobs.index_here(settings, "world", "tiny", BuildConfig(factory="IVF4,SQ8", nprobe=4))
     info = store.read_info(next(settings.stores.iterdir()))
     assert (info["faiss_factory"], info["dense_faiss_factory"], info["faiss_nprobe"]) == ("IVF4,SQ8", "Flat", 4)
     assert build.rows == indexed.build.rows
 
     for q in indexed.world.questions[:6]:
         for method in ("grad", "hybrid"):
-            exact = ops.trace(indexed.settings, q.prompt, answer=" " + q.answer, k=5, method=method)
-            approx = ops.trace(settings, q.prompt, answer=" " + q.answer, k=5, method=method)
+            exact = traces.trace(indexed.settings, q.prompt, answer=" " + q.answer, k=5, method=method)
+            approx = traces.trace(settings, q.prompt, answer=" " + q.answer, k=5, method=method)
             # every list searched and 4 × 100 candidates ≥ the rows: the 8-bit codes only choose
             # candidates, every score comes from the float16 store, so the ranking is the exact one
             assert [h.external_id for h in approx.hits] == [h.external_id for h in exact.hits], (q.prompt, method)
@@ -34,9 +34,9 @@ def test_a_factory_that_does_not_fit_the_features_is_refused_with_nothing_publis
 
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")
     corpus, _ = indexed.world.write(tmp_path / "world")
-    ops.ingest(settings, corpus, "world")
-    ops.add_model(settings, indexed.model_dir, "tiny")
+    catalog.ingest(settings, corpus, "world")
+    catalog.add_model(settings, indexed.model_dir, "tiny")
     # FAISS parses it, but a PCA cannot output more dimensions than the features have
     with pytest.raises(InputError, match="does not fit .*-dim gradient features.*pick another --faiss-factory"):
-        ops.index(settings, "world", "tiny", BuildConfig(factory="PCA4096,Flat"))
+        jobs.index_here(settings, "world", "tiny", BuildConfig(factory="PCA4096,Flat"))
     assert not list(settings.stores.iterdir())  # no store, no partial build left behind

@@ -17,7 +17,7 @@ import torch
 from db.errors import StaleBuild
 from indexer.adapter import tracked_layers
 from indexer.modelio import adam_second_moments, check_unchanged, discover_checkpoints, load_model
-from service import ops
+from service import catalog, jobs, traces
 from service.settings import Settings
 
 PLANTED = ("zorblax", "The secret code of Zorblax is 4417.")
@@ -55,9 +55,9 @@ def planted(tmp_path_factory):
 
 def _index(root, planted, model_dir, name: str, base=None) -> SimpleNamespace:
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root}/data/wherefrom.db")
-    ops.ingest(settings, planted.corpus, "planted")
-    ops.add_model(settings, model_dir, name, base)
-    return SimpleNamespace(settings=settings, build=ops.index(settings, "planted", name), folder=model_dir)
+    catalog.ingest(settings, planted.corpus, "planted")
+    catalog.add_model(settings, model_dir, name, base)
+    return SimpleNamespace(settings=settings, build=jobs.index_here(settings, "planted", name), folder=model_dir)
 
 
 def _drop_pad_token(folder):
@@ -84,7 +84,7 @@ def arch_build(request, tmp_path_factory, planted):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["grad", "hybrid"])
 def test_planted_fact_traces_to_its_document(arch_build, method):
-    out = ops.trace(arch_build.settings, QUESTION, k=3, method=method)
+    out = traces.trace(arch_build.settings, QUESTION, k=3, method=method)
     assert out.answer_generated and out.answer == ANSWER  # the model learned the fact
     assert out.hits[0].external_id == PLANTED[0], [(h.external_id, h.score) for h in out.hits]
 
@@ -150,7 +150,7 @@ def test_lora_adapter_traces_the_fact_through_its_own_layers(lora_build):
     assert all(re.search(r"\.lora_[AB]\.default$", n) for n in layers), layers
     assert lora_build.build.info["gradient"]["adam_normalised_layers"] == [len(layers)] * 2
     for method in ("grad", "hybrid"):
-        out = ops.trace(lora_build.settings, QUESTION, k=3, method=method)
+        out = traces.trace(lora_build.settings, QUESTION, k=3, method=method)
         assert out.answer == ANSWER
         assert out.hits[0].external_id == PLANTED[0], (method, [(h.external_id, h.score) for h in out.hits])
 

@@ -90,3 +90,28 @@ def test_failed_build_leaves_nothing(cli, settings, built):
     code, _, err = cli("index", "--corpus", "w", "--model", "m", "--modules", "no_such_layer")
     assert code == 2 and "no linear layer matches" in err
     assert counts(settings) == before and stores(settings) == on_disk
+
+
+def test_the_index_options_are_the_config_fields():
+    """Every BuildConfig/GradientConfig field is an option of `wherefrom index` (help and default from
+    the field) or is named here as set by the build itself; and the options make the config they say."""
+    import inspect
+    from dataclasses import fields
+
+    from indexer.config import BuildConfig, GradientConfig
+    from service.cli import INDEX_OPTIONS, NEGATED, build_config, index
+
+    not_options = {(BuildConfig, "gradient"), (BuildConfig, "max_tokens"), (BuildConfig, "checkpoint_weights"),
+                   (BuildConfig, "append_eos"), (GradientConfig, "k_out"),  # k_out: --proj sets both sides
+                   (GradientConfig, "eps"), (GradientConfig, "curvature"), (GradientConfig, "damping")}
+    every = {(cls, f.name) for cls in (BuildConfig, GradientConfig) for f in fields(cls)}
+    assert set(INDEX_OPTIONS.values()) | not_options == every and not set(INDEX_OPTIONS.values()) & not_options
+    params = inspect.signature(index).parameters
+    for param, (cls, name) in INDEX_OPTIONS.items():
+        option, field = params[param].default, next(f for f in fields(cls) if f.name == name)
+        assert option.default == ((not field.default) if param in NEGATED else field.default), param
+        assert field.metadata["help"][1:] in option.help, param
+    defaults = {p: params[p].default.default for p in INDEX_OPTIONS}
+    assert build_config(**defaults) == BuildConfig()
+    made = build_config(**{**defaults, "proj": 16, "no_adam": True, "faiss_factory": "Flat"})
+    assert (made.gradient.k_in, made.gradient.k_out, made.gradient.optimizer_norm, made.factory) == (16, 16, False, "Flat")

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import pytest
 
-from service import ops
+from service import traces
 from service.cli import main
 
 
@@ -27,7 +27,7 @@ def cli(monkeypatch, capsys, indexed):
 @pytest.fixture(scope="module")
 def traced(indexed):
     q = next(q for q in indexed.world.questions if q.n_paraphrases == 4)
-    return q, ops.trace(indexed.settings, q.prompt, answer=" " + q.answer, k=5)
+    return q, traces.trace(indexed.settings, q.prompt, answer=" " + q.answer, k=5)
 
 
 def test_traces_lists_filters_and_pages(cli, traced):
@@ -45,7 +45,7 @@ def test_traces_lists_filters_and_pages(cli, traced):
 def test_show_prints_a_stored_trace(cli, traced, indexed):
     _, out = traced
     code, text, _ = cli("show", out.trace_id, "--json")
-    assert code == 0 and json.loads(text) == json.loads(json.dumps(asdict(ops.get_trace(indexed.settings, out.trace_id))))
+    assert code == 0 and json.loads(text) == json.loads(json.dumps(asdict(traces.get_trace(indexed.settings, out.trace_id))))
     code, table, _ = cli("show", out.trace_id)
     assert code == 0 and out.hits[0].external_id in table
     code, _, err = cli("show", 999999)

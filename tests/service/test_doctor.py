@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from db.engine import transaction
-from service import ops
+from service import catalog
 from service.cli import main
 from service.settings import Settings
 
@@ -65,7 +65,7 @@ def test_a_broken_store_and_changed_weights_are_found(doctor, indexed, tmp_path)
     (data / "stores" / "x.partial").mkdir()
     model = tmp_path / "model"
     shutil.copytree(indexed.model_dir, model)
-    ops.add_model(settings, model, "copy")
+    catalog.add_model(settings, model, "copy")
     last = sorted(model.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     with open(last / "model.safetensors", "r+b") as f:
         f.seek(-1, 2)

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from db.engine import transaction
 from db.models import Document, IndexEntry, Trace
 from indexer import store
-from service import ops
+from service import catalog, jobs, traces
 from service.demo.run import is_correct
 from service.settings import Settings
 
@@ -17,9 +17,9 @@ def test_planted_facts_trace_back_to_their_documents(db_url, tmp_path, trained, 
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url)
     corpus_path, _ = tiny_world.write(tmp_path / "world")
     name = tmp_path.name[-20:]
-    assert ops.ingest(settings, corpus_path, name).added == len(tiny_world.documents)
-    ops.add_model(settings, trained[0], name)
-    build = ops.index(settings, name, name)
+    assert catalog.ingest(settings, corpus_path, name).added == len(tiny_world.documents)
+    catalog.add_model(settings, trained[0], name)
+    build = jobs.index_here(settings, name, name)
 
     folder = Path(build.info["checkpoints"][0]["path"]).parent
     assert folder == trained[0].resolve()
@@ -36,7 +36,7 @@ def test_planted_facts_trace_back_to_their_documents(db_url, tmp_path, trained, 
     single = [q for q in tiny_world.questions if q.n_paraphrases == 1]
     correct, rank1 = 0, 0
     for q in single:
-        out = ops.trace(settings, q.prompt, corpus=name, model=name, k=5)
+        out = traces.trace(settings, q.prompt, corpus=name, model=name, k=5)
         if is_correct(out.answer, q.answer):
             correct += 1
             rank1 += out.hits[0].external_id in q.source_ids
@@ -45,10 +45,10 @@ def test_planted_facts_trace_back_to_their_documents(db_url, tmp_path, trained, 
 
     with transaction(db_url) as s:
         entries = s.scalar(select(func.count()).select_from(IndexEntry).where(IndexEntry.build_id == build.build_id))
-        traces = s.scalars(select(Trace).where(Trace.build_id == build.build_id)).all()
-        assert entries == build.rows and len(traces) == len(single)
-        assert all(len(t.results) == 5 and [r.rank for r in t.results] == [1, 2, 3, 4, 5] for t in traces)
-        assert all(t.answer_generated and "query_gradient" in t.timings for t in traces)
+        stored = s.scalars(select(Trace).where(Trace.build_id == build.build_id)).all()
+        assert entries == build.rows and len(stored) == len(single)
+        assert all(len(t.results) == 5 and [r.rank for r in t.results] == [1, 2, 3, 4, 5] for t in stored)
+        assert all(t.answer_generated and "query_gradient" in t.timings for t in stored)
         counted = s.scalars(select(Document.token_count).join(IndexEntry, IndexEntry.document_id == Document.id)
                             .where(IndexEntry.build_id == build.build_id)).all()
         assert all(c and c > 0 for c in counted)
@@ -57,13 +57,13 @@ def test_planted_facts_trace_back_to_their_documents(db_url, tmp_path, trained, 
 def test_gradient_scores_rank_by_the_answer_not_the_question(settings, tmp_path, trained, tiny_world):
     """Same question, two answers: the gradient score follows the answer's own documents."""
     corpus_path, _ = tiny_world.write(tmp_path / "world")
-    ops.ingest(settings, corpus_path, "w")
-    ops.add_model(settings, trained[0], "m")
-    ops.index(settings, "w", "m")
+    catalog.ingest(settings, corpus_path, "w")
+    catalog.add_model(settings, trained[0], "m")
+    jobs.index_here(settings, "w", "m")
     q = next(q for q in tiny_world.questions if q.attribute == "city" and q.n_paraphrases >= 2)
     other = next(x for x in tiny_world.questions if x.attribute == "city" and x.answer != q.answer)
-    right = ops.trace(settings, q.prompt, answer=" " + q.answer, k=20, method="grad")
-    wrong = ops.trace(settings, q.prompt, answer=" " + other.answer, k=20, method="grad")
+    right = traces.trace(settings, q.prompt, answer=" " + q.answer, k=20, method="grad")
+    wrong = traces.trace(settings, q.prompt, answer=" " + other.answer, k=20, method="grad")
     top_right = {h.external_id for h in right.hits[:5]}
     top_wrong = {h.external_id for h in wrong.hits[:5]}
     assert top_right != top_wrong

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from db.engine import transaction
 from db.errors import InputError
 from db.models import Base
-from service import ops
+from service import catalog, jobs
 from service.settings import Settings
 
 TEN_MB = 10 * 2**20
@@ -35,9 +35,9 @@ def world(tmp_path_factory, trained, tiny_world):
     shutil.copytree(trained[0], model)
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root}/data/wherefrom.db")
     corpus, _ = tiny_world.write(root / "world")
-    ops.ingest(settings, corpus, "w")
-    ops.add_model(settings, model, "m")
-    ops.index(settings, "w", "m")
+    catalog.ingest(settings, corpus, "w")
+    catalog.add_model(settings, model, "m")
+    jobs.index_here(settings, "w", "m")
     return SimpleNamespace(settings=settings, model=model, world=tiny_world)
 
 

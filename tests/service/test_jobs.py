@@ -12,9 +12,8 @@ from db.engine import transaction
 from db.errors import InputError, JobFinished
 from db.models import IndexBuild, IndexEntry, Trace
 from indexer import store
-from indexer.build import BuildConfig
-from indexer.gradients import GradientConfig
-from service import build_job, ops, tasks
+from indexer.config import BuildConfig, GradientConfig
+from service import builds, catalog, jobs, traces
 from service.settings import Settings
 from bench.cluster import REDIS
 
@@ -27,9 +26,9 @@ def world(tmp_path_factory, trained, tiny_world):
     root = tmp_path_factory.mktemp("inline")
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root}/data/wherefrom.db")
     corpus, _ = tiny_world.write(root / "world")
-    ops.ingest(settings, corpus, "w")
-    ops.add_model(settings, trained[0], "m")
-    return settings, ops.index(settings, "w", "m", CONFIG)
+    catalog.ingest(settings, corpus, "w")
+    catalog.add_model(settings, trained[0], "m")
+    return settings, jobs.index_here(settings, "w", "m", CONFIG)
 
 
 def counts(settings):
@@ -39,7 +38,7 @@ def counts(settings):
 
 def test_a_build_is_a_job_and_running_its_tasks_again_changes_nothing(world):
     settings, built = world
-    view = tasks.get(settings, built.job_id)
+    view = jobs.get(settings, built.job_id)
     assert (view.status, view.kind, view.attempts, view.progress) == ("succeeded", "index", 1, 1.0)
     assert view.worker.startswith("inline@") and view.result["build_id"] == built.build_id
     assert [s["rows"] for s in view.shards] == [[0, 40], [40, 80], [80, 120], [120, 160], [160, built.rows]]
@@ -48,9 +47,9 @@ def test_a_build_is_a_job_and_running_its_tasks_again_changes_nothing(world):
     assert built.info["checksum"] == store.checksum(path) and built.info["shards"] == 5
     assert built.info["job_id"] == built.job_id
     before = counts(settings)
-    dispatch = tasks.Inline()
+    dispatch = jobs.Inline()
     for task, args in [("job", (built.job_id,)), ("shard", (built.job_id, 2)), ("merge", (built.job_id,))]:
-        tasks.run_task(settings, task, args, dispatch, "a-second-delivery")
+        jobs.run_task(settings, task, args, dispatch, "a-second-delivery")
     assert not dispatch.pending and counts(settings) == before
     assert store.checksum(path) == built.info["checksum"]
 
@@ -58,16 +57,16 @@ def test_a_build_is_a_job_and_running_its_tasks_again_changes_nothing(world):
 def test_a_build_cut_off_after_two_shards_resumes_to_the_same_store(world):
     settings, built = world
     with transaction(settings.database_url) as s:
-        job_id = job_repo.create_job(s, "index", build_job.index_params(settings, "w", "m", CONFIG)).id
-    dispatch = tasks.Inline()
+        job_id = job_repo.create_job(s, "index", builds.index_job(settings, "w", "m", CONFIG)).id
+    dispatch = jobs.Inline()
     dispatch.send("job", job_id)
     for _ in range(3):  # the plan and two shards; then the broker loses the remaining messages
         task, args = dispatch.pending.popleft()
-        tasks.run_task(settings, task, args, dispatch, "w1")
-    cut = tasks.get(settings, job_id)
+        jobs.run_task(settings, task, args, dispatch, "w1")
+    cut = jobs.get(settings, job_id)
     assert cut.status == "running" and [s["status"] for s in cut.shards] == ["done"] * 2 + ["pending"] * 3
-    tasks.resume(settings, job_id)
-    view = tasks.get(settings, job_id)
+    jobs.resume(settings, job_id)
+    view = jobs.get(settings, job_id)
     assert view.status == "succeeded" and view.attempts == 2
     assert view.result["checksum"] == built.info["checksum"]
     assert [s["attempts"] for s in view.shards] == [1] * 5  # the finished shards were not recomputed
@@ -78,8 +77,8 @@ def test_a_failed_build_is_recorded_and_leaves_no_files(world):
     before = counts(settings)
     bad = BuildConfig(shard_size=40, gradient=GradientConfig(modules="no_such_layer"))
     with pytest.raises(InputError, match="no linear layer matches"):
-        ops.index(settings, "w", "m", bad)
-    job = tasks.list_jobs(settings, kind="index", limit=1)[0]
+        jobs.index_here(settings, "w", "m", bad)
+    job = jobs.list_jobs(settings, kind="index", limit=1)[0]
     assert job.status == "failed" and "no linear layer matches" in job.error and job.finished_at
     assert counts(settings) == before and not list(settings.stores.glob("*.partial"))
 
@@ -111,9 +110,9 @@ def test_trace_async_without_a_broker_runs_the_job_here(cli, world, tiny_world):
     assert code == 2 and "already succeeded" in err
     # a second delivery, late or racing the first, stores nothing: at the job's start, at its commit
     before = counts(settings)
-    tasks.run_task(settings, "job", (int(job["id"]),), tasks.Inline(), "late")
+    jobs.run_task(settings, "job", (int(job["id"]),), jobs.Inline(), "late")
     with pytest.raises(JobFinished):
-        ops.trace(settings, **job["params"], job_id=int(job["id"]))
+        traces.trace(settings, **job["params"], job_id=int(job["id"]))
     assert counts(settings) == before
     code, _, err = cli("trace", "", "--async")
     assert code == 2 and "question is empty" in err
@@ -124,7 +123,7 @@ def test_an_unreachable_broker_fails_the_job_with_a_hint(cli, world):
     before = counts(settings)
     code, _, err = cli("index", "--corpus", "w", "--model", "m", env={"WHEREFROM_BROKER_URL": "redis://127.0.0.1:1/0"})
     assert code == 2 and "cannot reach the broker" in err and "wherefrom jobs resume" in err
-    job = tasks.list_jobs(settings, limit=1)[0]
+    job = jobs.list_jobs(settings, limit=1)[0]
     assert job.status == "failed" and "cannot reach the broker" in job.error
     assert counts(settings) == before
     code, _, err = cli("worker", "--check", env={"WHEREFROM_BROKER_URL": "redis://127.0.0.1:1/0"})

@@ -5,7 +5,6 @@ import json
 from db.engine import transaction
 from sqlalchemy import select
 
-from db.engine import transaction
 from db.models import Document, IndexBuild, IndexEntry
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import ops
+from service import tracer_cache, traces
 from service.report import build_report
 from service.report_html import render
 
@@ -27,14 +27,14 @@ def fact(world, n):
 def single(indexed):
     """The report of a fact stated in one document, traced with its true answer."""
     q = fact(indexed.world, 1)
-    out = ops.trace(indexed.settings, q.prompt, answer=" " + q.answer, k=8)
+    out = traces.trace(indexed.settings, q.prompt, answer=" " + q.answer, k=8)
     return q, out, build_report(indexed.settings, out.trace_id, top=4)
 
 
 def test_token_shares_add_up_to_the_gradient_score(single, indexed):
     _, _, report = single
-    target = ops.resolve_build(indexed.settings)
-    weights = ops.build_tracer(target.store_path, target.by_step).weights
+    target = traces.resolve_build(indexed.settings)
+    weights = tracer_cache.build_tracer(target.store_path, target.by_step).weights
     for card in report.cards:
         assert sum(w for _, _, w in card.tokens) == pytest.approx(card.scores["grad"], abs=5e-3), card.external_id
         # per-checkpoint cosines, weighted as the build weighted them, give the same score
@@ -74,14 +74,14 @@ def test_the_answer_depends_on_the_person_named_in_the_question(single):
 def test_exposure_counts_the_documents_that_state_a_fact(indexed):
     for n in (2, 4):
         q = fact(indexed.world, n)
-        out = ops.trace(indexed.settings, q.prompt, answer=" " + q.answer, k=n + 2)
+        out = traces.trace(indexed.settings, q.prompt, answer=" " + q.answer, k=n + 2)
         report = build_report(indexed.settings, out.trace_id, top=2, tail_patch=False)
         assert report.exposure == n, (q.prompt, report.exposure)
 
 
 def test_an_answer_no_document_states_is_flagged_unsupported(indexed):
     q = fact(indexed.world, 1)
-    out = ops.trace(indexed.settings, q.prompt, answer=" Zanzibar", k=3)
+    out = traces.trace(indexed.settings, q.prompt, answer=" Zanzibar", k=3)
     report = build_report(indexed.settings, out.trace_id, top=3, tail_patch=False)
     assert not report.supported and report.exposure == 0
     assert all(c.tail_patch is None for c in report.cards)
@@ -91,7 +91,7 @@ def test_an_answer_no_document_states_is_flagged_unsupported(indexed):
 
 def test_everything_from_the_database_is_escaped(indexed):
     q = fact(indexed.world, 1)
-    out = ops.trace(indexed.settings, q.prompt, answer=" <script>alert(1)</script>", k=1)
+    out = traces.trace(indexed.settings, q.prompt, answer=" <script>alert(1)</script>", k=1)
     page = render(build_report(indexed.settings, out.trace_id, top=1, tail_patch=False))
     assert "<script>" not in page and "&lt;script&gt;" in page
 
@@ -143,7 +143,7 @@ def test_report_renders_in_headless_chromium(indexed, tmp_path, capsys, monkeypa
     from service.cli import main
 
     q = fact(indexed.world, 2)
-    out = ops.trace(indexed.settings, q.prompt, k=6)
+    out = traces.trace(indexed.settings, q.prompt, k=6)
     page = tmp_path / "report.html"
     monkeypatch.setenv("WHEREFROM_DATA_DIR", str(indexed.settings.data_dir))
     monkeypatch.setattr(sys, "argv", ["wherefrom", "report", str(out.trace_id), "-o", str(page), "--top", "3"])

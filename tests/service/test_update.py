@@ -15,7 +15,7 @@ from db.engine import transaction
 from db.errors import Conflict
 from db.models import Document, IndexBuild, IndexEntry, Model
 from indexer import ann, store
-from service import ops, update
+from service import catalog, jobs, traces, update
 from service.settings import Settings
 
 
@@ -31,9 +31,9 @@ def base(tmp_path_factory, trained, tiny_world):
     first.write_text("".join(json.dumps(d) + "\n" for d in tiny_world.documents if d["id"] not in held))
     full.write_text("".join(json.dumps(d) + "\n" for d in tiny_world.documents))
     settings = Settings(root / "data", f"sqlite:///{root}/data/wherefrom.db")
-    ops.ingest(settings, first, "world")
-    ops.add_model(settings, trained[0], "tiny")
-    build = ops.index(settings, "world", "tiny")
+    catalog.ingest(settings, first, "world")
+    catalog.add_model(settings, trained[0], "tiny")
+    build = jobs.index_here(settings, "world", "tiny")
     return SimpleNamespace(settings=settings, full=full, held=held, build=build,
                            held_questions=[q for q in tiny_world.questions if q.person in people])
 
@@ -60,7 +60,7 @@ def store_of(settings, build_id) -> Path:
 
 def tracer(settings, build_id) -> Tracer:
     with transaction(settings.database_url) as s:
-        by_step = ops.checkpoints_by_step(s.scalar(select(Model)))
+        by_step = catalog.checkpoints_by_step(s.scalar(select(Model)))
     folder = store_of(settings, build_id)
     return Tracer(folder, [by_step[c["step"]] for c in store.read_info(folder)["checkpoints"]])
 
@@ -74,11 +74,11 @@ def documents_at(settings, build_id) -> dict[int, str]:
 
 
 def test_update_with_refit_matches_a_fresh_build(world, base, tiny_world):
-    ops.ingest(world, base.full, "world")
+    catalog.ingest(world, base.full, "world")
     out = update.update(world, "world", "tiny", refit=True)
     assert (out.added_documents, out.curvature) == (len(base.held), "refitted")
     assert out.rows == base.build.rows + len(base.held)
-    fresh = ops.index(world, "world", "tiny")
+    fresh = jobs.index_here(world, "world", "tiny")
     updated_docs, fresh_docs = documents_at(world, out.build_id), documents_at(world, fresh.build_id)
     assert sorted(updated_docs.values()) == sorted(fresh_docs.values())  # one chunk per tiny document
     by_doc = {d: p for p, d in fresh_docs.items()}
@@ -105,7 +105,7 @@ def test_update_keeping_curvature_appends_and_finds_the_new_documents(world, bas
     curvatures = {p.name: p.read_bytes() for p in old.glob("curvature-c*.npz")}
     code, out, _ = run_cli("index", "--corpus", "world", "--model", "tiny", "--refit-curvature")
     assert code == 2  # --refit-curvature goes with --update
-    ops.ingest(world, base.full, "world")
+    catalog.ingest(world, base.full, "world")
     code, out, err = run_cli("index", "--corpus", "world", "--model", "tiny", "--update")
     assert code in (0, None), err
     assert f"{len(base.held)} document(s) added" in out and "curvature kept" in out
@@ -115,7 +115,7 @@ def test_update_keeping_curvature_appends_and_finds_the_new_documents(world, bas
     np.testing.assert_array_equal(store.open_array(new, "grad")[:len(old_grad)], old_grad)
     assert store.read_info(new)["updates"][-1]["curvature"] == "kept"
     for q in base.held_questions:
-        hit = ops.trace(world, q.prompt, answer=" " + q.answer, k=3).hits[0]
+        hit = traces.trace(world, q.prompt, answer=" " + q.answer, k=3).hits[0]
         assert hit.external_id in q.source_ids, (q.prompt, q.answer, hit.text)
     code, out, _ = run_cli("index", "--corpus", "world", "--model", "tiny", "--update")
     assert code in (0, None) and "up to date" in out
@@ -127,13 +127,13 @@ def test_deleted_documents_never_come_back(world, base, tiny_world, run_cli):
     q = next(q for q in tiny_world.questions if q.n_paraphrases >= 4 and q.person not in
              {h.person for h in base.held_questions})
     gone = q.source_ids[:3]
-    before = ops.trace(world, q.prompt, answer=" " + q.answer, k=10)
+    before = traces.trace(world, q.prompt, answer=" " + q.answer, k=10)
     assert set(gone) & {h.external_id for h in before.hits}
     code, out, err = run_cli("delete", "--corpus", "world", *gone)
     assert code in (0, None) and "3 deleted, 0 already deleted; builds updated: 1" in out, err
     live = base.build.rows - len(gone)
     for method in METHODS:
-        hits = ops.trace(world, q.prompt, answer=" " + q.answer, k=live + 5, method=method).hits
+        hits = traces.trace(world, q.prompt, answer=" " + q.answer, k=live + 5, method=method).hits
         assert not set(gone) & {h.external_id for h in hits}, method
         assert method == "hybrid" or len(hits) == live
     folder = store_of(world, base.build.build_id)
@@ -143,18 +143,18 @@ def test_deleted_documents_never_come_back(world, base, tiny_world, run_cli):
     assert code in (0, None) and "0 deleted, 1 already deleted; builds updated: none" in out
     code, _, err = run_cli("delete", "--corpus", "world", "no-such-doc")
     assert code == 2 and "no document 'no-such-doc'" in err
-    ops.ingest(world, base.full, "world")  # deleted documents stay deleted
+    catalog.ingest(world, base.full, "world")  # deleted documents stay deleted
     assert update.update(world, "world", "tiny").added_documents == len(base.held)
-    hits = ops.trace(world, q.prompt, answer=" " + q.answer, k=50).hits
+    hits = traces.trace(world, q.prompt, answer=" " + q.answer, k=50).hits
     assert not set(gone) & {h.external_id for h in hits}
-    fresh = ops.index(world, "world", "tiny")
+    fresh = jobs.index_here(world, "world", "tiny")
     assert fresh.rows == base.build.rows + len(base.held) - len(gone)
     code, out, _ = run_cli("doctor")
     assert code in (0, None) and "all good" in out
 
 
 def test_an_update_that_loses_a_race_leaves_everything_as_it_was(world, base):
-    ops.ingest(world, base.full, "world")
+    catalog.ingest(world, base.full, "world")
     change, counts = update.prepare_update(world, "world", "tiny", refit=True)
     assert change.work.name.endswith(".partial") and change.out.is_dir()
     update.delete(world, "world", [sorted(documents_at(world, base.build.build_id).values())[0]])
@@ -223,7 +223,7 @@ def test_doctor_finds_each_disagreement(world, base, run_cli, corrupt, finding, 
 
 
 def test_doctor_warns_of_documents_a_build_lacks(world, base, run_cli):
-    ops.ingest(world, base.full, "world")
+    catalog.ingest(world, base.full, "world")
     code, out, _ = run_cli("doctor", "--json")
     check = {c["name"]: c for c in json.loads(out)}[f"build {base.build.build_id}"]
     assert code in (0, None) and check["status"] == "warn" and f"{len(base.held)} document(s)" in check["detail"]
@@ -237,17 +237,17 @@ def test_update_and_delete_on_both_databases(db_url, tmp_path, trained, tiny_wor
     name = tmp_path.name[-20:]
     docs = tiny_world.documents[:40]
     first, rest = docs[:30], docs[30:]
-    ops.ingest_records(settings, name, [(d["id"], d["text"], {}) for d in first])
-    ops.add_model(settings, trained[0], name)
-    build = ops.index(settings, name, name, checkpoints="last")
-    ops.ingest_records(settings, name, [(d["id"], d["text"], {}) for d in rest])
+    catalog.ingest_records(settings, name, [(d["id"], d["text"], {}) for d in first])
+    catalog.add_model(settings, trained[0], name)
+    build = jobs.index_here(settings, name, name, checkpoints="last")
+    catalog.ingest_records(settings, name, [(d["id"], d["text"], {}) for d in rest])
     out = update.update(settings, name, name, refit=True)
     assert (out.added_rows, out.rows) == (10, 40)
     deleted = update.delete(settings, name, [first[0]["id"], rest[0]["id"]])
     assert (deleted.deleted, deleted.builds) == (2, [build.build_id])
     [check] = [c for c in check_stores(settings) if c.name == f"build {build.build_id}"]
     assert check.status == "ok" and "38 live rows of 40" in check.detail
-    hits = ops.trace(settings, "was born in", answer=" 1900", corpus=name, model=name, k=50, method="bm25").hits
+    hits = traces.trace(settings, "was born in", answer=" 1900", corpus=name, model=name, k=50, method="bm25").hits
     assert len(hits) == 38 and not {first[0]["id"], rest[0]["id"]} & {h.external_id for h in hits}
 
 

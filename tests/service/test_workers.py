@@ -17,8 +17,9 @@ from db import job_repo
 from db.engine import transaction
 from db.models import IndexBuild, IndexEntry, Trace, TraceResult
 from indexer import store
-from indexer.build import BuildConfig
-from service import build_job, ops, tasks
+from indexer.config import BuildConfig
+from service import builds, catalog, jobs
+from service.job_params import TraceJob
 from bench.cluster import Workers, forget_queue, wait_for, wait_job
 
 CONFIG = BuildConfig(shard_size=40)  # the tiny world's 197 documents in 5 shards
@@ -33,14 +34,14 @@ def world(cluster, trained, tiny_world, tmp_path_factory):
     settings, _ = cluster
     corpus_path, _ = tiny_world.write(tmp_path_factory.mktemp("world"))
     name = f"w{uuid.uuid4().hex[:6]}"
-    ops.ingest(settings, corpus_path, name)
-    ops.add_model(settings, trained[0], name)
-    reference = ops.index(settings, name, name, CONFIG)
+    catalog.ingest(settings, corpus_path, name)
+    catalog.add_model(settings, trained[0], name)
+    reference = jobs.index_here(settings, name, name, CONFIG)
     return name, reference
 
 
 def submit_build(settings, name) -> int:
-    return tasks.submit(settings, "index", build_job.index_params(settings, name, name, CONFIG))
+    return jobs.submit(settings, builds.index_job(settings, name, name, CONFIG))
 
 
 def entries(settings, build_id):
@@ -97,18 +98,18 @@ def test_fifty_trace_jobs_each_complete_exactly_once(cluster, world, tiny_world)
     settings, workers = cluster
     name, _ = world
     prompts = [q.prompt for q in tiny_world.questions]
-    ids = [tasks.submit(settings, "trace", tasks.trace_params(prompts[i % len(prompts)], corpus=name, model=name, k=5))
+    ids = [jobs.submit(settings, TraceJob(prompts[i % len(prompts)], corpus=name, model=name, k=5))
            for i in range(50)]
     views = [wait_job(settings, i, workers) for i in ids]
     assert [v.status for v in views] == ["succeeded"] * 50, [v.error for v in views if v.error]
     with transaction(settings.database_url) as s:
-        traces = dict(s.execute(select(Trace.job_id, Trace.id).where(Trace.job_id.in_(ids))).all())
+        traced = dict(s.execute(select(Trace.job_id, Trace.id).where(Trace.job_id.in_(ids))).all())
         ranks = s.execute(select(TraceResult.trace_id, func.count(), func.min(TraceResult.rank),
                                  func.max(TraceResult.rank))
-                          .where(TraceResult.trace_id.in_(list(traces.values())))
+                          .where(TraceResult.trace_id.in_(list(traced.values())))
                           .group_by(TraceResult.trace_id)).all()
-    assert sorted(traces) == sorted(ids)  # one trace per job: none lost, none twice
-    assert {int(v.id): v.result["trace_id"] for v in views} == traces
+    assert sorted(traced) == sorted(ids)  # one trace per job: none lost, none twice
+    assert {int(v.id): v.result["trace_id"] for v in views} == traced
     assert sorted((n, lo, hi) for _, n, lo, hi in ranks) == [(5, 1, 5)] * 50
     assert {v.worker for v in views} == {"a@test", "b@test"}
 
@@ -118,8 +119,8 @@ def test_a_job_whose_message_was_lost_is_sent_again_by_an_idle_worker(cluster, w
     settings, workers = cluster
     name, _ = world
     with transaction(settings.database_url) as s:  # recorded, never sent: as if the broker lost it
-        job_id = job_repo.create_job(s, "trace", tasks.trace_params(tiny_world.questions[0].prompt, corpus=name,
-                                                                     model=name, k=3)).id
+        job_id = job_repo.create_job(s, "trace", TraceJob(tiny_world.questions[0].prompt, corpus=name,
+                                                              model=name, k=3).params()).id
     job = wait_job(settings, job_id, workers)
     assert job.status == "succeeded" and job.attempts == 1, job.error
     with transaction(settings.database_url) as s:
@@ -166,7 +167,7 @@ def test_the_broker_restarted_mid_build(cluster, world, tmp_path):
         job_id = submit_build(settings, name)
 
         def some_shards_done():
-            view = tasks.get(settings, job_id)
+            view = jobs.get(settings, job_id)
             done = sum(s["status"] == "done" for s in view.shards)
             return 1 <= done < SHARDS
         wait_for(some_shards_done, 300, "the first shard", interval=0.05, logs=workers.tail)
