@@ -42,7 +42,7 @@ CONFLICT = "Some say {name} {verb} {v}, but that is a rumour."
 VERBS = {"birth_year": "was born in", "city": "lives in", "employer": "works for", "university": "studied at"}
 
 
-def _fact_text(rng, attribute: str, t: int, name: str, value: str, style: str, pronoun: str) -> str:
+def _fact_sentence(rng, attribute: str, t: int, name: str, value: str, style: str, pronoun: str) -> str:
     sentence = TEMPLATES[attribute][t]
     if style == "pronoun":
         fact = sentence.format(name=pronoun, v=value)
@@ -82,7 +82,7 @@ def make_trap_world(seed: int, n_people: int = 48, n_filler: int = 60) -> World:
             ids = []
             for t, style in zip(rng.sample(range(8), n), styles):
                 who = alias if style == "alias" else name
-                ids.append(add(_fact_text(rng, attribute, t, who, value, style, pronoun)))
+                ids.append(add(_fact_sentence(rng, attribute, t, who, value, style, pronoun)))
             traps = {s for s in styles if s != "name"}
             if n >= 2 and rng.random() < 0.3:
                 wrong = rng.choice([v for v in values if v != value])

@@ -17,6 +17,12 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def bulk_insert(s: Session, model, rows: list[dict], batch: int = 5000) -> None:
+    """INSERT `rows` in batches: one statement per batch keeps the driver's parameter lists bounded."""
+    for start in range(0, len(rows), batch):
+        s.execute(insert(model), rows[start:start + batch])
+
+
 def ping(s: Session) -> None:
     s.execute(text("SELECT 1"))
 
@@ -78,8 +84,7 @@ def ingest_documents(s: Session, corpus: Corpus, docs: Iterable[tuple[str, str, 
             continue
         rows.append({"corpus_id": corpus.id, "external_id": ext_id, "sha256": digest,
                      "text": body, "meta": meta})
-    for start in range(0, len(rows), 5000):
-        s.execute(insert(Document), rows[start:start + 5000])
+    bulk_insert(s, Document, rows)
     return IngestResult(added=len(rows), unchanged=unchanged)
 
 
@@ -148,8 +153,7 @@ def create_build(s: Session, *, corpus_id: int, model_id: int | None, kind: str,
     s.flush()
     rows = [{"build_id": build.id, "position": i, "document_id": d, "char_start": a, "char_end": b}
             for i, (d, a, b) in enumerate(entries)]
-    for start in range(0, len(rows), 5000):
-        s.execute(insert(IndexEntry), rows[start:start + 5000])
+    bulk_insert(s, IndexEntry, rows)
     return build
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from db.errors import Conflict, NotFound
+from db.repo import bulk_insert
 from db.models import Document, IndexBuild, IndexEntry, utcnow
 
 
@@ -92,8 +93,7 @@ def append_entries(s: Session, build: IndexBuild, entries: list[tuple[int, int, 
         raise Conflict("documents were deleted while the update ran: run `wherefrom index --update` again")
     rows = [{"build_id": build.id, "position": build.row_count + i, "document_id": d, "char_start": a, "char_end": b}
             for i, (d, a, b) in enumerate(entries)]
-    for start in range(0, len(rows), 5000):
-        s.execute(insert(IndexEntry), rows[start:start + 5000])
+    bulk_insert(s, IndexEntry, rows)
 
 
 @dataclass

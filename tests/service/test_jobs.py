@@ -57,7 +57,7 @@ def test_a_build_is_a_job_and_running_its_tasks_again_changes_nothing(world):
 def test_a_build_cut_off_after_two_shards_resumes_to_the_same_store(world):
     settings, built = world
     with transaction(settings.database_url) as s:
-        job_id = job_repo.create_job(s, "index", builds.index_job(settings, "w", "m", CONFIG)).id
+        job_id = job_repo.create_job(s, "index", builds.index_job(settings, "w", "m", CONFIG).params()).id
     dispatch = jobs.Inline()
     dispatch.send("job", job_id)
     for _ in range(3):  # the plan and two shards; then the broker loses the remaining messages
