@@ -120,18 +120,19 @@ def add_model(s: Session, name: str, path: str, checkpoints: list[dict]) -> tupl
     return model, True
 
 
+def _by_id(s: Session, model, row_id: int, missing: str):
+    row = s.get(model, row_id)
+    if row is None:
+        raise NotFound(missing)
+    return row
+
+
 def get_model(s: Session, model_id: int) -> Model:
-    model = s.get(Model, model_id)
-    if model is None:
-        raise NotFound(f"no model {model_id}: list models with `wherefrom doctor`")
-    return model
+    return _by_id(s, Model, model_id, f"no model {model_id}: list models with `wherefrom doctor`")
 
 
 def get_corpus(s: Session, corpus_id: int) -> Corpus:
-    corpus = s.get(Corpus, corpus_id)
-    if corpus is None:
-        raise NotFound(f"no corpus {corpus_id}: ingest one with `wherefrom ingest FILE --corpus NAME`")
-    return corpus
+    return _by_id(s, Corpus, corpus_id, f"no corpus {corpus_id}: ingest one with `wherefrom ingest FILE --corpus NAME`")
 
 
 def model_by_name(s: Session, name: str) -> Model:
@@ -194,10 +195,7 @@ def save_trace(s: Session, trace: Trace, results: list[dict]) -> Trace:
 
 
 def get_trace(s: Session, trace_id: int) -> Trace:
-    trace = s.get(Trace, trace_id)
-    if trace is None:
-        raise NotFound(f"no trace {trace_id}: list traces with `wherefrom traces`")
-    return trace
+    return _by_id(s, Trace, trace_id, f"no trace {trace_id}: list traces with `wherefrom traces`")
 
 
 @dataclass
@@ -226,10 +224,8 @@ def list_traces(s: Session, model: str | None = None, contains: str | None = Non
 
 
 def get_build(s: Session, build_id: int) -> IndexBuild:
-    build = s.get(IndexBuild, build_id)
-    if build is None:
-        raise NotFound(f"no index build {build_id}: build one with `wherefrom index --corpus NAME --model NAME`")
-    return build
+    return _by_id(s, IndexBuild, build_id,
+                  f"no index build {build_id}: build one with `wherefrom index --corpus NAME --model NAME`")
 
 
 def list_builds(s: Session) -> Sequence[IndexBuild]:
