@@ -108,19 +108,19 @@ def _start(settings: Settings, job_id: int, progress=None, background: Backgroun
            inline: bool = False) -> None:
     if settings.broker_url and not inline:
         from service.broker import QUICK, Broker
-        try:
+
+        def hand_over():
             Broker(settings, QUICK).send("job", job_id)
-        except Unavailable as e:  # recorded, so the job does not sit "queued" for ever
-            _fail(settings, job_id, str(e))
-            raise
     elif background is not None:
-        try:
+        def hand_over():
             background.start(settings, job_id)
-        except Unavailable as e:
-            _fail(settings, job_id, str(e))
-            raise
     else:
-        _run_inline(settings, job_id, progress)
+        return _run_inline(settings, job_id, progress)
+    try:
+        hand_over()
+    except Unavailable as e:  # recorded, so the job does not sit "queued" for ever
+        _fail(settings, job_id, str(e))
+        raise
 
 
 def _run_inline(settings: Settings, job_id: int, progress=None) -> None:
