@@ -127,6 +127,9 @@ def test_not_json_and_unknown_ids(api):
     assert "wherefrom traces" in api.get("/traces/999999").json()["error"]
     assert api.get("/jobs/0123abc").status_code == 404
     assert api.get("/traces/notanumber").status_code == 422
+    for huge in (2**31, 2**63, 2**64):  # past SQLite's 64-bit integers too: not found, not an OverflowError
+        assert api.get(f"/traces/{huge}").status_code == 404
+        assert api.get("/traces", params={"offset": huge}).json()["items"] == []
 
 
 def test_sync_trace_then_read_it_back_and_find_it_in_the_list(api, indexed):
