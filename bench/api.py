@@ -21,11 +21,12 @@ from service.demo.world import make_world
 TOKEN = "bench-token-" + "b" * 20
 
 
-def start_server(data_dir: str) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: str, **env: str) -> tuple[subprocess.Popen, str]:
+    """`wherefrom serve` over `data_dir` on a free loopback port, with these extra variables."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "WHEREFROM_DATA_DIR": data_dir, "WHEREFROM_API_TOKEN": TOKEN}
+    env = {**os.environ, "WHEREFROM_DATA_DIR": data_dir, "WHEREFROM_API_TOKEN": TOKEN, **env}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

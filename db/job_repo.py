@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.errors import Conflict, JobFinished, NotFound
 from db.models import FINISHED, Job, JobShard, utcnow
+from db.repo import MAX_ID
 
 MERGE_SHARE = 0.9  # an index job's progress: shards fill 0 → 0.9, the merge the rest
 
@@ -33,11 +34,13 @@ def _found(job: Job | None, job_id: int) -> Job:
 
 
 def get_job(s: Session, job_id: int) -> Job:
-    return _found(s.get(Job, job_id), job_id)
+    return _found(s.get(Job, job_id) if 0 < job_id <= MAX_ID else None, job_id)
 
 
 def lock_job(s: Session, job_id: int) -> Job:
     """The job row, locked until the transaction ends (PostgreSQL; SQLite serialises writers anyway)."""
+    if not 0 < job_id <= MAX_ID:
+        return _found(None, job_id)
     return _found(s.scalar(select(Job).where(Job.id == job_id).with_for_update()
                            .execution_options(populate_existing=True)), job_id)
 

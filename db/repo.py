@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.errors import Conflict, InputError, NotFound
@@ -23,6 +25,43 @@ def bulk_insert(s: Session, model, rows: list[dict], batch: int = 5000) -> None:
         s.execute(insert(model), rows[start:start + batch])
 
 
+def insert_new(s: Session, model, rows: list[dict], keys: list[str], batch: int = 5000) -> list[tuple]:
+    """INSERT … ON CONFLICT (keys) DO NOTHING; returns the `keys` of the rows this call inserted.
+
+    A row a concurrent transaction inserted first is skipped, not an IntegrityError: on PostgreSQL
+    the INSERT waits for that transaction and then sees its row.
+    """
+    dialect = {"postgresql": postgresql, "sqlite": sqlite}[s.bind.dialect.name]
+    columns = [getattr(model, k) for k in keys]
+    inserted = []
+    for start in range(0, len(rows), batch):
+        stmt = dialect.insert(model).on_conflict_do_nothing(index_elements=keys).returning(*columns)
+        inserted += [tuple(r) for r in s.execute(stmt, rows[start:start + batch]).all()]
+    return inserted
+
+
+# Ids are 32-bit: a larger one (from a URL or a flag) names nothing, and PostgreSQL would refuse
+# to compare with it (integer out of range) and SQLite overflow past 2^63.
+MAX_ID = 2**31 - 1
+
+
+def check_no_nul(value: str, what: str) -> None:
+    """PostgreSQL text cannot hold NUL (it raises DataError); refuse it on every backend alike."""
+    if "\x00" in value:
+        raise InputError(f"{what} holds a NUL byte (\\x00): remove it")
+
+
+# A corpus name becomes part of a store directory's name ({corpus}-{model}-{id}), so it keeps to
+# characters every file system takes, and to the column's 200.
+CORPUS_NAME = re.compile(r"[\w-][\w.-]{0,199}")
+
+
+def check_corpus_name(name: str) -> None:
+    if not CORPUS_NAME.fullmatch(name):
+        raise InputError(f"corpus name {name[:40]!r}{'…' if len(name) > 40 else ''} is not usable: use up to 200 "
+                         "letters, digits, '_', '-' and '.', not starting with '.'")
+
+
 def ping(s: Session) -> None:
     s.execute(text("SELECT 1"))
 
@@ -35,17 +74,17 @@ def schema_revision(s: Session) -> str:
 # --- corpora and documents -------------------------------------------------------------------
 
 def get_or_create_corpus(s: Session, name: str, source: str | None = None) -> Corpus:
+    """The corpus `name`, created if new; concurrent callers with a new name all get the one row."""
+    check_corpus_name(name)
+    insert_new(s, Corpus, [{"name": name, "source": source}], ["name"])
     corpus = s.scalar(select(Corpus).where(Corpus.name == name))
-    if corpus is None:
-        corpus = Corpus(name=name, source=source)
-        s.add(corpus)
-        s.flush()
-    elif source:
+    if source:
         corpus.source = source
     return corpus
 
 
 def corpus_by_name(s: Session, name: str) -> Corpus:
+    check_no_nul(name, "the corpus name")
     corpus = s.scalar(select(Corpus).where(Corpus.name == name))
     if corpus is None:
         raise NotFound(f"no corpus named {name!r}: ingest it first with `wherefrom ingest FILE --corpus {name}`")
@@ -62,30 +101,38 @@ def ingest_documents(s: Session, corpus: Corpus, docs: Iterable[tuple[str, str, 
     """Add (external id, text, metadata) rows. Re-ingesting the same text is a no-op.
 
     An id that comes back with different text is refused: silently replacing a document
-    would make every build that indexed it point at text it never saw.
+    would make every build that indexed it point at text it never saw. Concurrent ingests of the
+    same documents both succeed: the one that inserts second finds the rows and counts them unchanged.
     """
-    existing = dict(s.execute(select(Document.external_id, Document.sha256)
-                              .where(Document.corpus_id == corpus.id)).all())
-    seen: dict[str, str] = {}
-    rows, unchanged = [], 0
+    seen: dict[str, tuple[str, str, dict]] = {}
     for ext_id, body, meta in docs:
+        check_no_nul(ext_id, f"document id {ext_id!r}")
+        check_no_nul(body, f"document {ext_id!r}")
         digest = sha256_text(body)
-        if ext_id in seen:
-            if seen[ext_id] != digest:
-                raise InputError(f"document id {ext_id!r} appears twice with different text: "
-                                 "make ids unique in the file and ingest again")
-            continue
-        seen[ext_id] = digest
-        if ext_id in existing:
-            if existing[ext_id] != digest:
-                raise Conflict(f"document {ext_id!r} changed since it was ingested into corpus "
-                               f"{corpus.name!r}: ingest the new version into a new corpus")
-            unchanged += 1
-            continue
-        rows.append({"corpus_id": corpus.id, "external_id": ext_id, "sha256": digest,
-                     "text": body, "meta": meta})
-    bulk_insert(s, Document, rows)
-    return IngestResult(added=len(rows), unchanged=unchanged)
+        if ext_id in seen and seen[ext_id][0] != digest:
+            raise InputError(f"document id {ext_id!r} appears twice with different text: "
+                             "make ids unique in the file and ingest again")
+        seen.setdefault(ext_id, (digest, body, meta))
+    known = _check_unchanged(s, corpus, {k: v[0] for k, v in seen.items()})
+    rows = [{"corpus_id": corpus.id, "external_id": ext_id, "sha256": digest, "text": body, "meta": meta}
+            for ext_id, (digest, body, meta) in seen.items() if ext_id not in known]
+    added = {ext_id for _, ext_id in insert_new(s, Document, rows, ["corpus_id", "external_id"])}
+    # rows another transaction committed after our first look: the same check, now that they are there
+    _check_unchanged(s, corpus, {r["external_id"]: r["sha256"] for r in rows if r["external_id"] not in added})
+    return IngestResult(added=len(added), unchanged=len(seen) - len(added))
+
+
+def _check_unchanged(s: Session, corpus: Corpus, digests: dict[str, str]) -> set[str]:
+    """Which of these ids the corpus holds already; Conflict if one of them holds other text."""
+    if not digests:
+        return set()
+    stored = dict(s.execute(select(Document.external_id, Document.sha256)
+                            .where(Document.corpus_id == corpus.id)).all())
+    for ext_id in digests.keys() & stored.keys():
+        if stored[ext_id] != digests[ext_id]:
+            raise Conflict(f"document {ext_id!r} changed since it was ingested into corpus "
+                           f"{corpus.name!r}: ingest the new version into a new corpus")
+    return digests.keys() & stored.keys()
 
 
 def corpus_documents(s: Session, corpus_id: int) -> Sequence[Document]:
@@ -121,7 +168,8 @@ def add_model(s: Session, name: str, path: str, checkpoints: list[dict]) -> tupl
 
 
 def _by_id(s: Session, model, row_id: int, missing: str):
-    row = s.get(model, row_id)
+    """The row, or NotFound; an id no integer column can hold is simply not there (no driver error)."""
+    row = s.get(model, row_id) if 0 < row_id <= MAX_ID else None
     if row is None:
         raise NotFound(missing)
     return row
@@ -208,6 +256,9 @@ class TraceRow:
 def list_traces(s: Session, model: str | None = None, contains: str | None = None,
                 limit: int = 20, offset: int = 0) -> tuple[list[TraceRow], int]:
     """Newest first; `contains` matches the question case-insensitively. Returns (page, total)."""
+    for value, what in ((model, "the model name"), (contains, "the search text")):
+        check_no_nul(value or "", what)
+    offset = min(offset, MAX_ID)  # no table holds more rows; past them the page is empty, as it should be
     q = select(Trace, Model.name).join(Model, Model.id == Trace.model_id)
     if model:
         q = q.where(Model.name == model)

@@ -10,11 +10,12 @@ import csv
 import hashlib
 import itertools
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from db.errors import InputError
+from db.errors import Forbidden, InputError
 
 FORMATS = ("auto", "jsonl", "parquet", "csv", "text", "hf")
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -107,24 +108,59 @@ def _jsonl_rows(path: Path, max_doc_bytes: int) -> Iterator[dict]:
 
 
 def _csv_rows(path: Path, max_doc_bytes: int) -> Iterator[dict]:
+    """Strict CSV: an unclosed quote would otherwise swallow every later row into one document."""
     limit = _line_limit(max_doc_bytes)
     csv.field_size_limit(max(csv.field_size_limit(), limit))  # the default, 128 KiB, is far below a document
-    reader = csv.DictReader((line for _, line in _lines(path, limit)),
-                            delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    reader = csv.reader((line for _, line in _lines(path, limit)), strict=True,
+                        delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    start, header = 1, None  # the line the record being read starts on
     try:
-        yield from reader
+        for fields in reader:
+            if header is None:
+                header = fields
+            elif fields and len(fields) != len(header):
+                raise InputError(f"{path.name} line {start} has {len(fields)} fields but the header has "
+                                 f"{len(header)}: quote fields that hold the delimiter")
+            elif fields:
+                yield dict(zip(header, fields))
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise InputError(f"{path.name} line {reader.line_num} is not valid CSV ({e}): fix or remove it") from None
+        why = "a quoted field that starts there is never closed" if "end of data" in str(e) else str(e)
+        raise InputError(f"{path.name} line {start} is not valid CSV ({why}): fix or remove it") from None
 
 
-def _text_rows(folder: Path, max_doc_bytes: int) -> Iterator[dict]:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES:
-            if p.stat().st_size > max_doc_bytes:  # checked before reading: a stray 10 GB log stays on disk
-                raise InputError(f"{p} is {p.stat().st_size:,} bytes, over the {max_doc_bytes:,}-byte limit "
+def _corpus_files(folder: Path, root: Path) -> Iterator[tuple[Path, Path]]:
+    """(path under `folder`, the file it is) of every file, in path order. A symlink is followed
+    only while it stays inside `root`: a folder must not carry /proc/self/environ into SQL."""
+    root = Path(os.path.realpath(root))
+
+    def walk(directory: Path, chain: frozenset[Path]) -> Iterator[tuple[Path, Path]]:
+        for p in sorted(directory.iterdir()):
+            try:
+                real = Path(os.path.realpath(p, strict=True))
+            except OSError as e:  # a loop of links, or one to nothing
+                raise InputError(f"{p} is a symlink that does not resolve ({e.strerror}): remove it") from None
+            if not real.is_relative_to(root):
+                raise Forbidden(f"{p} points outside {root} (a symlink): copy the file in instead of linking it")
+            if real.is_dir():
+                if real in chain:
+                    raise InputError(f"{p} links back to a folder that holds it (a symlink loop): remove it")
+                yield from walk(p, chain | {real})
+            elif real.is_file():
+                yield p, real
+    top = Path(os.path.realpath(folder))
+    return walk(folder, frozenset({top}))
+
+
+def _text_rows(folder: Path, root: Path, max_doc_bytes: int) -> Iterator[dict]:
+    for p, real in _corpus_files(folder, root):
+        if p.suffix.lower() in TEXT_SUFFIXES:
+            size = real.stat().st_size
+            if size > max_doc_bytes:  # checked before reading: a stray 10 GB log stays on disk
+                raise InputError(f"{p} is {size:,} bytes, over the {max_doc_bytes:,}-byte limit "
                                  "for one document: split it, or raise --max-doc-bytes")
             try:
-                yield {"id": str(p.relative_to(folder)), "text": p.read_text(encoding="utf-8")}
+                yield {"id": str(p.relative_to(folder)), "text": real.read_text(encoding="utf-8")}
             except UnicodeDecodeError as e:
                 raise InputError(f"{p} is not UTF-8 (byte {e.start}): re-encode it as UTF-8") from None
 
@@ -135,7 +171,9 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
-def _hf_rows(folder: Path) -> Iterator[dict]:
+def _hf_rows(folder: Path, root: Path) -> Iterator[dict]:
+    for _ in _corpus_files(folder, root):  # Arrow reads every file of the folder: check them all first
+        pass
     try:
         from datasets import DatasetDict, load_from_disk
     except ImportError:
@@ -149,17 +187,21 @@ def _hf_rows(folder: Path) -> Iterator[dict]:
 
 
 def read_corpus(path: Path, fmt: str = "auto", id_field: str = "id", text_field: str = "text",
-                max_doc_bytes: int = MAX_DOC_BYTES) -> list[tuple[str, str, dict]]:
-    """Read every document of a corpus file or folder. Raises InputError on anything malformed."""
+                max_doc_bytes: int = MAX_DOC_BYTES, root: Path | None = None) -> list[tuple[str, str, dict]]:
+    """Read every document of a corpus file or folder. Raises InputError on anything malformed.
+
+    `root`: what a folder's symlinks may point into (default: the folder itself; the API: the data dir).
+    """
     path = Path(path)
+    root = Path(root or path)
     if not path.exists():
         raise InputError(f"corpus {path} does not exist: check the path")
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     rows = {"jsonl": lambda: _jsonl_rows(path, max_doc_bytes), "parquet": lambda: _parquet_rows(path),
-            "csv": lambda: _csv_rows(path, max_doc_bytes), "text": lambda: _text_rows(path, max_doc_bytes),
-            "hf": lambda: _hf_rows(path)}[fmt]()
+            "csv": lambda: _csv_rows(path, max_doc_bytes), "text": lambda: _text_rows(path, root, max_doc_bytes),
+            "hf": lambda: _hf_rows(path, root)}[fmt]()
     docs = list(_records(rows, id_field, text_field, path.name, max_doc_bytes))
     if not docs:
         raise InputError(f"{path} holds no documents: check the file")

@@ -10,14 +10,17 @@ background thread of this process.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import uuid
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from db.errors import Forbidden, InputError, WherefromError
@@ -27,38 +30,138 @@ from service.job_params import TraceJob
 from service.settings import ApiSettings, Settings
 from service.views import JobView, TraceOutcome
 
+log = logging.getLogger("wherefrom.api")
 
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over `max_bytes`, declared (Content-Length) or streamed."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+class Gate:
+    """ASGI middleware that answers before the app reads a body byte: 401 without the token (every
+    path but `open_paths`), 413 for a declared length over the limit, 503 when `max_uploads` bodies
+    are already coming in. Then it counts the body as it streams (413 past the limit) and allows
+    `read_timeout` seconds between chunks (408). Every refusal closes the connection, so a client
+    that stalls holds neither a buffer nor a socket: 8 MiB per token-less request used to be read
+    first.
+    """
+
+    def __init__(self, app, api: ApiSettings, open_paths: frozenset[str]):
+        self.app, self.api, self.open_paths = app, api, open_paths
+        self.receiving = 0  # bodies being received now; one event loop, so no lock
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(scope, receive, send)
-        # chunked uploads have no Content-Length: read up to the limit before the app sees a byte
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await self._too_large(scope, receive, send)
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
+        headers = dict(scope["headers"])
+        has_body = b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
+        refusal = self._refusal(scope["path"], headers, has_body)
+        if refusal is not None:
+            return await _answer_now(send, *refusal)
+        if not has_body:
+            return await self.app(scope, receive, send)
+        self.receiving += 1
+        body = _Body(receive, send, self.api, release=self._release)
+        try:
+            await self.app(scope, body.receive, body.send)
+        finally:
+            body.finish()
 
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-        await self.app(scope, replay, send)
+    def _release(self) -> None:
+        self.receiving -= 1
 
-    async def _too_large(self, scope, receive, send):
-        response = JSONResponse({"error": f"request body over {self.max_bytes} bytes: send fewer documents "
-                                          "per request, or raise WHEREFROM_API_MAX_BODY_BYTES"}, status_code=413)
-        await response(scope, receive, send)
+    def _refusal(self, path: str, headers: dict, has_body: bool) -> tuple | None:
+        if path not in self.open_paths and not self._authorized(headers.get(b"authorization", b"")):
+            return 401, ("missing or wrong bearer token: send `Authorization: Bearer $WHEREFROM_API_TOKEN`",
+                         {"WWW-Authenticate": "Bearer"})
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.api.max_body_bytes:
+            return 413, (_too_large(self.api.max_body_bytes), {})
+        if has_body and self.receiving >= self.api.max_uploads:
+            return 503, (f"{self.api.max_uploads} uploads are already coming in: retry in a few seconds, "
+                         "or raise WHEREFROM_API_MAX_UPLOADS", {"Retry-After": "5"})
+        return None
+
+    def _authorized(self, authorization: bytes) -> bool:
+        scheme, _, given = authorization.partition(b" ")
+        # constant time: the comparison does not reveal how many leading characters were right
+        return hmac.compare_digest(given, self.api.token.encode()) and scheme.lower() == b"bearer"
+
+
+class _Body:
+    """One request's body as the app reads it: counted, and timed between chunks."""
+
+    def __init__(self, receive, send, api: ApiSettings, release):
+        self._receive, self._send, self.api, self._release = receive, send, api, release
+        self.size, self.done, self.refused, self.started = 0, False, False, False
+
+    async def receive(self):
+        if self.refused:
+            return {"type": "http.disconnect"}  # the app stops; its answer is dropped in `send`
+        if self.done:  # after the body, a wait for the client to go away has no deadline
+            return await self._receive()
+        try:
+            message = await asyncio.wait_for(self._receive(), self.api.read_timeout)
+        except asyncio.TimeoutError:
+            return await self._refuse(408, f"no body bytes for {self.api.read_timeout:g} s: send the body "
+                                           "without pausing, or raise WHEREFROM_API_READ_TIMEOUT")
+        self.size += len(message.get("body", b""))
+        if self.size > self.api.max_body_bytes:
+            return await self._refuse(413, _too_large(self.api.max_body_bytes))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            self.finish()
+        return message
+
+    async def send(self, message):
+        if not self.refused:
+            self.started = self.started or message["type"] == "http.response.start"
+            await self._send(message)
+
+    async def _refuse(self, status: int, message: str):
+        self.finish()
+        if not self.started:
+            self.refused = True
+            await _answer_now(self._send, status, (message, {}))
+        return {"type": "http.disconnect"}
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self._release()
+
+
+async def _answer_now(send, status: int, reason: tuple[str, dict]) -> None:
+    """Answer `status` without reading the body, and have the server close the connection."""
+    message, headers = reason
+    response = _error(status, message, {**headers, "Connection": "close"})
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def _too_large(max_bytes: int) -> str:
+    return (f"request body over {max_bytes} bytes: send fewer documents per request, "
+            "or raise WHEREFROM_API_MAX_BODY_BYTES")
+
+
+class InternalErrors:
+    """ASGI middleware: an exception that escapes the app is a bug. It is logged with a short id and
+    answered `{"error": "internal error <id>: see the server log"}` (500), never a traceback."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            ref = uuid.uuid4().hex[:8]
+            log.exception("internal error %s on %s %s", ref, scope["method"], scope["path"])
+            if not started:
+                await _error(500, f"internal error {ref}: see the server log")(scope, receive, send)
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -80,6 +183,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
+        named = exc.errors()[0].get("ctx", {}).get("error")  # a schema check that raised one of ours
+        if isinstance(named, WherefromError):
+            return _error(named.http_status, str(named))
         return _error(422, _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -87,16 +193,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
+# the token is checked by `Gate`, before a body byte is read; this only puts the scheme in the schema
 _bearer = HTTPBearer(auto_error=False, description="WHEREFROM_API_TOKEN")
-
-
-def _require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    given = credentials.credentials.encode() if credentials else b""
-    # constant time: the comparison does not reveal how many leading characters were right
-    if not hmac.compare_digest(given, request.app.state.api.token.encode()):
-        raise StarletteHTTPException(401, "missing or wrong bearer token: send "
-                                          "`Authorization: Bearer $WHEREFROM_API_TOKEN`",
-                                     headers={"WWW-Authenticate": "Bearer"})
 
 
 def _settings(request: Request) -> Settings:
@@ -109,12 +207,12 @@ def _background(request: Request) -> jobs.Background:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 BackgroundDep = Annotated[jobs.Background, Depends(_background)]
-ERRORS = {c: {"model": sc.ErrorOut} for c in (400, 401, 403, 404, 409, 413, 422)}
+ERRORS = {c: {"model": sc.ErrorOut} for c in (400, 401, 403, 404, 408, 409, 413, 422, 503)}
 # the report is one self-contained page: forbid it every fetch, script and frame
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 open_routes = APIRouter()
-routes = APIRouter(dependencies=[Depends(_require_token)], responses=ERRORS)
+routes = APIRouter(dependencies=[Depends(_bearer)], responses=ERRORS)
 
 
 def inside_data_dir(settings: Settings, path: str) -> Path:
@@ -122,7 +220,7 @@ def inside_data_dir(settings: Settings, path: str) -> Path:
     root = settings.data_dir.resolve()
     try:
         resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks and .. resolved
-    except (ValueError, OSError) as e:  # a NUL byte, a symlink loop
+    except (ValueError, OSError, RuntimeError) as e:  # a NUL byte; a symlink loop (RuntimeError before 3.13)
         raise InputError(f"{path!r} is not a usable path ({e})") from None
     if not resolved.is_relative_to(root):
         raise Forbidden(f"{path} is outside the data directory: copy the file under {root} "
@@ -183,7 +281,8 @@ def get_job(job_id: str, settings: SettingsDep):
 def ingest(corpus: str, body: sc.DocumentsIn, settings: SettingsDep):
     """Add documents to a corpus (created if new); the same documents again change nothing."""
     if body.path is not None:
-        result = catalog.ingest(settings, inside_data_dir(settings, body.path), corpus)
+        # a folder's symlinks may point anywhere in the data dir, nowhere else
+        result = catalog.ingest(settings, inside_data_dir(settings, body.path), corpus, root=settings.data_dir)
     else:
         result = catalog.ingest_records(settings, corpus, [(d.id, d.text, d.metadata) for d in body.documents])
     return {"corpus": corpus, "added": result.added, "unchanged": result.unchanged}
@@ -197,7 +296,9 @@ def create_app(settings: Settings, api: ApiSettings, background: jobs.Background
     app.state.settings, app.state.api = settings, api
     app.state.background = background or jobs.Background()
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=api.max_body_bytes)
+    app.add_middleware(InternalErrors)
+    # added last, so outermost: nothing of the app runs for a request it refuses
+    app.add_middleware(Gate, api=api, open_paths=frozenset({"/healthz", app.openapi_url, app.docs_url}))
     app.include_router(open_routes)
     app.include_router(routes)
     return app

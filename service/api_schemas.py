@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from db.repo import check_no_nul
 from service.views import TraceSummary
 
 Method = Literal["hybrid", "grad", "dense", "bm25"]
@@ -35,6 +36,12 @@ class TraceRequest(BaseModel):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("the question is empty: ask something")
+        return v
+
+    @field_validator("question", "answer", "corpus", "model")
+    @classmethod
+    def _no_nul(cls, v: str | None, info) -> str | None:
+        check_no_nul(v or "", f"the {info.field_name}")  # an InputError: the API answers 400
         return v
 
     def trace_params(self) -> dict:

@@ -16,14 +16,17 @@ from service.settings import Settings
 
 
 def ingest(settings: Settings, path: Path, corpus: str, fmt: str = "auto", id_field: str = "id",
-           text_field: str = "text", max_doc_bytes: int = MAX_DOC_BYTES) -> repo.IngestResult:
-    docs = read_corpus(Path(path), fmt, id_field, text_field, max_doc_bytes)
+           text_field: str = "text", max_doc_bytes: int = MAX_DOC_BYTES, root: Path | None = None) -> repo.IngestResult:
+    """Ingest a corpus file or folder; `root`: what its symlinks may point into (default: `path` itself)."""
+    repo.check_corpus_name(corpus)  # before reading: a bad name should not cost a read of the whole corpus
+    docs = read_corpus(Path(path), fmt, id_field, text_field, max_doc_bytes, root)
     with transaction(settings.database_url) as s:
         return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus, str(Path(path).resolve())), docs)
 
 
 def ingest_records(settings: Settings, corpus: str, docs: list[tuple[str, str, dict]]) -> repo.IngestResult:
     """Ingest documents given in memory (the API's JSON body), with the file path's checks."""
+    repo.check_corpus_name(corpus)
     for ext_id, text, _ in docs:
         check_size(text, f"document {ext_id!r}")
     with transaction(settings.database_url) as s:

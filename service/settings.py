@@ -62,6 +62,11 @@ class ApiSettings:
     host: str = "127.0.0.1"  # WHEREFROM_API_HOST: loopback unless told otherwise
     port: int = 8000  # WHEREFROM_API_PORT
     max_body_bytes: int = 8 * 1024 * 1024  # WHEREFROM_API_MAX_BODY_BYTES: larger bodies get 413
+    # WHEREFROM_API_READ_TIMEOUT: seconds a request body may pause between chunks before it gets 408
+    # and the connection is closed, so a stalled upload holds no socket or buffer for long
+    read_timeout: float = 30.0
+    # WHEREFROM_API_MAX_UPLOADS: bodies received at once; more get 503 (64 KiB buffered each at most)
+    max_uploads: int = 32
 
     MIN_TOKEN = 16  # shorter secrets are guessable; `openssl rand -hex 32` gives 64 characters
 
@@ -72,6 +77,10 @@ class ApiSettings:
                              "(e.g. `export WHEREFROM_API_TOKEN=$(openssl rand -hex 32)`)")
         if self.max_body_bytes < 1024:
             raise InputError("WHEREFROM_API_MAX_BODY_BYTES must be at least 1024")
+        if not 0 < self.read_timeout < float("inf"):
+            raise InputError("WHEREFROM_API_READ_TIMEOUT must be a positive number of seconds")
+        if self.max_uploads < 1:
+            raise InputError("WHEREFROM_API_MAX_UPLOADS must be at least 1")
 
     @classmethod
     def from_env(cls, host: str | None = None, port: int | None = None) -> "ApiSettings":
@@ -81,8 +90,11 @@ class ApiSettings:
             return cls(token=env.get("WHEREFROM_API_TOKEN", ""),
                        host=host or env.get("WHEREFROM_API_HOST", cls.host),
                        port=port if port is not None else int(env.get("WHEREFROM_API_PORT", cls.port)),
-                       max_body_bytes=int(env.get("WHEREFROM_API_MAX_BODY_BYTES", cls.max_body_bytes)))
+                       max_body_bytes=int(env.get("WHEREFROM_API_MAX_BODY_BYTES", cls.max_body_bytes)),
+                       read_timeout=float(env.get("WHEREFROM_API_READ_TIMEOUT", cls.read_timeout)),
+                       max_uploads=int(env.get("WHEREFROM_API_MAX_UPLOADS", cls.max_uploads)))
         except ValueError as e:
             if isinstance(e, InputError):
                 raise
-            raise InputError(f"WHEREFROM_API_PORT and WHEREFROM_API_MAX_BODY_BYTES must be integers ({e})") from None
+            raise InputError("WHEREFROM_API_PORT, _MAX_BODY_BYTES and _MAX_UPLOADS must be integers and "
+                             f"WHEREFROM_API_READ_TIMEOUT a number ({e})") from None

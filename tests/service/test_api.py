@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -19,14 +20,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(indexed, tmp_path_factory):
-    """(base url, log path) of a running server over the indexed tiny world."""
+@contextmanager
+def running_server(data_dir, log, **env):
+    """The base url of `wherefrom serve` over `data_dir` with these variables (None: unset), stopped afterwards."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "WHEREFROM_DATA_DIR": str(indexed.settings.data_dir), "WHEREFROM_API_TOKEN": TOKEN,
-           "WHEREFROM_API_MAX_BODY_BYTES": str(MAX_BODY)}
-    env.pop("WHEREFROM_DATABASE_URL", None)
+    env = {**os.environ, "WHEREFROM_DATA_DIR": str(data_dir), "WHEREFROM_API_TOKEN": TOKEN, **env}
+    env = {k: v for k, v in env.items() if v is not None}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -42,9 +41,20 @@ def server(indexed, tmp_path_factory):
             proc.kill()
             pytest.fail(f"server did not start:\n{log.read_text()}")
         time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(indexed, tmp_path_factory):
+    """The base url of a running server over the indexed tiny world (SQLite)."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(indexed.settings.data_dir, log, WHEREFROM_API_MAX_BODY_BYTES=str(MAX_BODY),
+                        WHEREFROM_DATABASE_URL=None) as base:
+        yield base
 
 
 @pytest.fixture
@@ -117,6 +127,9 @@ def test_not_json_and_unknown_ids(api):
     assert "wherefrom traces" in api.get("/traces/999999").json()["error"]
     assert api.get("/jobs/0123abc").status_code == 404
     assert api.get("/traces/notanumber").status_code == 422
+    for huge in (2**31, 2**63, 2**64):  # past SQLite's 64-bit integers too: not found, not an OverflowError
+        assert api.get(f"/traces/{huge}").status_code == 404
+        assert api.get("/traces", params={"offset": huge}).json()["items"] == []
 
 
 def test_sync_trace_then_read_it_back_and_find_it_in_the_list(api, indexed):

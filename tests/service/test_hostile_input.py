@@ -4,7 +4,8 @@ and leaves every SQL row and every file of the data directory exactly as it was.
 Cases: empty file; non-UTF-8 bytes; duplicate ids with different text; a single 10 MB document;
 a missing text field; a tokenizer that does not match the model; weights changed after the build;
 an empty question or one longer than the context; an answer the tokenizer cannot produce; a path
-outside the data directory given to the API.
+outside the data directory given to the API; a folder whose symlinks leave it or loop; broken CSV;
+a NUL byte in a document; an unusable corpus name.
 """
 
 import hashlib
@@ -206,3 +207,34 @@ def test_a_path_outside_the_data_dir_given_to_the_api(world, tmp_path):
             r = api.post("/corpora/new/documents", json={"path": path})
             assert r.status_code == 403 and "is outside the data directory" in r.json()["error"], r.text
     assert state(world.settings) == before
+
+
+@pytest.mark.parametrize("name,target,message", [
+    ("env.txt", "/proc/self/environ", "env.txt points outside"), ("up", "..", "up points outside"),
+    ("again", ".", "again links back to a folder that holds it"), ("self.txt", "self.txt", "does not resolve"),
+])
+def test_a_folder_symlink_that_leaves_the_folder_or_loops(refused, tmp_path, name, target, message):
+    folder = tmp_path / "folder"
+    write(folder / "a.txt", "Ada was born in 1815.")
+    (folder / name).symlink_to(target)
+    refused(["ingest", folder, "--corpus", "new"], message)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('id,text\na,"never closed\nb,two\nc,three\n', "c.csv line 2 is not valid CSV (a quoted field that starts there"),
+    ('id,text\na,"x"y\n', "c.csv line 2 is not valid CSV"),
+    ("id,text\na,one\nb,two,three\n", "c.csv line 3 has 3 fields but the header has 2"),
+])
+def test_broken_csv_is_refused_with_its_line(refused, tmp_path, content, message):
+    refused(["ingest", write(tmp_path / "c.csv", content), "--corpus", "new"], message)
+
+
+def test_a_nul_byte_in_a_document(refused, tmp_path):
+    path = write(tmp_path / "c.jsonl", '{"id": "a", "text": "ok"}\n{"id": "b", "text": "x\\u0000y"}\n')
+    refused(["ingest", path, "--corpus", "new"], "document 'b' holds a NUL byte")
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden", "x" * 201, "two words"])
+def test_an_unusable_corpus_name(refused, tmp_path, name):
+    path = write(tmp_path / "c.jsonl", '{"id": "a", "text": "ok"}\n')
+    refused(["ingest", path, "--corpus", name], "is not usable: use up to 200 letters")
