@@ -288,11 +288,15 @@ def serve(host: Optional[str] = typer.Option(None, help="Interface to listen on 
           port: Optional[int] = typer.Option(None, help="Port (default WHEREFROM_API_PORT or 8000)."),
           data_dir: Optional[Path] = DataDir):
     """Serve the HTTP API (bearer token from WHEREFROM_API_TOKEN; schema at /openapi.json)."""
+    import logging
+
     import uvicorn
 
     from service.api import create_app
     from service.settings import ApiSettings
     api = ApiSettings.from_env(host, port)
+    # our loggers (an internal error's id and traceback, background jobs) beside uvicorn's lines
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.run(create_app(_settings(data_dir), api), host=api.host, port=api.port, log_level="info",
                 proxy_headers=False)
 

@@ -113,6 +113,8 @@ NUL_DOC = {"documents": [{"id": "a", "text": "x\u0000y"}]}
     ("GET", "/traces/2147483648", {}, 404, "no trace 2147483648"),
     ("GET", f"/traces/{2**63}", {}, 404, f"no trace {2**63}"),
     ("GET", "/traces/2147483648/report", {}, 404, "no trace 2147483648"),
+    ("GET", "/jobs/99999999999", {}, 404, "no job 99999999999"),
+    ("GET", f"/jobs/{2**64}", {}, 404, f"no job {2**64}"),
     ("GET", "/traces", {"params": {"q": "a\u0000b"}}, 400, "the search text holds a NUL byte"),
     ("GET", "/traces", {"params": {"model": "a\u0000b"}}, 400, "the model name holds a NUL byte"),
     ("POST", "/traces", {"json": {"question": "Who\u0000?"}}, 400, "the question holds a NUL byte"),
