@@ -27,10 +27,11 @@ from db.engine import transaction
 from db.errors import InputError, JobFinished, NotFound, Unavailable, WherefromError
 from db.models import Job
 from service.job_params import SPECS, IndexJob, TraceJob
-from service.settings import Settings
+from service.settings import RedactingFilter, Settings
 from service.views import BuildOutcome, JobView, job_view
 
 log = logging.getLogger(__name__)
+log.addFilter(RedactingFilter())  # failures it logs may quote a broker's or a database's URL
 Spec = IndexJob | TraceJob
 
 
