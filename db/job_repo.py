@@ -51,9 +51,15 @@ def lock_open_job(s: Session, job_id: int) -> Job:
     return job
 
 
-def list_jobs(s: Session, status: str | None = None, kind: str | None = None, limit: int = 50) -> Sequence[Job]:
+def list_jobs(s: Session, status: str | None = None, kind: str | None = None, limit: int = 50,
+              stalled_before: datetime | None = None) -> Sequence[Job]:
+    """Newest first. With `stalled_before`, status "stalled" means running but quiet since then,
+    and "running" the running jobs that are not."""
     q = select(Job)
-    if status:
+    if status in ("running", "stalled") and stalled_before is not None:
+        quiet = Job.updated_at < stalled_before
+        q = q.where(Job.status == "running", quiet if status == "stalled" else ~quiet)
+    elif status:
         q = q.where(Job.status == status)
     if kind:
         q = q.where(Job.kind == kind)

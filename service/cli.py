@@ -294,7 +294,7 @@ def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if 
 
 @jobs_app.callback(invoke_without_command=True)
 def jobs(ctx: typer.Context,
-         status: Optional[str] = typer.Option(None, help="queued | running | succeeded | failed"),
+         status: Optional[str] = typer.Option(None, help="queued | running | stalled | succeeded | failed"),
          kind: Optional[str] = typer.Option(None, help="index | trace"),
          limit: int = typer.Option(20, min=1, max=500, help="How many, newest first (1-500)."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),

@@ -112,7 +112,7 @@ def print_jobs(views, console: Console | None = None) -> None:
     for col in ("job", "kind", "status", "done", "stage", "tries", "worker", "updated", "result / error"):
         table.add_column(col, justify="right" if col in ("job", "done", "tries") else "left",
                          no_wrap=col not in ("stage", "result / error"))
-    colour = {"succeeded": "green", "failed": "red", "running": "yellow"}
+    colour = {"succeeded": "green", "failed": "red", "running": "yellow", "stalled": "red"}
     for v in views:
         table.add_row(str(v.id), v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
                       v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[11:19], _outcome(v))
