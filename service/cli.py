@@ -357,7 +357,7 @@ def main():
     from db.errors import WherefromError
     from service.settings import redact_url
     try:
-        code = app(standalone_mode=False)  # usage errors come here too, instead of click's boxed help
+        code = app(standalone_mode=False, prog_name="wherefrom")  # usage errors come here, not to click
     except NoArgsIsHelpError as e:
         e.show()  # the help of the group
         code = e.exit_code

@@ -19,12 +19,17 @@ def progress_bars(enabled: bool = True):
     tasks = {}
 
     def advance(stage: str, n: int, total: int):
+        if not tasks:
+            bars.start()  # on the first stage: a command refused before any work prints no empty line
         if stage not in tasks:
             tasks[stage] = bars.add_task(stage, total=total)
         bars.advance(tasks[stage], n)
 
-    with bars:
+    try:
         yield advance
+    finally:
+        if tasks:
+            bars.stop()
 
 
 def snippet(text: str, start: int, end: int, width: int = 90) -> str:
