@@ -4,7 +4,8 @@ and leaves every SQL row and every file of the data directory exactly as it was.
 Cases: empty file; non-UTF-8 bytes; duplicate ids with different text; a single 10 MB document;
 a missing text field; a tokenizer that does not match the model; weights changed after the build;
 an empty question or one longer than the context; an answer the tokenizer cannot produce; a path
-outside the data directory given to the API.
+outside the data directory given to the API; ids, offsets and limits out of range, and malformed
+options; an unreachable database; one async trace more than the API's job queue holds (a 503).
 """
 
 import hashlib
