@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
+
+from db.errors import Unavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x77686572  # pg_advisory_xact_lock key for schema upgrades ("wher")
 _ready: dict[str, Engine] = {}
 _sessions: dict[str, sessionmaker] = {}  # one session factory per engine
+
+
+# scheme://user:PASSWORD@ — the password runs to the last "@" before a space or quote, so one
+# holding an unescaped "/", ":" or "@" is hidden whole (a path with an "@" after host:port is
+# over-hidden, which is the safe side)
+_URL_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"/@:]*):[^\s'\"]*@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of any URL in it replaced by ***: what may be printed, logged or stored.
+
+    It lives in the bottom layer so that `db.job_repo` can redact every error it stores; the
+    faces import it as `service.settings.redact_url`."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def alembic_config(connection=None):
@@ -70,7 +93,13 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, future=True, pool_pre_ping=True)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
-        upgrade(engine)
+        try:
+            upgrade(engine)  # the first connection
+        except OperationalError as e:
+            engine.dispose()
+            raise Unavailable(f"cannot reach the database at {redact_url(url)} "
+                              f"({redact_url(first_line(e.orig))}): "
+                              "start it or fix WHEREFROM_DATABASE_URL") from None
         _ready[url] = engine
         _sessions[url] = sessionmaker(engine, expire_on_commit=False)
     return _ready[url]

@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.engine import redact_url
 from db.errors import Conflict, JobFinished, NotFound
 from db.models import FINISHED, Job, JobShard, utcnow
 from db.repo import MAX_ID
@@ -53,9 +54,15 @@ def lock_open_job(s: Session, job_id: int) -> Job:
     return job
 
 
-def list_jobs(s: Session, status: str | None = None, kind: str | None = None, limit: int = 50) -> Sequence[Job]:
+def list_jobs(s: Session, status: str | None = None, kind: str | None = None, limit: int = 50,
+              stalled_before: datetime | None = None) -> Sequence[Job]:
+    """Newest first. With `stalled_before`, status "stalled" means running but quiet since then,
+    and "running" the running jobs that are not."""
     q = select(Job)
-    if status:
+    if status in ("running", "stalled") and stalled_before is not None:
+        quiet = Job.updated_at < stalled_before
+        q = q.where(Job.status == "running", quiet if status == "stalled" else ~quiet)
+    elif status:
         q = q.where(Job.status == status)
     if kind:
         q = q.where(Job.kind == kind)
@@ -87,10 +94,13 @@ def finish_job(s: Session, job: Job, result: dict, stage: str = "done") -> None:
 
 
 def fail_job(s: Session, job_id: int, error: str) -> bool:
-    """Fail a job unless it already finished (the first error wins); True when this call failed it."""
+    """Fail a job unless it already finished (the first error wins); True when this call failed it.
+
+    The one writer of `jobs.error`, which analysts can read: no URL password gets past it."""
     now = utcnow()
     done = s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(FINISHED))
-                     .values(status="failed", error=error[:2000], stage="failed", updated_at=now, finished_at=now))
+                     .values(status="failed", error=redact_url(error)[:2000], stage="failed", updated_at=now,
+                             finished_at=now))
     return done.rowcount == 1
 
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from db.errors import InputError
 from indexer.corpus import CHUNKINGS
 
+# a row holds k_in × k_out features per layer: at 1024 per side that is 2 MB per layer in float16,
+# and a side wider than the layer's own width adds storage and no information
+MAX_PROJECTION = 1024
 NPROBE = 32  # inverted lists a search visits; recorded per build, set again whenever an index is loaded
 
 
@@ -63,9 +66,9 @@ class GradientConfig:
         if self.damping < 0:
             raise InputError(f"damping must be non-negative, not {self.damping}: give 0 or more")
         for k in (self.k_in, self.k_out):
-            if k is not None and k < 1:
-                raise InputError(f"projection sizes must be positive, or None for exact gradients: "
-                                 f"pass --proj 1 or more, not {k}")
+            if k is not None and not 1 <= k <= MAX_PROJECTION:
+                raise InputError(f"a projection side is 1 to {MAX_PROJECTION} (a row holds k×k features per layer), "
+                                 f"or None for exact gradients: pass --proj from 1 to {MAX_PROJECTION}, not {k}")
         if self.modules is not None:
             try:
                 re.compile(self.modules)

@@ -23,6 +23,8 @@ app.add_typer(jobs_app, name="jobs")
 db_app = typer.Typer(no_args_is_help=True, help="The database schema.")
 app.add_typer(db_app, name="db")
 
+MAX_ID = 2**31 - 1  # ids are SQL INTEGER columns (PostgreSQL int4): larger numbers name nothing
+TraceId = typer.Argument(..., min=1, max=MAX_ID, help="A trace id from `wherefrom traces`.")
 DataDir = typer.Option(None, "--data-dir", envvar="WHEREFROM_DATA_DIR",
                        help="Folder for stores and the SQLite database (default ./wherefrom-data).")
 
@@ -209,7 +211,7 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
 def traces(model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model's traces."),
            contains: Optional[str] = typer.Option(None, "--contains", "-q", help="Question contains (any case)."),
            limit: int = typer.Option(20, help="Traces per page (1-500)."),
-           offset: int = typer.Option(0, help="Skip this many of the newest traces."),
+           offset: int = typer.Option(0, min=0, max=MAX_ID, help="Skip this many of the newest traces."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
            data_dir: Optional[Path] = DataDir):
     """List past traces, newest first."""
@@ -224,7 +226,7 @@ def traces(model: Optional[str] = typer.Option(None, "--model", "-m", help="Only
 
 
 @app.command()
-def show(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom traces`."),
+def show(trace_id: int = TraceId,
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
          data_dir: Optional[Path] = DataDir):
     """Show a stored trace: its question, answer and ranked documents."""
@@ -238,7 +240,7 @@ def show(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom tr
 
 
 @app.command()
-def report(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom traces`."),
+def report(trace_id: int = TraceId,
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default trace-ID.html)."),
            top: int = typer.Option(5, help="How many documents to explain (1-20)."),
            tail_patch: bool = typer.Option(True, help="Run the tail-patch check on each explained document."),
@@ -285,7 +287,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 @app.command()
 def serve(host: Optional[str] = typer.Option(None, help="Interface to listen on (default WHEREFROM_API_HOST "
                                                         "or 127.0.0.1)."),
-          port: Optional[int] = typer.Option(None, help="Port (default WHEREFROM_API_PORT or 8000)."),
+          port: Optional[int] = typer.Option(None, min=1, max=65535, help="Port (default WHEREFROM_API_PORT or 8000)."),
           data_dir: Optional[Path] = DataDir):
     """Serve the HTTP API (bearer token from WHEREFROM_API_TOKEN; schema at /openapi.json)."""
     import logging
@@ -312,9 +314,9 @@ def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if 
 
 @jobs_app.callback(invoke_without_command=True)
 def jobs(ctx: typer.Context,
-         status: Optional[str] = typer.Option(None, help="queued | running | succeeded | failed"),
+         status: Optional[str] = typer.Option(None, help="queued | running | stalled | succeeded | failed"),
          kind: Optional[str] = typer.Option(None, help="index | trace"),
-         limit: int = typer.Option(20, help="How many, newest first."),
+         limit: int = typer.Option(20, min=1, max=500, help="How many, newest first (1-500)."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
          data_dir: Optional[Path] = DataDir):
     """List jobs, newest first, with their progress."""
@@ -325,7 +327,8 @@ def jobs(ctx: typer.Context,
 
 
 @jobs_app.command("resume")
-def jobs_resume(job_id: int = typer.Argument(..., help="The job to run again from where it stopped."),
+def jobs_resume(job_id: int = typer.Argument(..., min=1, max=MAX_ID,
+                                             help="The job to run again from where it stopped."),
                 data_dir: Optional[Path] = DataDir):
     """Queue a failed or stuck job again; finished shards are kept."""
     from service import jobs as job_system
@@ -346,7 +349,7 @@ def _print_jobs(views, as_json: bool) -> None:
 def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker name (default celery@HOST)."),
            loglevel: str = typer.Option("info", help="debug | info | warning | error"),
            check: bool = typer.Option(False, "--check", help="Only check the broker and the database, then exit."),
-           threads: Optional[int] = typer.Option(None, min=1, help="Torch threads (default: one per core); "
+           threads: Optional[int] = typer.Option(None, min=1, max=1024, help="Torch threads (default: one per core); "
                                                                    "workers sharing a machine should split its cores."),
            data_dir: Optional[Path] = DataDir):
     """Run a job worker: it takes index shards, merges and traces from WHEREFROM_BROKER_URL."""
@@ -367,12 +370,35 @@ def db_upgrade(data_dir: Optional[Path] = DataDir):
 
 
 def main():
+    """Run the command line; every failure a user can cause is one line on stderr and exit code 2."""
+    from sqlalchemy.exc import OperationalError
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click: not click's
+
     from db.errors import WherefromError
+    from service.settings import redact_url
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="wherefrom")  # usage errors come here, not to click
+    except NoArgsIsHelpError as e:
+        e.show()  # the help of the group
+        code = e.exit_code
+    except ClickException as e:  # a missing argument, an unknown option, a value out of its range
+        ctx = getattr(e, "ctx", None)
+        _fail(e.format_message().rstrip(".") + (f": see `{ctx.command_path} --help`" if ctx else ""))
     except WherefromError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _fail(str(e))
+    except OperationalError as e:  # the database went away after the first connection (db.engine covers that)
+        from db.engine import first_line
+        _fail(f"the database stopped answering ({redact_url(first_line(e.orig))}): "
+              "start it or fix WHEREFROM_DATABASE_URL, then run the command again")
+    except typer.Abort:
+        _fail("aborted")
+    sys.exit(code or 0)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
 
 if __name__ == "__main__":
     main()

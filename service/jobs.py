@@ -27,10 +27,11 @@ from db.engine import transaction
 from db.errors import InputError, JobFinished, NotFound, Unavailable, WherefromError
 from db.models import Job
 from service.job_params import SPECS, IndexJob, TraceJob
-from service.settings import Settings
+from service.settings import RedactingFilter, Settings
 from service.views import BuildOutcome, JobView, job_view
 
 log = logging.getLogger(__name__)
+log.addFilter(RedactingFilter())  # failures it logs may quote a broker's or a database's URL
 Spec = IndexJob | TraceJob
 
 
@@ -214,10 +215,21 @@ def index_here(settings: Settings, corpus: str, model: str, config=None, checkpo
 
 # --- reading jobs (CLI, API) -----------------------------------------------------------------
 
+def _stalled_before(settings: Settings):
+    """Running jobs quiet since this moment are stalled: a live task updates its job well within
+    the visibility timeout, after which the broker would have handed a dead worker's task on."""
+    from datetime import timedelta
+
+    from db.models import utcnow
+    return utcnow() - timedelta(seconds=settings.visibility_timeout)
+
+
 def list_jobs(settings: Settings, status: str | None = None, kind: str | None = None,
               limit: int = 50) -> list[JobView]:
+    """Newest first; `status` "stalled" picks running jobs quiet for the visibility timeout, "running" the others."""
+    quiet = _stalled_before(settings)
     with transaction(settings.database_url) as s:
-        return [job_view(j) for j in job_repo.list_jobs(s, status, kind, limit)]
+        return [job_view(j, stalled_before=quiet) for j in job_repo.list_jobs(s, status, kind, limit, quiet)]
 
 
 def get(settings: Settings, job_id: int | str) -> JobView:
@@ -225,4 +237,5 @@ def get(settings: Settings, job_id: int | str) -> JobView:
     if not str(job_id).isdigit():
         raise NotFound(f"no job {job_id}: list jobs with `wherefrom jobs`")
     with transaction(settings.database_url) as s:
-        return job_view(job_repo.get_job(s, int(job_id)), job_repo.shards_of(s, int(job_id)))
+        return job_view(job_repo.get_job(s, int(job_id)), job_repo.shards_of(s, int(job_id)),
+                        _stalled_before(settings))

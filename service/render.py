@@ -19,12 +19,17 @@ def progress_bars(enabled: bool = True):
     tasks = {}
 
     def advance(stage: str, n: int, total: int):
+        if not tasks:
+            bars.start()  # on the first stage: a command refused before any work prints no empty line
         if stage not in tasks:
             tasks[stage] = bars.add_task(stage, total=total)
         bars.advance(tasks[stage], n)
 
-    with bars:
+    try:
         yield advance
+    finally:
+        if tasks:
+            bars.stop()
 
 
 def snippet(text: str, start: int, end: int, width: int = 90) -> str:
@@ -112,7 +117,7 @@ def print_jobs(views, console: Console | None = None) -> None:
     for col in ("job", "kind", "status", "done", "stage", "tries", "worker", "updated", "result / error"):
         table.add_column(col, justify="right" if col in ("job", "done", "tries") else "left",
                          no_wrap=col not in ("stage", "result / error"))
-    colour = {"succeeded": "green", "failed": "red", "running": "yellow"}
+    colour = {"succeeded": "green", "failed": "red", "running": "yellow", "stalled": "red"}
     for v in views:
         table.add_row(str(v.id), v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
                       v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[11:19], _outcome(v))

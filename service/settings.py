@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from db.engine import redact_url  # the faces' name for it; it lives in db so that job_repo can use it
 
 
-def redact_url(text: str) -> str:
-    """`text` with the password of any URL in it replaced by ***: what may be printed, logged or stored."""
-    import re
+class RedactingFilter(logging.Filter):
+    """Hides URL passwords in a logger's records, tracebacks included: `log.addFilter(RedactingFilter())`."""
 
-    def hide(m: re.Match) -> str:
-        url = m.group(0)
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            return url
-        return url.replace(f":{password}@", ":***@") if password else url
-    return re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", hide, text)
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact_url(record.getMessage()), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_url(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,9 @@ class Settings:
     # to another worker. Keep it above the longest shard: a live task older than this runs twice
     # (harmless, jobs are idempotent, but wasted work).
     visibility_timeout: int = 3600
+
+    def __repr__(self) -> str:  # settings end up in tracebacks and logs: never with their passwords
+        return redact_url(f"Settings({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in fields(self))})")
 
     @classmethod
     def from_env(cls, data_dir: str | Path | None = None) -> "Settings":

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands stored times back without their zone (they are UTC), PostgreSQL in the session's."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
 def iso_utc(moment: datetime | None) -> str | None:
-    """ISO 8601 in UTC; SQLite hands stored times back without their zone, PostgreSQL in the session's."""
-    if moment is None:
-        return None
-    utc = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
-    return utc.isoformat()
+    """ISO 8601 in UTC."""
+    return None if moment is None else as_utc(moment).isoformat()
 
 
 @dataclass
@@ -76,7 +78,7 @@ class JobView:
 
     id: int
     kind: str
-    status: str  # queued | running | succeeded | failed
+    status: str  # queued | running | stalled (running, but quiet for the visibility timeout) | succeeded | failed
     params: dict
     result: dict | None = None
     error: str | None = None  # one line, for the user, when status is "failed"
@@ -91,11 +93,18 @@ class JobView:
     shards: list[dict] = field(default_factory=list)
 
 
-def job_view(job, shards=()) -> JobView:
-    """A `db.models.Job` row (and its `JobShard` rows) as the faces show it."""
-    return JobView(id=job.id, kind=job.kind, status=job.status, params=job.params, result=job.result,
+def job_view(job, shards=(), stalled_before: datetime | None = None) -> JobView:
+    """A `db.models.Job` row (and its `JobShard` rows) as the faces show it. A running job with no
+    progress since `stalled_before` is shown `stalled`: whatever ran it died, and only a resume
+    (or, with a broker, an idle worker's sweep) starts it again."""
+    status, stage = job.status, job.stage
+    if status == "running" and stalled_before is not None and as_utc(job.updated_at) < as_utc(stalled_before):
+        status = "stalled"
+        stage = (f"no progress since {iso_utc(job.updated_at)[:19]} (at: {job.stage}): "
+                 f"`wherefrom jobs resume {job.id}` runs it again from there")
+    return JobView(id=job.id, kind=job.kind, status=status, params=job.params, result=job.result,
                    error=job.error, created_at=iso_utc(job.created_at), started_at=iso_utc(job.started_at),
-                   finished_at=iso_utc(job.finished_at), progress=round(job.progress, 4), stage=job.stage,
+                   finished_at=iso_utc(job.finished_at), progress=round(job.progress, 4), stage=stage,
                    attempts=job.attempts, worker=job.worker, updated_at=iso_utc(job.updated_at),
                    shards=[{"shard": r.shard, "rows": [r.row_start, r.row_end], "status": r.status,
                             "attempts": r.attempts, "worker": r.worker} for r in shards])

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 from db import job_repo, repo
 from db.engine import get_engine, transaction
@@ -104,3 +105,49 @@ def test_the_documented_queries_answer_their_questions_as_the_analyst(analyst, p
         assert ids["unsupported"] in found and ids["supported"] not in found
         builds = {r.job_id: r for r in c.execute(text(in_progress)).all()}
         assert builds[ids["job"]].shards == "0/2" and builds[ids["job"]].status == "running"
+
+
+@pytest.fixture
+def stranger(pg_url):
+    """A login role with no grants of ours: what PUBLIC may do, it may do."""
+    name = f"wherefrom_stranger_{uuid.uuid4().hex[:8]}"
+    owner = get_engine(pg_url)
+    with owner.begin() as c:
+        c.execute(text(f"CREATE ROLE {name} LOGIN"))
+    engine = create_engine(make_url(pg_url).set(username=name))
+    yield engine
+    engine.dispose()
+    with owner.begin() as c:
+        c.execute(text(f"DROP ROLE {name}"))
+
+
+def settings_of(engine) -> tuple[str, str]:
+    with engine.connect() as c:
+        return tuple(c.execute(text(f"SHOW {name}")).scalar()
+                     for name in ("statement_timeout", "idle_in_transaction_session_timeout"))
+
+
+def test_analyst_sessions_have_timeouts_and_only_granted_roles_connect(analyst, stranger):
+    assert settings_of(analyst) == ("5min", "10min")
+    with pytest.raises(DBAPIError) as e:
+        stranger.connect()
+    assert "User does not have CONNECT privilege" in str(e.value)  # refused at login: no SQLSTATE reaches the client
+
+
+@pytest.mark.parametrize("own_db_url", ["postgresql"], indirect=True)
+def test_the_limits_migration_goes_down_and_up_again(own_db_url):
+    from db.engine import downgrade, upgrade
+    owner = get_engine(own_db_url)
+    analyst = create_engine(make_url(own_db_url).set(username="wherefrom_analyst"), poolclass=NullPool)
+    name = f"wherefrom_stranger_{uuid.uuid4().hex[:8]}"
+    with owner.begin() as c:
+        c.execute(text(f"CREATE ROLE {name} LOGIN"))
+    try:
+        downgrade(owner, "0004")
+        assert settings_of(analyst) == ("0", "0")
+        create_engine(make_url(own_db_url).set(username=name), poolclass=NullPool).connect().close()  # PUBLIC may
+        upgrade(owner)
+        assert settings_of(analyst) == ("5min", "10min")
+    finally:
+        with owner.begin() as c:
+            c.execute(text(f"DROP ROLE {name}"))

@@ -96,3 +96,53 @@ def test_postgres_creates_the_analyst_login(compose):
     assert "CREATE ROLE wherefrom_analyst LOGIN PASSWORD" in script
     assert "ANALYST_PASSWORD" in services(compose)["postgres"]["environment"]
     assert "torch==2.13.0" in (ROOT / "Dockerfile").read_text()
+
+
+def test_no_default_passwords_and_the_api_on_this_host_only(compose):
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in ("POSTGRES_PASSWORD", "ANALYST_PASSWORD"):
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
+        assert uses and all(u.startswith(":?set " + name) for u in uses), (name, uses)  # unset: compose refuses
+    published = {name: svc["ports"] for name, svc in services(compose).items() if "ports" in svc}
+    assert {"postgres", "api"} <= set(published)
+    assert all(p.startswith("127.0.0.1:") for ports in published.values() for p in ports), published
+
+
+def run_analyst_script(pg_url, password: str, role: str = "wherefrom_analyst"):
+    """deploy/postgres/10-analyst.sh as the postgres image runs it (`role` renamed: the real one exists)."""
+    import os
+    import subprocess
+
+    from sqlalchemy.engine import make_url
+    url = make_url(pg_url)
+    script = (ROOT / "deploy/postgres/10-analyst.sh").read_text().replace("wherefrom_analyst", role)
+    env = {**os.environ, "POSTGRES_USER": url.username, "POSTGRES_DB": url.database, "PGHOST": url.host,
+           "PGPORT": str(url.port), "ANALYST_PASSWORD": password}
+    return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
+
+
+def test_the_analyst_script_wants_a_real_password_and_keeps_it_off_the_command_line(pg_url):
+    import uuid
+
+    from sqlalchemy import text
+
+    from db.engine import get_engine
+    role = f"wherefrom_analyst_{uuid.uuid4().hex[:8]}"
+    short = run_analyst_script(pg_url, "analyst", role)
+    assert short.returncode == 1 and "set ANALYST_PASSWORD to 16 characters or more" in short.stderr
+    owner = get_engine(pg_url)
+    with owner.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM pg_roles WHERE rolname = :r"), {"r": role}).scalar() == 0
+    psql = next(line for line in (ROOT / "deploy/postgres/10-analyst.sh").read_text().splitlines()
+                if line.startswith("psql "))
+    assert "ANALYST_PASSWORD" not in psql  # argv is public to every process on the host
+    try:
+        done = run_analyst_script(pg_url, "s3cret-" + "x" * 20, role)
+        assert done.returncode == 0, done.stderr
+        with owner.connect() as c:
+            login, hashed = c.execute(text("SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = :r"),
+                                      {"r": role}).one()
+        assert login and hashed.startswith("SCRAM-SHA-256$")  # the password was set, and stored hashed
+    finally:
+        with owner.begin() as c:
+            c.execute(text(f"DROP ROLE IF EXISTS {role}"))

@@ -5,7 +5,9 @@ Cases: empty file; non-UTF-8 bytes; duplicate ids with different text; a single 
 a missing text field; a tokenizer that does not match the model; weights changed after the build;
 an empty question or one longer than the context; an answer the tokenizer cannot produce; a path
 outside the data directory given to the API; a folder whose symlinks leave it or loop; broken CSV;
-a NUL byte in a document; an unusable corpus name.
+a NUL byte in a document; an unusable corpus name; ids, offsets and limits out of range, and
+malformed options; an unreachable database; one async trace more than the API's job queue holds
+(a 503).
 """
 
 import hashlib
@@ -238,3 +240,72 @@ def test_a_nul_byte_in_a_document(refused, tmp_path):
 def test_an_unusable_corpus_name(refused, tmp_path, name):
     path = write(tmp_path / "c.jsonl", '{"id": "a", "text": "ok"}\n')
     refused(["ingest", path, "--corpus", name], "is not usable: use up to 200 letters")
+
+
+INT_MAX = "less than or equal to 2147483647"  # ids are SQL INTEGER columns
+
+
+@pytest.mark.parametrize("args,message", [
+    (["show", 2**64], f"Invalid value for 'trace_id': Input should be {INT_MAX}: see `wherefrom show --help`"),
+    (["report", 2**64], f"Invalid value for 'trace_id': Input should be {INT_MAX}"),
+    (["traces", "--offset", 2**63], f"Invalid value for '--offset': Input should be {INT_MAX}"),
+    (["traces", "--offset", -1], "Invalid value for '--offset': Input should be greater than or equal to 0"),
+    (["jobs", "--limit", 2**63], "Invalid value for '--limit': Input should be less than or equal to 500"),
+    (["jobs", "resume", 2**64], f"Invalid value for 'job_id': Input should be {INT_MAX}"),
+    (["show"], "Missing argument 'trace_id': see `wherefrom show --help`"),
+    (["traces", "--nope"], "No such option: --nope"),
+    (["index", "--corpus", "w", "--model", "m", "--proj", 100000], "pass --proj from 1 to 1024, not 100000"),
+    (["index", "--corpus", "w", "--model", "m", "--modules", "("], "'(' is not a regular expression"),
+])
+def test_numbers_out_of_range_and_malformed_options(refused, args, message):
+    refused(args, message)
+
+
+@pytest.mark.parametrize("args", [["traces"], ["show", 1], ["jobs"], ["db", "upgrade"],
+                                  ["index", "--corpus", "w", "--model", "m"]])
+def test_an_unreachable_database(world, run_cli, args):
+    url = "postgresql+psycopg://wherefrom:s3cret@127.0.0.1:1/wherefrom"
+    before = state(world.settings)
+    code, out, err = run_cli(*args, env={"WHEREFROM_DATA_DIR": str(world.settings.data_dir),
+                                         "WHEREFROM_DATABASE_URL": url})
+    assert code == 2 and err.count("\n") == 1 and "s3cret" not in out + err, err
+    assert err.startswith("error: cannot reach the database at postgresql+psycopg://wherefrom:***@127.0.0.1:1/")
+    assert err.rstrip().endswith("start it or fix WHEREFROM_DATABASE_URL")
+    assert state(world.settings) == before
+
+
+def test_the_api_refuses_a_job_past_the_background_bound(world, monkeypatch):
+    """The API's in-process queue holds `limit` jobs; one more is a 503 recorded as a failed job."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import ApiSettings
+    gate, trace = threading.Event(), jobs.KINDS["trace"]
+
+    def held(*args):  # the real trace, once the test lets it go
+        gate.wait(60)
+        trace(*args)
+    monkeypatch.setitem(jobs.KINDS, "trace", held)
+    token = "hostile-test-" + "t" * 20
+    before = state(world.settings)
+    background = jobs.Background(limit=1)
+    body = {"question": world.world.questions[0].prompt, "async": True, "k": 2}
+    with TestClient(create_app(world.settings, ApiSettings(token=token), background),
+                    headers={"Authorization": f"Bearer {token}"}) as api:
+        first = api.post("/traces", json=body)
+        second = api.post("/traces", json=body)
+        gate.set()
+        background.shutdown()
+    assert first.status_code == 202 and second.status_code == 503, second.text
+    assert second.json() == {"error": "1 jobs are waiting already: try again when some have finished"}
+    ran, refused_job = jobs.get(world.settings, first.json()["job_id"]), jobs.list_jobs(world.settings, limit=1)[0]
+    assert ran.status == "succeeded" and (refused_job.status, refused_job.error) == ("failed", second.json()["error"])
+    after = state(world.settings)
+    sqlite_files = ("wherefrom.db", "wherefrom.db-wal", "wherefrom.db-shm")  # hold the SQL compared below
+    assert {p: f for p, f in after["files"].items() if p not in sqlite_files} == \
+        {p: f for p, f in before["files"].items() if p not in sqlite_files}
+    changed = {t for t in after["sql"] if after["sql"][t] != before["sql"][t]}
+    assert changed == {"jobs", "traces", "trace_results"}  # the one job that ran, its trace, the refusal
+    assert len(after["sql"]["jobs"]) == len(before["sql"]["jobs"]) + 2
