@@ -47,14 +47,15 @@ def check_broker(settings: Settings) -> Check | None:
     return Check("broker", "ok", redact_url(settings.broker_url))
 
 
-def _build_check(build, facts, corpus: str, model: str) -> Check:
+def _build_check(settings: Settings, build, facts, corpus: str, model: str) -> Check:
     from service.store_check import build_problem, dead_rows
 
     name = f"build {build.id}"
-    problem = build_problem(build, facts)
+    folder = settings.resolve_store(build.store_path)
+    problem = build_problem(folder, build, facts)
     if problem:
         return Check(name, "problem", problem, f"rebuild with `wherefrom index --corpus {corpus} --model {model}`")
-    dead = dead_rows(build, facts)
+    dead = dead_rows(folder, facts)
     if dead:
         ids = " ".join(facts.dead_ids[:3])
         return Check(name, "problem", f"{len(dead)} row(s) of deleted documents are still searchable (e.g. row {dead[0]})",
@@ -62,7 +63,7 @@ def _build_check(build, facts, corpus: str, model: str) -> Check:
     if facts.unindexed:
         return Check(name, "warn", f"{facts.unindexed} document(s) of corpus {corpus} are not in this build",
                      f"add them with `wherefrom index --corpus {corpus} --model {model} --update`")
-    return Check(name, "ok", f"{facts.count - len(facts.dead)} live rows of {facts.count} in {build.store_path}")
+    return Check(name, "ok", f"{facts.count - len(facts.dead)} live rows of {facts.count} in {folder}")
 
 
 def check_stores(settings: Settings) -> list[Check]:
@@ -72,7 +73,7 @@ def check_stores(settings: Settings) -> list[Check]:
     with transaction(settings.database_url) as s:
         builds = [(b, update_repo.entry_facts(s, b), repo.get_corpus(s, b.corpus_id).name,
                    repo.get_model(s, b.model_id).name if b.model_id else "MODEL") for b in repo.list_builds(s)]
-    checks = [_build_check(*b) for b in builds]
+    checks = [_build_check(settings, *b) for b in builds]
     leftovers = sorted(settings.stores.glob("*.partial")) if settings.stores.exists() else []
     if leftovers:
         checks.append(Check("stores", "warn", f"{len(leftovers)} unfinished build folder(s), e.g. {leftovers[0]}",

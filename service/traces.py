@@ -20,7 +20,7 @@ from service.views import TraceOutcome, TraceSummary, iso_utc, trace_outcome
 @dataclass
 class BuildTarget:
     build_id: int
-    store_path: str
+    store_path: str  # the store's folder, resolved against the data directory
     model_id: int
     by_step: dict[int, CheckpointInfo]
 
@@ -31,7 +31,7 @@ def resolve_build(settings: Settings, corpus: str | None = None, model: str | No
         corpus_id = repo.corpus_by_name(s, corpus).id if corpus else None
         model_id = repo.model_by_name(s, model).id if model else None
         build = repo.latest_build(s, corpus_id, model_id)
-        return BuildTarget(build.id, build.store_path, build.model_id,
+        return BuildTarget(build.id, str(settings.resolve_store(build.store_path)), build.model_id,
                            checkpoints_by_step(repo.get_model(s, build.model_id)))
 
 
