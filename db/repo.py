@@ -10,7 +10,8 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
 from db.errors import Conflict, InputError, NotFound
-from db.models import Checkpoint, Corpus, Document, IndexBuild, IndexEntry, Model, Trace, TraceResult
+from db.models import (FINISHED, Checkpoint, Corpus, Document, IndexBuild, IndexEntry, Job, Model, Trace,
+                       TraceResult)
 
 
 def sha256_text(text: str) -> str:
@@ -234,6 +235,12 @@ def get_build(s: Session, build_id: int) -> IndexBuild:
 
 def list_builds(s: Session) -> Sequence[IndexBuild]:
     return s.scalars(select(IndexBuild).order_by(IndexBuild.id)).all()
+
+
+def open_build_stores(s: Session) -> set[str]:
+    """Store names of the index jobs not finished yet: their `<name>.partial` folders are in use."""
+    params = s.scalars(select(Job.params).where(Job.kind == "index", Job.status.not_in(FINISHED)))
+    return {p.get("store") for p in params}
 
 
 def count_entries(s: Session, build_id: int) -> int:

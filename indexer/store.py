@@ -67,7 +67,19 @@ def write_info(folder: Path, info: dict) -> None:
 
 
 def read_info(folder: Path) -> dict:
-    return json.loads((Path(folder) / INFO).read_text())
+    info = json.loads((Path(folder) / INFO).read_text())
+    if not isinstance(info, dict):
+        raise ValueError(f"{INFO} holds no JSON object")
+    return info
+
+
+# what json, numpy, FAISS and bm25s raise on a store file that is missing, truncated or garbage
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, zipfile.BadZipFile)
+
+
+def describe(error: BaseException) -> str:
+    """One line naming a failure, for messages: its type and the first line of what it says."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

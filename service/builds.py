@@ -28,7 +28,8 @@ from db.models import FINISHED, Job
 from indexer import store
 from indexer.build import compute_shard, merge_shards
 from indexer.config import BuildConfig
-from indexer.modelio import CheckpointInfo, check_unchanged, context_length, select_checkpoints, weights_stat
+from indexer.modelio import (CheckpointInfo, check_tokenizer_unchanged, check_unchanged, context_length,
+                             select_checkpoints, weights_stat)
 from indexer.plan import Plan, write_plan
 from service.catalog import model_checkpoints
 from service.job_params import IndexJob
@@ -53,6 +54,7 @@ def index_job(settings: Settings, corpus: str, model: str, config: BuildConfig |
         raise InputError("the checkpoints use different tokenizers: index them as separate models")
     check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256, "base_path": c.base_path}
                      for c in ckpts])
+    check_tokenizer_unchanged(ckpts)
     _check_window(config, ckpts[-1].base_path or ckpts[-1].path)
     return IndexJob(corpus=corpus, model=model, corpus_id=corpus_id, model_id=model_id,
                     checkpoint_steps=[c.step for c in ckpts], config=asdict(config),

@@ -24,7 +24,7 @@ from db.errors import Conflict, InputError
 from indexer import store
 from indexer.build import Progress, compute_shard
 from indexer.config import BuildConfig
-from indexer.modelio import check_unchanged
+from indexer.modelio import check_tokenizer_unchanged, check_unchanged
 from indexer.plan import shard_ranges
 from service.builds import chunk_documents, stored_path
 from service.catalog import checkpoints_by_step
@@ -137,6 +137,7 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
                          "build it again with `wherefrom index` instead of --update")
     check_unchanged(info["checkpoints"])
     ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
+    check_tokenizer_unchanged(ckpts)
     chunks, texts, counts = chunk_documents(docs, ckpts, config) if docs else ([], [], {})
     if not chunks:
         return None, counts
