@@ -170,10 +170,15 @@ def latest_build(s: Session, corpus_id: int | None = None, model_id: int | None 
     return build
 
 
-def entries_at(s: Session, build_id: int, positions: Sequence[int]) -> dict[int, tuple[IndexEntry, Document]]:
-    rows = s.execute(select(IndexEntry, Document).join(Document, Document.id == IndexEntry.document_id)
-                     .where(IndexEntry.build_id == build_id, IndexEntry.position.in_(list(positions))))
-    return {e.position: (e, d) for e, d in rows.all()}
+def entries_at(s: Session, build_id: int, positions: Sequence[int],
+               lock: bool = False) -> dict[int, tuple[IndexEntry, Document]]:
+    """Store rows and their documents; `lock`: the documents FOR SHARE (PostgreSQL), so a tombstone
+    (`update_repo.tombstone`) waits for this transaction, and one committed meanwhile is seen."""
+    q = (select(IndexEntry, Document).join(Document, Document.id == IndexEntry.document_id)
+         .where(IndexEntry.build_id == build_id, IndexEntry.position.in_(list(positions))))
+    if lock:
+        q = q.with_for_update(read=True, of=Document)
+    return {e.position: (e, d) for e, d in s.execute(q).all()}
 
 
 def set_token_counts(s: Session, counts: dict[int, int]) -> None:

@@ -184,12 +184,30 @@ def read_checkpoint(folder: Path, step: int = 0, base: Path | None = None) -> Ch
     if base is not None and not is_adapter(folder):
         raise InputError(f"--base is for LoRA adapters, and {folder} has no adapter_config.json: leave --base out")
     base = adapter_base(folder, base)
+    check_weights_load(weights_files(folder, base))
     opt = folder / "optimizer.pt"
     return CheckpointInfo(
         path=folder.resolve(), step=step, weights_sha256=weights_digest(folder, base),
         tokenizer_hash=tokenizer_hash(folder, base), learning_rate=_learning_rate(folder, step),
         optimizer_state_path=opt.resolve() if opt.exists() else None, base_path=base,
     )
+
+
+def check_weights_load(files: list[Path]) -> None:
+    """Refuse a safetensors file whose header does not parse or does not fit the file (corrupt or
+    truncated): the model would fail to load at the first trace. Reads the header alone."""
+    from safetensors import safe_open
+
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(f, framework="np") as weights:
+                weights.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError, an Exception
+            from indexer.store import describe
+            raise InputError(f"the weights in {f} do not load ({describe(e)}): restore the file, or save the "
+                             "model again with save_pretrained") from None
 
 
 def discover_checkpoints(path: Path, base: Path | None = None) -> list[CheckpointInfo]:
