@@ -73,6 +73,14 @@ def read_info(folder: Path) -> dict:
     return info
 
 
+FILES = ("grad.npy", "dense.npy", "grad.faiss", "dense.faiss", "bm25")  # besides info.json
+
+
+def missing(folder: Path) -> list[str]:
+    """The store files `folder` lacks."""
+    return [n for n in FILES if not (Path(folder) / n).exists()]
+
+
 # what json, numpy, FAISS and bm25s raise on a store file that is missing, truncated or garbage
 UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, zipfile.BadZipFile)
 

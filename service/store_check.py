@@ -27,7 +27,7 @@ def build_problem(folder: Path, build, facts: EntryFacts) -> str | None:
         return f"row counts disagree: info.json {rows}, build {build.row_count}, index_entries {facts.count}"
     if facts.count and (facts.first, facts.last) != (0, rows - 1):
         return f"index_entries positions run {facts.first}..{facts.last}, not 0..{rows - 1}"
-    missing = [n for n in ("grad.npy", "dense.npy", "grad.faiss", "dense.faiss", "bm25") if not (folder / n).exists()]
+    missing = store.missing(folder)
     if missing:
         return f"{folder} lacks {', '.join(missing)}"
     for name in ("grad", "dense"):

@@ -43,10 +43,13 @@ def _readable(folder: Path):
 def build_tracer(store_path: str, by_step: dict[int, CheckpointInfo]):
     """The tracer of a build, refused when its checkpoints' weights or tokenizer changed since it was
     built, or when its store cannot be read."""
-    from indexer.store import read_info
+    from indexer.store import missing, read_info
 
     folder = Path(store_path)
     with _readable(folder):
+        lacking = missing(folder)
+        if lacking:  # named here: FAISS's own message buries the file name after 150 characters
+            raise FileNotFoundError(f"no {', '.join(lacking)}")
         info = read_info(folder)
         ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
     check_unchanged(info["checkpoints"])
