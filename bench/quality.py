@@ -55,7 +55,7 @@ def prepare(seed: int):
         texts = [entries[i][1].text for i in range(build.row_count)]
         ckpts = list(catalog.checkpoints_by_step(repo.model_by_name(s, "trap")).values())
         store_path = build.store_path
-    tracer = Tracer(Path(store_path), ckpts)
+    tracer = Tracer(settings.resolve_store(store_path), ckpts)
     _, tokenizer, _ = tracer.featurizer(len(ckpts) - 1)
     tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     return world, settings, tracer, ext, texts, tokens, folder

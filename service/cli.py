@@ -271,10 +271,12 @@ def write_atomically(path: Path, text: str) -> None:
 
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+           fix: bool = typer.Option(False, "--fix", help="Remove orphan work folders (*.partial) of killed or "
+                                                         "failed builds and updates; nothing else."),
            data_dir: Optional[Path] = DataDir):
     """Check the database, the broker, the stores and the model checksums; say what to fix."""
     from service.doctor import run_checks
-    checks = run_checks(_settings(data_dir))
+    checks = run_checks(_settings(data_dir), fix)
     if as_json:
         typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
     else:

@@ -20,7 +20,7 @@ from service.views import TraceOutcome, TraceSummary, iso_utc, trace_outcome
 @dataclass
 class BuildTarget:
     build_id: int
-    store_path: str
+    store_path: str  # the store's folder, resolved against the data directory
     model_id: int
     by_step: dict[int, CheckpointInfo]
 
@@ -31,7 +31,7 @@ def resolve_build(settings: Settings, corpus: str | None = None, model: str | No
         corpus_id = repo.corpus_by_name(s, corpus).id if corpus else None
         model_id = repo.model_by_name(s, model).id if model else None
         build = repo.latest_build(s, corpus_id, model_id)
-        return BuildTarget(build.id, build.store_path, build.model_id,
+        return BuildTarget(build.id, str(settings.resolve_store(build.store_path)), build.model_id,
                            checkpoints_by_step(repo.get_model(s, build.model_id)))
 
 
@@ -62,9 +62,16 @@ def trace(settings: Settings, question: str, answer: str | None = None, corpus: 
 
 def _store(settings: Settings, target: BuildTarget, question: str, method: str, ranking,
            job_id: int | None) -> TraceOutcome:
+    """Store the trace, less hits of documents deleted since its build was resolved: a delete that
+    commits while the trace runs (it tombstones and swaps the store in one transaction) must not
+    leave the deleted document in a stored answer. Dropped rather than refused: the other hits'
+    grad and dense scores do not depend on the deleted rows, and a trace job should not fail over
+    a delete its user did not make. The documents are locked FOR SHARE, so a delete committing
+    after this read waits for this trace to commit (a trace from before the delete)."""
     with transaction(settings.database_url) as s:
         job = job_repo.lock_open_job(s, job_id) if job_id is not None else None
-        entries = repo.entries_at(s, target.build_id, [h.position for h in ranking.hits])
+        entries = repo.entries_at(s, target.build_id, [h.position for h in ranking.hits], lock=True)
+        ranking.hits = [h for h in ranking.hits if entries[h.position][1].deleted_at is None]
         t = repo.save_trace(s, Trace(question=question, answer=ranking.answer,
                                      answer_generated=ranking.answer_generated, model_id=target.model_id,
                                      build_id=target.build_id, method=method, timings=ranking.timings,
