@@ -1,5 +1,7 @@
 """Trace one answer against a build's stores: answer, query gradient, candidates, ranking.
 
+The gradient query is the loss on the answer tokens after the exact prompt; the text query (dense,
+BM25) is the question's content and the answer, the prompt's template removed (`text_query`).
 The hybrid rule (the default): candidates are the union of the gradient, dense and BM25 top-K;
 each method's scores are standardised over the candidates (z-scores) and summed with
 `DEFAULT_WEIGHTS`. Dense and BM25 say "which document states this", gradients say "which
@@ -26,10 +28,12 @@ from indexer.curvature import Curvature
 from indexer.gradients import collate, featurizer_for
 from indexer.modelio import CheckpointInfo
 
-# Picked on the trap world's dev seed (100) from a grid (bench/quality.py): dense carries
-# "which document states this", the gradient breaks its ties toward the document that moves the
-# answer; BM25 only adds candidates (any BM25 weight lowered MRR there). Dev MRR: 0.912 vs dense
-# 0.910 alone, trap questions 0.929 vs 0.916; the old 1 / 1 / 0.5 rule scored 0.871.
+# Dense carries "which document states this", the gradient breaks its ties toward the document
+# that moves the answer; BM25 only adds candidates. First picked from a grid on the trap world's
+# dev seed (100); kept by bench/fusion.py's rule (best 5-fold CV MRR on the dev seed) against
+# reciprocal-rank fusion, per-method calibrated scores and a listwise logistic regression, all
+# fitted on that seed: CV MRR 0.922 vs 0.920 learned, 0.912 z-sum grid, 0.909 calibrated, 0.906
+# RRF grid. Test seed 101: 0.945 (trap 0.944); without grad 0.934 (trap 0.938) — docs/ranking.md.
 DEFAULT_WEIGHTS = {"grad": 0.25, "dense": 1.0, "bm25": 0.0}
 
 

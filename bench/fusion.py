@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import minimize
 
+from attribution.tracer import DEFAULT_WEIGHTS, combine, fuse
 from bench.quality import OUT, first_rank
 
 METHODS = ("grad", "dense", "bm25")
@@ -93,7 +94,7 @@ Rule = Callable[[Pool], np.ndarray]
 
 
 def zsum(weights: dict[str, float]) -> Rule:
-    return lambda p: sum(w * zscores(p.raw[m]) for m, w in weights.items())
+    return lambda p: combine(p.raw, weights)
 
 
 def rrf(weights: dict[str, float], k: int = 60) -> Rule:
@@ -125,7 +126,7 @@ def fit_listwise(xs: list[np.ndarray], truths: list[np.ndarray], l2: float = 1e-
 def fit_learned(pools: list[Pool], methods) -> Rule:
     w = fit_listwise([features(p, methods) for p in pools], [p.truth for p in pools])
     rule = lambda p: features(p, methods) @ w
-    rule.coefficients = dict(zip([f"z_{m}" for m in methods] + [f"logrr_{m}" for m in methods], w.round(4)))
+    rule.coefficients = dict(zip([f"z_{m}" for m in methods] + [f"logrr_{m}" for m in methods], (round(float(x), 4) for x in w)))
     return rule
 
 
@@ -159,8 +160,8 @@ def grid(make, pools: list[Pool], methods, values=(0, 0.25, 0.5, 1, 2), **kw) ->
 
 
 CANDIDATES: dict[str, Callable[[list[Pool], tuple], Rule]] = {
-    "z-sum grad 0.25 · dense 1 (old default)": lambda pools, ms: zsum({m: {"grad": 0.25, "dense": 1.0}.get(m, 0)
-                                                                       for m in ms}),
+    "z-sum grad 0.25 · dense 1 (the product's `fuse`)": lambda pools, ms: (
+        (lambda p: fuse(p.raw)) if "grad" in ms else zsum({m: DEFAULT_WEIGHTS[m] for m in ms})),
     "z-sum equal": lambda pools, ms: zsum({m: 1.0 for m in ms}),
     "z-sum, grid-fitted weights": lambda pools, ms: grid(zsum, pools, ms),
     "RRF k=60 equal": lambda pools, ms: rrf({m: 1.0 for m in ms}),
@@ -206,37 +207,50 @@ def text_query_table(pools: list[Pool]) -> dict:
 
 
 def report(world: str, seed: int, dev_seed: int) -> dict:
-    """Every candidate's MRR and trap MRR: CV on the dev seed, or fitted on dev and scored on `seed`."""
+    """Every rule's dev MRR (in-sample and 5-fold CV, with and without grad) and, for a test
+    `seed`, its MRR there when fitted on the whole dev seed; the chosen rule by `choose`."""
     dev = collect(world, dev_seed)
-    test = dev if seed == dev_seed else collect(world, seed)
+    test = None if seed == dev_seed else collect(world, seed)
     no_grad = ("dense", "bm25")
     rows = {}
     for name, fit in {**SINGLE, **CANDIDATES}.items():
         rule = fit(dev, METHODS)
-        row = {"coefficients": getattr(rule, "coefficients", None)}
-        if seed == dev_seed:
-            row["in-sample"] = score(rule, dev)
-            row["cv"] = cross_validated(fit, dev, METHODS)
-            if name in CANDIDATES:
-                row["cv without grad"] = cross_validated(fit, [p.found_by(no_grad) for p in dev], no_grad)
-        else:
+        row = {"coefficients": getattr(rule, "coefficients", None), "in-sample": score(rule, dev),
+               "cv": cross_validated(fit, dev, METHODS)}
+        if name in CANDIDATES:
+            row["cv without grad"] = cross_validated(fit, [p.found_by(no_grad) for p in dev], no_grad)
+        if test is not None:
             row["test"] = score(rule, test)
             if name in CANDIDATES:
                 blind = fit([p.found_by(no_grad) for p in dev], no_grad)
                 row["test without grad"] = score(blind, [p.found_by(no_grad) for p in test])
         rows[name] = row
-    return {"world": world, "seed": seed, "dev_seed": dev_seed, "questions": len(test),
-            "trap_questions": sum(p.trap for p in test), "rules": rows, "text_query": text_query_table(test)}
+    shown = test or dev
+    return {"world": world, "seed": seed, "dev_seed": dev_seed, "questions": len(shown),
+            "trap_questions": sum(p.trap for p in shown), "rules": rows, "chosen": choose(rows),
+            "text_query": text_query_table(shown)}
+
+
+def choose(rows: dict) -> str:
+    """The rule: the fusion candidate with the best dev CV MRR; within 0.005 of it, the one with
+    fewer fitted parameters (the first in the order of CANDIDATES)."""
+    best = max(rows[n]["cv"]["mrr"] for n in CANDIDATES)
+    return next(n for n in CANDIDATES if rows[n]["cv"]["mrr"] >= best - 0.005)
 
 
 def print_report(r: dict) -> None:
     fmt = lambda s: "—" if s is None else f"{s['mrr']:.3f} / {s['trap_mrr']:.3f}"
-    cols = ["in-sample", "cv", "cv without grad"] if r["seed"] == r["dev_seed"] else ["test", "test without grad"]
-    print(f"{r['world']} world, seed {r['seed']} (fitted on {r['dev_seed']}): {r['questions']} correctly answered "
-          f"questions, {r['trap_questions']} trap; cells MRR / trap MRR")
+    cols = ["in-sample", "cv", "cv without grad"] + (["test", "test without grad"] if r["seed"] != r["dev_seed"] else [])
+    print(f"{r['world']} world, seed {r['seed']} (fitted and chosen on {r['dev_seed']}): {r['questions']} correctly "
+          f"answered questions, {r['trap_questions']} trap; cells MRR / trap MRR")
     print("| rule | " + " | ".join(cols) + " | coefficients |\n|" + " --- |" * (len(cols) + 2))
     for name, row in r["rules"].items():
         print(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + f" | {row['coefficients'] or ''} |")
+    chosen = r["rules"][r["chosen"]]
+    last = "test" if r["seed"] != r["dev_seed"] else "cv"
+    print(f"\nchosen on the dev seed: {r['chosen']}; removing grad: MRR {chosen[last]['mrr']:.3f} → "
+          f"{chosen[last + ' without grad']['mrr']:.3f}, trap {chosen[last]['trap_mrr']:.3f} → "
+          f"{chosen[last + ' without grad']['trap_mrr']:.3f} ({last})")
     print("\n| text query MRR | derived | whole prompt |\n| --- | --- | --- |")
     for name, row in r["text_query"].items():
         print(f"| {name} | {row['derived']:.3f} | {row['whole prompt']:.3f} |")
