@@ -102,9 +102,10 @@ def rrf(weights: dict[str, float], k: int = 60) -> Rule:
     return lambda p: sum(w / (k + p.ranks(m)) for m, w in weights.items())
 
 
-def features(p: Pool, methods) -> np.ndarray:
-    """Per candidate: each method's z-score and log reciprocal rank. (P, 2·|methods|)"""
-    return np.stack([zscores(p.raw[m]) for m in methods] + [-np.log(p.ranks(m)) for m in methods], axis=1)
+def features(p: Pool, methods, log_rr: bool = True) -> np.ndarray:
+    """Per candidate: each method's z-score and (with `log_rr`) log reciprocal rank. (P, F)"""
+    cols = [zscores(p.raw[m]) for m in methods] + ([-np.log(p.ranks(m)) for m in methods] if log_rr else [])
+    return np.stack(cols, axis=1)
 
 
 def fit_listwise(xs: list[np.ndarray], truths: list[np.ndarray], l2: float = 1e-2) -> np.ndarray:
@@ -123,10 +124,11 @@ def fit_listwise(xs: list[np.ndarray], truths: list[np.ndarray], l2: float = 1e-
     return minimize(loss, np.zeros(xs[0].shape[1]), jac=True, method="L-BFGS-B").x
 
 
-def fit_learned(pools: list[Pool], methods) -> Rule:
-    w = fit_listwise([features(p, methods) for p in pools], [p.truth for p in pools])
-    rule = lambda p: features(p, methods) @ w
-    rule.coefficients = dict(zip([f"z_{m}" for m in methods] + [f"logrr_{m}" for m in methods], (round(float(x), 4) for x in w)))
+def fit_learned(pools: list[Pool], methods, log_rr: bool) -> Rule:
+    w = fit_listwise([features(p, methods, log_rr) for p in pools], [p.truth for p in pools])
+    rule = lambda p: features(p, methods, log_rr) @ w
+    names = [f"z_{m}" for m in methods] + ([f"logrr_{m}" for m in methods] if log_rr else [])
+    rule.coefficients = dict(zip(names, (round(float(x), 4) for x in w)))
     return rule
 
 
@@ -159,16 +161,18 @@ def grid(make, pools: list[Pool], methods, values=(0, 0.25, 0.5, 1, 2), **kw) ->
     return best[1]
 
 
+# fewer fitted parameters first (`choose` prefers the earlier of two rules within 0.005)
 CANDIDATES: dict[str, Callable[[list[Pool], tuple], Rule]] = {
     "z-sum grad 0.25 · dense 1 (the product's `fuse`)": lambda pools, ms: (
         (lambda p: fuse(p.raw)) if "grad" in ms else zsum({m: DEFAULT_WEIGHTS[m] for m in ms})),
     "z-sum equal": lambda pools, ms: zsum({m: 1.0 for m in ms}),
-    "z-sum, grid-fitted weights": lambda pools, ms: grid(zsum, pools, ms),
     "RRF k=60 equal": lambda pools, ms: rrf({m: 1.0 for m in ms}),
+    "z-sum, grid-fitted weights": lambda pools, ms: grid(zsum, pools, ms),
     "RRF k=60, grid-fitted weights": lambda pools, ms: grid(rrf, pools, ms),
     "calibrated, product of experts": lambda pools, ms: fit_calibrated(pools, ms, mixture=False),
     "calibrated, mixture": lambda pools, ms: fit_calibrated(pools, ms, mixture=True),
-    "learned (conditional logit on z + log rr)": fit_learned,
+    "learned (conditional logit on z)": lambda pools, ms: fit_learned(pools, ms, log_rr=False),
+    "learned (conditional logit on z + log rr)": lambda pools, ms: fit_learned(pools, ms, log_rr=True),
 }
 SINGLE = {m: (lambda m: lambda pools, ms: (lambda p: p.raw[m]))(m) for m in METHODS}
 
