@@ -48,6 +48,9 @@ def print_trace(out, truth: set[str] | None = None, correct: bool | None = None,
         head.append("  (model's greedy answer)", style="dim")
     if correct is not None:
         head.append("  ✓ correct" if correct else "  ✗ wrong", style="green" if correct else "red")
+    if getattr(out, "text_query", None):
+        head.append("\nT ", style="bold cyan").append(out.text_query, style="dim")
+        head.append("  (what dense and BM25 searched)", style="dim")
     console.print(head)
     if out.supported is False:
         console.print("unsupported: probably not learned from this corpus — no returned document states "
