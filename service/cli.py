@@ -13,6 +13,9 @@ import typer
 
 from indexer.config import BuildConfig, GradientConfig  # torch-free: --help stays instant
 from indexer.corpus import MAX_DOC_BYTES
+from service.cli_common import DataDir, write_atomically
+from service.cli_common import settings as _settings
+from service.cli_study import study_app, study_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wherefrom: which training documents taught a language model this answer?")
@@ -22,9 +25,7 @@ jobs_app = typer.Typer(help="Background jobs: list them (default), resume one.")
 app.add_typer(jobs_app, name="jobs")
 db_app = typer.Typer(no_args_is_help=True, help="The database schema.")
 app.add_typer(db_app, name="db")
-
-DataDir = typer.Option(None, "--data-dir", envvar="WHEREFROM_DATA_DIR",
-                       help="Folder for stores and the SQLite database (default ./wherefrom-data).")
+app.add_typer(study_app, name="study")
 
 
 @app.callback()
@@ -40,11 +41,6 @@ def _threads(threads: Optional[int] = typer.Option(None, "--threads", min=1, env
         os.environ["OMP_NUM_THREADS"] = str(threads or len(os.sched_getaffinity(0)))
     if threads and "torch" in sys.modules:  # loaded already (the CLI called from Python)
         sys.modules["torch"].set_num_threads(threads)
-
-
-def _settings(data_dir):
-    from service.settings import Settings
-    return Settings.from_env(data_dir)
 
 
 @app.command()
@@ -238,13 +234,21 @@ def show(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom tr
 
 
 @app.command()
-def report(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom traces`."),
-           output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default trace-ID.html)."),
+def report(trace_id: Optional[int] = typer.Argument(None, help="A trace id from `wherefrom traces`."),
+           study: Optional[str] = typer.Option(None, "--study", help="Report a study by name instead: its "
+                                               "aggregates, each row linking to trace-ID.html."),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default trace-ID.html, "
+                                                 "study-NAME.html)."),
            top: int = typer.Option(5, help="How many documents to explain (1-20)."),
            tail_patch: bool = typer.Option(True, help="Run the tail-patch check on each explained document."),
            as_json: bool = typer.Option(False, "--json", help="Print the report's data as JSON instead."),
            data_dir: Optional[Path] = DataDir):
-    """Write a self-contained HTML report explaining a trace."""
+    """Write a self-contained HTML report explaining a trace (or, with --study, a study)."""
+    if study is not None:
+        study_report(_settings(data_dir), study, output, as_json)
+        return
+    if trace_id is None:
+        raise _input_error("give a trace id (`wherefrom traces` lists them), or --study NAME")
     if not 1 <= top <= 20:
         raise _input_error("--top must be between 1 and 20")
     from service.report import build_report
@@ -256,15 +260,6 @@ def report(trace_id: int = typer.Argument(..., help="A trace id from `wherefrom 
     path = output or Path(f"trace-{trace_id}.html")
     write_atomically(path, render(data))
     typer.echo(f"report of trace {trace_id} → {path}")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write next to `path` and rename: a reader never sees half a file."""
-    if not path.parent.is_dir():
-        raise _input_error(f"folder {path.parent} does not exist: create it or choose another --output")
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 @app.command()
@@ -309,7 +304,7 @@ def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if 
 @jobs_app.callback(invoke_without_command=True)
 def jobs(ctx: typer.Context,
          status: Optional[str] = typer.Option(None, help="queued | running | succeeded | failed"),
-         kind: Optional[str] = typer.Option(None, help="index | trace"),
+         kind: Optional[str] = typer.Option(None, help="index | trace | study"),
          limit: int = typer.Option(20, help="How many, newest first."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
          data_dir: Optional[Path] = DataDir):
