@@ -85,13 +85,13 @@ def texts_containing(s: Session, corpus_id: int, words: Sequence[str]) -> list[s
 
 # --- the views (analysts read the same rows) -------------------------------------------------
 
-BOOLEANS = ("answer_generated", "supported", "misled")  # SQLite hands them back as 0 / 1
+BOOLEANS = ("answer_generated", "supported", "misled")  # of study_results_v: SQLite hands them back as 0 / 1
 TIMES = ("finished_at", "created_at")  # SQLite as text, PostgreSQL as datetimes
 
 
-def _plain(row: dict) -> dict:
+def _plain(row: dict, booleans: Sequence[str]) -> dict:
     """One backend's view row as the other's: booleans, parsed JSON, ISO times."""
-    for k in BOOLEANS:
+    for k in booleans:
         if row.get(k) is not None:
             row[k] = bool(row[k])
     for k in TIMES:
@@ -102,8 +102,8 @@ def _plain(row: dict) -> dict:
     return row
 
 
-def _view(s: Session, sql: str, **params) -> list[dict]:
-    return [_plain(dict(r)) for r in s.execute(text(sql), params).mappings()]
+def _view(s: Session, sql: str, booleans: Sequence[str] = (), **params) -> list[dict]:
+    return [_plain(dict(r), booleans) for r in s.execute(text(sql), params).mappings()]
 
 
 def summary(s: Session, study_id: int) -> dict:
@@ -111,7 +111,7 @@ def summary(s: Session, study_id: int) -> dict:
 
 
 def results(s: Session, study_id: int) -> list[dict]:
-    return _view(s, "SELECT * FROM study_results_v WHERE study_id = :i ORDER BY number", i=study_id)
+    return _view(s, "SELECT * FROM study_results_v WHERE study_id = :i ORDER BY number", BOOLEANS, i=study_id)
 
 
 def exposure_curve(s: Session, study_id: int) -> list[dict]:
