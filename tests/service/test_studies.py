@@ -64,7 +64,8 @@ def test_every_question_is_traced_once_in_tasks_with_progress(indexed, study):
     assert seen == [("questions", 1, len(rows))] * len(rows)
     assert view.result["questions"] == len(rows) and (view.result["traced"], view.result["failed"]) == (len(rows) - 1, 1)
     with transaction(indexed.settings.database_url) as s:
-        questions = s.scalars(select(StudyQuestion).order_by(StudyQuestion.number)).all()
+        questions = s.scalars(select(StudyQuestion).where(StudyQuestion.study_id == view.result["study_id"])
+                              .order_by(StudyQuestion.number)).all()
         traces = {t.id: t for t in s.scalars(select(Trace).where(Trace.id.in_([q.trace_id for q in questions])))}
         hits = dict(s.execute(select(TraceResult.trace_id, func.count()).where(TraceResult.trace_id.in_(list(traces)))
                               .group_by(TraceResult.trace_id)).all())
