@@ -104,6 +104,16 @@ def fail_job(s: Session, job_id: int, error: str) -> bool:
     return done.rowcount == 1
 
 
+def cancel_job(s: Session, job_id: int) -> Job:
+    """Cancel an open job (`wherefrom jobs cancel`): its tasks stop at their next check of the job."""
+    job = lock_job(s, job_id)
+    if job.status in FINISHED:
+        raise Conflict(f"job {job_id} is already {job.status}: nothing to cancel")
+    now = utcnow()
+    job.status, job.stage, job.updated_at, job.finished_at = "cancelled", f"cancelled at: {job.stage}"[:200], now, now
+    return job
+
+
 def requeue_job(s: Session, job_id: int) -> Job:
     """Put a failed or stuck job back in the queue (`wherefrom jobs resume`)."""
     job = lock_job(s, job_id)

@@ -122,8 +122,8 @@ class TraceResult(Base):
     document: Mapped[Document] = relationship()
 
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed")
-FINISHED = ("succeeded", "failed")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")  # no task of such a job writes any more
 
 
 class Job(Base):

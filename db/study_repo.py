@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.errors import Conflict, NotFound
 from db.models import Document, Study, StudyQuestion, StudySupport, utcnow
-from db.repo import bulk_insert
+from db.repo import MAX_ID, bulk_insert
 
 
 def create_study(s: Session, *, name: str, job_id: int, build_id: int, source: str | None, k: int, method: str,
@@ -41,6 +41,19 @@ def study_by_name(s: Session, name: str) -> Study:
     if study is None:
         raise NotFound(f"no study named {name!r}: start one with `wherefrom study QUESTIONS --name {name}`")
     return study
+
+
+def get_study(s: Session, study_id: int) -> Study:
+    study = s.get(Study, study_id) if 0 < study_id <= MAX_ID else None
+    if study is None:
+        raise NotFound(f"no study {study_id}: list studies with GET /studies")
+    return study
+
+
+def summaries(s: Session, limit: int, offset: int) -> tuple[list[dict], int]:
+    """A page of `study_summary_v` rows, newest study first, and how many studies there are."""
+    total = s.scalar(select(func.count()).select_from(Study))
+    return _view(s, "SELECT * FROM study_summary_v ORDER BY study_id DESC LIMIT :n OFFSET :o", n=limit, o=offset), total
 
 
 def name_taken(s: Session, name: str) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from db import job_repo, repo
 from db.engine import transaction
-from db.errors import InputError, JobFinished
+from db.errors import Conflict, InputError, JobFinished
 from db.models import FINISHED, Job
 from indexer import store
 from indexer.build import compute_shard, merge_shards
@@ -104,11 +104,11 @@ def _checkpoints(settings: Settings, spec: IndexJob) -> list[CheckpointInfo]:
 
 
 def _open_job(settings: Settings, job_id: int) -> Job:
-    """The job, if it still needs work; JobFinished otherwise (tidying a succeeded job's leftovers)."""
+    """The job, if it still needs work; JobFinished otherwise (tidying a succeeded or cancelled job's leftovers)."""
     with transaction(settings.database_url) as s:
         job = job_repo.get_job(s, job_id)
     if job.status in FINISHED:
-        if job.status == "succeeded":
+        if job.status in ("succeeded", "cancelled"):
             shutil.rmtree(work_dir(settings, job), ignore_errors=True)
         raise JobFinished(f"job {job_id} is already {job.status}")
     return job
@@ -134,6 +134,7 @@ def plan(settings: Settings, job: Job, dispatch, worker: str) -> None:
     layout = Plan.load(work)
     missing = _missing(work, layout)
     with transaction(settings.database_url) as s:
+        job_repo.lock_open_job(s, job.id)  # JobFinished when cancelled while chunking: no shard rows then
         job_repo.ensure_shards(s, job.id, layout.shards)
         job_repo.set_stage(s, job.id, f"planned {layout.rows} rows in {len(layout.shards)} shards, "
                                       f"{len(layout.shards) - len(missing)} done")
@@ -211,6 +212,7 @@ def run_shard(settings: Settings, job_id: int, shard: int, dispatch, worker: str
         progress = _ShardProgress(settings, job_id, shard, end - start, len(ckpts), layout.rows, dispatch.progress)
         with store.atomic_dir(target) as tmp:
             compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts, config, progress)
+        _open_job(settings, job_id)  # the task boundary: cancelled meanwhile, this shard's files go too
     with transaction(settings.database_url) as s:
         job_repo.finish_shard(s, job_id, shard, worker)
     if not _missing(work, layout):
@@ -277,7 +279,10 @@ def discard(settings: Settings, job: Job) -> None:
 def outcome(settings: Settings, job_id: int) -> BuildOutcome:
     """The build a succeeded index job published."""
     with transaction(settings.database_url) as s:
-        result = job_repo.get_job(s, job_id).result
+        job = job_repo.get_job(s, job_id)
+        if job.status != "succeeded":  # cancelled from another terminal while it ran here
+            raise Conflict(f"job {job_id} was {job.status} before it published a build: run `wherefrom index` again")
+        result = job.result
         store_path = repo.get_build(s, result["build_id"]).store_path
     return BuildOutcome(result["build_id"], result["rows"], result["skipped_empty"],
                         store.read_info(settings.resolve_store(store_path)), job_id)

@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="wherefrom: which training documents taught a language model this answer?")
 model_app = typer.Typer(no_args_is_help=True, help="Register models.")
 app.add_typer(model_app, name="model")
-jobs_app = typer.Typer(help="Background jobs: list them (default), resume one.")
+jobs_app = typer.Typer(help="Background jobs: list them (default), resume or cancel one.")
 app.add_typer(jobs_app, name="jobs")
 db_app = typer.Typer(no_args_is_help=True, help="The database schema.")
 app.add_typer(db_app, name="db")
@@ -224,8 +224,8 @@ def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if 
 
 @jobs_app.callback(invoke_without_command=True)
 def jobs(ctx: typer.Context,
-         status: Optional[str] = typer.Option(None, help="queued | running | stalled | succeeded | failed"),
-         kind: Optional[str] = typer.Option(None, help="index | trace | study"),
+         status: Optional[str] = typer.Option(None, help="queued | running | stalled | succeeded | failed | cancelled"),
+         kind: Optional[str] = typer.Option(None, help="index | trace | study | update | delete | model"),
          limit: int = typer.Option(20, min=1, max=500, help="How many, newest first (1-500)."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
          data_dir: Optional[Path] = DataDir):
@@ -245,6 +245,15 @@ def jobs_resume(job_id: int = typer.Argument(..., min=1, max=MAX_ID,
     settings = _settings(data_dir)
     job_system.resume(settings, job_id)
     _print_jobs([job_system.get(settings, job_id)], False)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int = typer.Argument(..., min=1, max=MAX_ID, help="The job to cancel."),
+                data_dir: Optional[Path] = DataDir):
+    """Cancel a job: a queued one never starts, a running one stops at its next task (a build's
+    shard, a study's task), keeping nothing half-written."""
+    from service import jobs as job_system
+    _print_jobs([job_system.cancel(_settings(data_dir), job_id)], False)
 
 
 def _print_jobs(views, as_json: bool) -> None:

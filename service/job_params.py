@@ -15,6 +15,17 @@ from db.errors import InputError
 MAX_K = 1000
 
 
+class _Params:
+    """How a job's parameters travel: `params()` into `jobs.params`, `from_params` back."""
+
+    def params(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: dict):
+        return cls(**params)
+
+
 def check_question(question: str) -> None:
     if not question.strip():
         raise InputError("the question is empty: ask something")
@@ -26,7 +37,7 @@ def check_k(k: int) -> None:
 
 
 @dataclass(frozen=True)
-class TraceJob:
+class TraceJob(_Params):
     """Trace one answer (`wherefrom trace`, `POST /traces`)."""
 
     question: str = field(metadata={"help": "The prompt or question the model answered."})
@@ -53,16 +64,9 @@ class TraceJob:
         if self.rerank not in (None, *RERANKS):
             raise InputError(f"unknown rerank {self.rerank!r}: use --rerank exact, or leave it out")
 
-    def params(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_params(cls, params: dict) -> "TraceJob":
-        return cls(**params)
-
 
 @dataclass(frozen=True)
-class IndexJob:
+class IndexJob(_Params):
     """Build the stores of a corpus for a model (`wherefrom index`); made by `service.builds.index_job`."""
 
     corpus: str
@@ -75,19 +79,12 @@ class IndexJob:
 
     kind = "index"
 
-    def params(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_params(cls, params: dict) -> "IndexJob":
-        return cls(**params)
-
 
 MAX_QUESTIONS = 100_000  # they travel in the job's params: ~100 bytes each keeps a row under 10 MB
 
 
 @dataclass(frozen=True)
-class StudyJob:
+class StudyJob(_Params):
     """Trace many questions against one build, in tasks of `tasks_of` (`wherefrom study`);
     made by `service.studies.study_job`, which reads the questions file."""
 
@@ -113,12 +110,49 @@ class StudyJob:
         if not 1 <= len(self.questions) <= MAX_QUESTIONS:
             raise InputError(f"a study takes 1 to {MAX_QUESTIONS:,} questions: split the file into several studies")
 
-    def params(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_params(cls, params: dict) -> "StudyJob":
-        return cls(**params)
+@dataclass(frozen=True)
+class UpdateJob(_Params):
+    """Add the documents ingested since a build to it (`POST /builds/{id}/update`)."""
+
+    build_id: int = field(metadata={"help": "The published build to extend."})
+    refit_curvature: bool = field(default=False, metadata={"help": "Refit EK-FAC over all rows, which rewrites "
+                                                                   "every row's features (default: keep it)."})
+
+    kind = "update"
 
 
-SPECS = {"trace": TraceJob, "index": IndexJob, "study": StudyJob}
+MAX_DELETE_IDS = 100_000  # in the job's params, like a study's questions
+
+
+@dataclass(frozen=True)
+class DeleteJob(_Params):
+    """Tombstone documents and drop their rows from every build of the corpus (`DELETE /corpora/{name}/documents`)."""
+
+    corpus: str = field(metadata={"help": "The corpus the documents belong to."})
+    ids: list[str] = field(metadata={"help": "Document ids, as in the ingested file."})
+
+    kind = "delete"
+
+    def __post_init__(self):
+        if not 1 <= len(self.ids) <= MAX_DELETE_IDS:
+            raise InputError(f"give 1 to {MAX_DELETE_IDS:,} document ids to delete")
+
+
+@dataclass(frozen=True)
+class ModelJob(_Params):
+    """Register a model folder, hashing its weights (`POST /models`)."""
+
+    path: str = field(metadata={"help": "The model folder (resolved, inside the data directory)."})
+    name: str = field(metadata={"help": "Name to refer to the model by."})
+    base: str | None = field(default=None, metadata={"help": "LoRA adapters only: the base model folder."})
+
+    kind = "model"
+
+    def __post_init__(self):
+        if not self.name.strip() or len(self.name) > 200:
+            raise InputError("the model needs a name of 1 to 200 characters")
+
+
+SPECS = {"trace": TraceJob, "index": IndexJob, "study": StudyJob, "update": UpdateJob, "delete": DeleteJob,
+         "model": ModelJob}

@@ -108,6 +108,12 @@ def _outcome(v) -> str:
     if v.error:
         return v.error
     r = v.result or {}
+    if "added_rows" in r:  # an update job
+        return f"build {r['build_id']}: {r['added_rows']} rows added, {r['rows']} in all"
+    if "deleted" in r:
+        return f"{r['deleted']} deleted, {r['already']} already; builds updated: {r['builds']}"
+    if "model_id" in r:
+        return f"model {r['model_id']}: {r['checkpoints']} checkpoint(s)"
     if "build_id" in r:
         return f"build {r['build_id']}: {r['rows']} rows, checksum {r['checksum'][:12]}"
     if "study_id" in r:
@@ -134,7 +140,7 @@ def print_jobs(views, console: Console | None = None) -> None:
     for col in ("job", "kind", "status", "done", "stage", "tries", "worker", "updated", "result / error"):
         table.add_column(col, justify="right" if col in ("job", "done", "tries") else "left",
                          no_wrap=col not in ("stage", "result / error"))
-    colour = {"succeeded": "green", "failed": "red", "running": "yellow", "stalled": "red"}
+    colour = {"succeeded": "green", "failed": "red", "running": "yellow", "stalled": "red", "cancelled": "magenta"}
     for v in views:
         table.add_row(str(v.id), v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
                       v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[11:19], _outcome(v))

@@ -45,7 +45,7 @@ def _optional_text(row: dict, field: str, where: str) -> str | None:
 
 def read_questions(path: Path) -> list[dict]:
     """Rows of question, answer, expected and meta (the other columns) from JSONL, CSV or Parquet."""
-    from indexer.corpus import MAX_DOC_BYTES, _csv_rows, _jsonable, _jsonl_rows, _parquet_rows
+    from indexer.corpus import MAX_DOC_BYTES, _csv_rows, _jsonl_rows, _parquet_rows
 
     path = Path(path)
     if not path.is_file():
@@ -54,16 +54,8 @@ def read_questions(path: Path) -> list[dict]:
     if fmt is None:
         raise InputError(f"cannot read questions from {path.name}: give a .jsonl, .csv or .parquet file")
     reader = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": lambda p, _: _parquet_rows(p)}[fmt]
-    out = []
     try:
-        for n, row in enumerate(reader(path, MAX_DOC_BYTES), 1):
-            where = f"{path.name} row {n}"
-            question = _optional_text(row, "question", where)
-            if question is None or not question.strip():
-                raise InputError(f"{where} has no question: give every row a non-empty 'question' field")
-            meta = {k: v for k, v in row.items() if k not in ("question", "answer", "expected") and _jsonable(v)}
-            out.append({"question": question, "answer": _optional_text(row, "answer", where),
-                        "expected": _optional_text(row, "expected", where), "meta": meta})
+        out = questions_from_rows(reader(path, MAX_DOC_BYTES), path.name)
     except WherefromError:
         raise
     except Exception as e:  # pyarrow's own errors for a file that is not Parquet
@@ -73,11 +65,35 @@ def read_questions(path: Path) -> list[dict]:
     return out
 
 
-def study_job(settings: Settings, path: Path, name: str, corpus: str | None = None, model: str | None = None,
-              k: int = 10, method: str = "hybrid", tasks_of: int = 25) -> StudyJob:
-    """Check a study request now (file, name, build) and return the job to submit."""
-    questions = read_questions(path)
-    spec = StudyJob(name=name, build_id=0, questions=questions, source=str(path), k=k, method=method,
+def questions_from_rows(rows, label: str) -> list[dict]:
+    """Rows (dicts) as a study's questions, with a file's checks; `label` names them in errors."""
+    from indexer.corpus import _jsonable
+
+    out = []
+    for n, row in enumerate(rows, 1):
+        where = f"{label} row {n}"
+        if not isinstance(row, dict):
+            raise InputError(f"{where} is not an object: give each question as {{\"question\": ...}}")
+        question = _optional_text(row, "question", where)
+        if question is None or not question.strip():
+            raise InputError(f"{where} has no question: give every row a non-empty 'question' field")
+        texts = {"question": question, "answer": _optional_text(row, "answer", where),
+                 "expected": _optional_text(row, "expected", where)}
+        for field, value in texts.items():
+            repo.check_no_nul(value or "", f"{where}'s {field}")  # PostgreSQL text cannot hold it
+        meta = {k: v for k, v in row.items() if k not in texts and _jsonable(v)}
+        out.append({**texts, "meta": meta})
+    return out
+
+
+def study_job(settings: Settings, path: Path | list[dict], name: str, corpus: str | None = None,
+              model: str | None = None, k: int = 10, method: str = "hybrid", tasks_of: int = 25) -> StudyJob:
+    """Check a study request now (questions file or rows, name, build) and return the job to submit."""
+    if isinstance(path, list):  # the API's questions, inline in its body
+        questions, source = questions_from_rows(path, "questions"), None
+    else:
+        questions, source = read_questions(path), str(path)
+    spec = StudyJob(name=name, build_id=0, questions=questions, source=source, k=k, method=method,
                     tasks_of=tasks_of)
     with transaction(settings.database_url) as s:
         if study_repo.name_taken(s, name):
@@ -258,6 +274,18 @@ def summary(settings: Settings, name: str) -> dict:
     """The study's row of `study_summary_v`."""
     with transaction(settings.database_url) as s:
         return study_repo.summary(s, study_repo.study_by_name(s, name).id)
+
+
+def summary_by_id(settings: Settings, study_id: int) -> dict:
+    """The study's row of `study_summary_v`, by its id (`GET /studies/{id}`)."""
+    with transaction(settings.database_url) as s:
+        return study_repo.summary(s, study_repo.get_study(s, study_id).id)
+
+
+def page(settings: Settings, limit: int, offset: int) -> tuple[list[dict], int]:
+    """Studies newest first, as rows of `study_summary_v`, and how many there are."""
+    with transaction(settings.database_url) as s:
+        return study_repo.summaries(s, limit, offset)
 
 
 EXPORT_SUFFIXES = (".parquet", ".csv")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from db import repo, update_repo
+from db import job_repo, repo, update_repo
 from db.engine import transaction
 from db.errors import Conflict, InputError
 from indexer import store
@@ -67,11 +67,13 @@ def _new_change(build_id: int, checksum: str | None, old: Path) -> Change:
 
 
 def publish(settings: Settings, changes: list[Change], tombstones: list[int] = (),
-            token_counts: dict[int, int] | None = None) -> None:
-    """Record and rename every change, and tombstone documents, in one transaction."""
+            token_counts: dict[int, int] | None = None, job: tuple[int, dict] | None = None) -> None:
+    """Record and rename every change, and tombstone documents, in one transaction; with `job`
+    (id, result) the same transaction finishes that job, and a cancelled job publishes nothing."""
     renamed = []
     try:
         with transaction(settings.database_url) as s:
+            open_job = job_repo.lock_open_job(s, job[0]) if job else None  # JobFinished once cancelled
             update_repo.tombstone(s, tombstones)
             for ch in changes:
                 build = update_repo.lock_build(s, ch.build_id)
@@ -87,6 +89,8 @@ def publish(settings: Settings, changes: list[Change], tombstones: list[int] = (
             for ch in changes:
                 store.publish(ch.out, ch.final)
                 renamed.append(ch.final)
+            if open_job is not None:
+                job_repo.finish_job(s, open_job, job[1])
     except BaseException:
         for final in renamed:
             shutil.rmtree(final, ignore_errors=True)
@@ -163,22 +167,41 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
 
 
 def update(settings: Settings, corpus: str, model: str, refit: bool = False,
-           progress: Progress = _quiet) -> UpdateOutcome:
-    """Add the documents ingested since the latest build of corpus × model to it, and publish."""
-    change, counts = prepare_update(settings, corpus, model, refit, progress)
+           progress: Progress | None = None, job_id: int | None = None) -> UpdateOutcome:
+    """Add the documents ingested since the latest build of corpus × model to it, and publish;
+    with `job_id` (an update job) the publishing transaction also finishes that job."""
+    change, counts = prepare_update(settings, corpus, model, refit, progress or _quiet)
     if change is None:
-        target = _latest(settings, corpus, model)
-        folder = settings.resolve_store(target.store_path)
-        return UpdateOutcome(target.id, 0, 0, store.read_info(folder)["rows"], "unchanged", str(folder))
+        with transaction(settings.database_url) as s:
+            target = _latest(s, corpus, model)
+            folder = settings.resolve_store(target.store_path)
+            out = UpdateOutcome(target.id, 0, 0, store.read_info(folder)["rows"], "unchanged", str(folder))
+            if job_id is not None:
+                job_repo.finish_job(s, job_repo.lock_open_job(s, job_id), asdict(out))
+        return out
     info = change.info
-    publish(settings, [change], token_counts=counts)
-    return UpdateOutcome(change.build_id, len({d for d, _, _ in change.entries}), len(change.entries),
-                         info["rows"], info["updates"][-1]["curvature"], str(change.final))
+    out = UpdateOutcome(change.build_id, len({d for d, _, _ in change.entries}), len(change.entries),
+                        info["rows"], info["updates"][-1]["curvature"], str(change.final))
+    publish(settings, [change], token_counts=counts, job=(job_id, asdict(out)) if job_id is not None else None)
+    return out
 
 
-def _latest(settings: Settings, corpus: str, model: str):
+def _latest(s, corpus: str, model: str):
+    return repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
+
+
+def build_names(settings: Settings, build_id: int) -> tuple[str, str]:
+    """(corpus, model) of a build an update may extend: the latest of its corpus × model."""
     with transaction(settings.database_url) as s:
-        return repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
+        build = repo.get_build(s, build_id)
+        if build.model_id is None:
+            raise Conflict(f"build {build_id}'s model is no longer registered: build the corpus again")
+        corpus, model = repo.get_corpus(s, build.corpus_id).name, repo.get_model(s, build.model_id).name
+        latest = _latest(s, corpus, model).id
+    if latest != build_id:
+        raise Conflict(f"build {build_id} is not the latest of corpus {corpus!r} and model {model!r}: "
+                       f"update build {latest} instead")
+    return corpus, model
 
 
 # --- deleting documents ----------------------------------------------------------------------
@@ -217,8 +240,10 @@ def prepare_delete(settings: Settings, corpus: str, external_ids: list[str]) -> 
     return changes, dropping, len(docs) - len(dropping)
 
 
-def delete(settings: Settings, corpus: str, external_ids: list[str]) -> DeleteOutcome:
-    """Tombstone documents and remove their rows from every build of the corpus, in one transaction."""
+def delete(settings: Settings, corpus: str, external_ids: list[str], job_id: int | None = None) -> DeleteOutcome:
+    """Tombstone documents and remove their rows from every build of the corpus, in one
+    transaction (which, with `job_id`, also finishes that delete job)."""
     changes, dropping, already = prepare_delete(settings, corpus, external_ids)
-    publish(settings, changes, tombstones=dropping)
-    return DeleteOutcome(len(dropping), already, [ch.build_id for ch in changes])
+    out = DeleteOutcome(len(dropping), already, [ch.build_id for ch in changes])
+    publish(settings, changes, tombstones=dropping, job=(job_id, asdict(out)) if job_id is not None else None)
+    return out

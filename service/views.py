@@ -81,6 +81,7 @@ class JobView:
     id: int
     kind: str
     status: str  # queued | running | stalled (running, but quiet for the visibility timeout) | succeeded | failed
+    # | cancelled (`wherefrom jobs cancel`: its tasks stopped at their next boundary)
     params: dict
     result: dict | None = None
     error: str | None = None  # one line, for the user, when status is "failed"
