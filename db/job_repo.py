@@ -111,7 +111,15 @@ def cancel_job(s: Session, job_id: int) -> Job:
         raise Conflict(f"job {job_id} is already {job.status}: nothing to cancel")
     now = utcnow()
     job.status, job.stage, job.updated_at, job.finished_at = "cancelled", f"cancelled at: {job.stage}"[:200], now, now
+    s.execute(update(JobShard).where(JobShard.job_id == job_id, JobShard.status == "pending")
+              .values(status="cancelled", finished_at=now))  # they never start; running ones stop themselves
     return job
+
+
+def stop_shard(s: Session, job_id: int, shard: int) -> None:
+    """A task of a cancelled job stopped at its boundary: its shard shows it, unless it got done first."""
+    s.execute(update(JobShard).where(JobShard.job_id == job_id, JobShard.shard == shard, JobShard.status != "done")
+              .values(status="cancelled", finished_at=utcnow()))
 
 
 def requeue_job(s: Session, job_id: int) -> Job:

@@ -154,7 +154,7 @@ class JobShard(Base):
     shard: Mapped[int] = mapped_column(Integer, primary_key=True)
     row_start: Mapped[int] = mapped_column(BigInteger)
     row_end: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | running | done
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | running | done | cancelled
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # > 1: redelivered (a worker died)
     worker: Mapped[str | None] = mapped_column(String(200))

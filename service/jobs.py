@@ -166,7 +166,8 @@ def run_task(settings: Settings, task: str, args: tuple, dispatch, worker: str) 
                                    "(a build keeps its finished shards)"):
             raise
         log.info("%s %s failed after its job finished (a concurrent run won): %s", task, args, reason)
-    _tidy_cancelled(settings, job_id)  # a task that stopped on a cancel may have written files since
+    # a task that stopped on a cancel marks its shard, and may have written files since the cancel
+    _tidy_cancelled(settings, job_id, args[1] if task in SHARD_TASKS else None)
 
 
 def cancel(settings: Settings, job_id: int | str) -> JobView:
@@ -180,9 +181,11 @@ def cancel(settings: Settings, job_id: int | str) -> JobView:
     return get(settings, view.id)
 
 
-def _tidy_cancelled(settings: Settings, job_id: int) -> None:
+def _tidy_cancelled(settings: Settings, job_id: int, shard: int | None = None) -> None:
     with transaction(settings.database_url) as s:
         job = job_repo.get_job(s, job_id)
+        if job.status == "cancelled" and shard is not None:
+            job_repo.stop_shard(s, job_id, shard)
     if job.status == "cancelled" and job.kind == "index":
         from service import builds
         builds.discard(settings, job)
@@ -251,6 +254,7 @@ KINDS = {"index": _build_stage("plan"), "trace": _run_trace,  # a job's first ta
          "study": _study_stage("plan"), "update": _run_update, "delete": _run_delete, "model": _run_model}
 RUNNERS = {"job": run_job, "shard": _build_stage("run_shard"), "merge": _build_stage("run_merge"),
            "study_task": _study_stage("run_task"), "study_summary": _study_stage("run_summary")}
+SHARD_TASKS = ("shard", "study_task")  # tasks whose second argument is their shard
 assert set(KINDS) == set(SPECS)  # every kind of job has its parameters and its runner
 
 
