@@ -14,8 +14,9 @@ from db import job_repo
 from db.engine import transaction
 from db.models import IndexBuild, Job, Study, StudyQuestion, Trace
 from indexer.config import BuildConfig
-from service import builds, catalog, jobs, studies
+from service import builds, jobs, studies
 from service.settings import Settings
+from tests.service.conftest import index_world
 from tests.service.test_api import TOKEN, running_server
 
 CONFIG = BuildConfig(shard_size=40)  # the tiny world's 197 documents in 5 shards
@@ -32,10 +33,7 @@ def world(tmp_path_factory, trained, tiny_world):
     """A private data dir (SQLite) with the tiny world ingested and indexed, and 12 questions."""
     root = tmp_path_factory.mktemp("cancel")
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root}/data/wherefrom.db")
-    corpus, _ = tiny_world.write(root / "world")
-    catalog.ingest(settings, corpus, "w")
-    catalog.add_model(settings, trained[0], "m")
-    jobs.index_here(settings, "w", "m")
+    index_world(settings, tiny_world, trained[0], root / "world", "w")
     questions = write_questions(root / "questions.jsonl", tiny_world.questions[:12])
     return SimpleNamespace(settings=settings, questions=questions)
 
@@ -128,7 +126,7 @@ def test_a_running_study_stops_within_one_task(world, monkeypatch, where):
 @pytest.mark.parametrize("where", ["between shards", "inside a shard"])
 def test_a_running_build_stops_within_one_shard(world, monkeypatch, where):
     settings = world.settings
-    job_id = queued(settings, builds.index_job(settings, "w", "m", CONFIG))
+    job_id = queued(settings, builds.index_job(settings, "w", "w", CONFIG))
     if where == "between shards":
         cancel_on_call(monkeypatch, jobs.RUNNERS, "shard", 1, (settings, job_id))
     # inside: the second shard's files are written after the cancel, then removed by the shard itself
@@ -167,11 +165,8 @@ def test_delete_jobs_id_cancels_through_the_server(world, tmp_path):
 def cluster_world(cluster, trained, tiny_world, tmp_path_factory):
     settings, _ = cluster
     root = tmp_path_factory.mktemp("cancel-cluster")
-    corpus, _ = tiny_world.write(root)
     name = f"c{uuid.uuid4().hex[:6]}"
-    catalog.ingest(settings, corpus, name)
-    catalog.add_model(settings, trained[0], name)
-    jobs.index_here(settings, name, name)
+    index_world(settings, tiny_world, trained[0], root, name)
     return name, write_questions(root / "questions.jsonl", tiny_world.questions * 3)  # 120 questions
 
 

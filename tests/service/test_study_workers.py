@@ -10,8 +10,9 @@ from sqlalchemy import func, select
 from db import job_repo
 from db.engine import transaction
 from db.models import StudyQuestion, Trace, TraceResult
-from service import catalog, jobs, studies
+from service import jobs, studies
 from bench.cluster import wait_for, wait_job
+from tests.service.conftest import index_world
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +21,8 @@ pytestmark = pytest.mark.slow
 def world(cluster, trained, tiny_world, tmp_path_factory):
     settings, _ = cluster
     root = tmp_path_factory.mktemp("study-world")
-    corpus_path, _ = tiny_world.write(root)
     name = f"s{uuid.uuid4().hex[:6]}"
-    catalog.ingest(settings, corpus_path, name)
-    catalog.add_model(settings, trained[0], name)
-    jobs.index_here(settings, name, name)
+    index_world(settings, tiny_world, trained[0], root, name)
     questions = root / "questions.jsonl"  # 120 questions: the world's 40, three times over
     questions.write_text("".join(json.dumps({"question": q.prompt, "expected": q.answer}) + "\n"
                                  for q in tiny_world.questions * 3))
