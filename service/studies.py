@@ -138,10 +138,10 @@ class _Target:
     method: str
 
 
-def _target(s, job_id: int) -> _Target:
+def _target(settings: Settings, s, job_id: int) -> _Target:
     study = study_repo.study_of_job(s, job_id)
     build = repo.get_build(s, study.build_id)
-    return _Target(study.id, build.id, build.corpus_id, build.store_path, build.model_id,
+    return _Target(study.id, build.id, build.corpus_id, str(settings.resolve_store(build.store_path)), build.model_id,
                    checkpoints_by_step(repo.get_model(s, build.model_id)), study.k, study.method)
 
 
@@ -166,7 +166,7 @@ def run_task(settings: Settings, job_id: int, shard: int, dispatch, worker: str)
     """Trace one task's pending questions and store them with the task's `done`, in one transaction."""
     job = _open(settings, job_id)
     with transaction(settings.database_url) as s:
-        target = _target(s, job_id)
+        target = _target(settings, s, job_id)
         row = next(r for r in job_repo.shards_of(s, job_id) if r.shard == shard)
         questions = [(q.number, q.question, q.answer, q.expected)
                      for q in study_repo.pending(s, target.study_id, row.row_start, row.row_end)]
