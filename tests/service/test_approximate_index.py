@@ -1,7 +1,9 @@
 """A build whose FAISS indexes are approximate (IVF + 8-bit codes) ranks like the exact one: a trace
 rescores a widened candidate list exactly from the float16 store."""
 
-from indexer import store
+import numpy as np
+
+from indexer import ann, store
 from indexer.config import BuildConfig
 from service import catalog, jobs, traces
 from service.settings import Settings
@@ -25,6 +27,27 @@ def test_an_ivf_build_ranks_as_the_exact_build(tmp_path, indexed):
             # candidates, every score comes from the float16 store, so the ranking is the exact one
             assert [h.external_id for h in approx.hits] == [h.external_id for h in exact.hits], (q.prompt, method)
             assert all(abs(a.score - e.score) < 1e-5 for a, e in zip(approx.hits, exact.hits))
+
+
+def test_past_the_scan_budget_the_automatic_index_keeps_the_default_ranking(tmp_path, indexed, monkeypatch):
+    # a budget of 1,000 elements makes the tiny world's automatic indexes approximate, as a large
+    # corpus's are: the default path (automatic choice, default method) must rank as the exact build
+    monkeypatch.setattr(ann, "SCAN_ELEMENTS", 1000)
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")
+    corpus, _ = indexed.world.write(tmp_path / "world")
+    catalog.ingest(settings, corpus, "world")
+    catalog.add_model(settings, indexed.model_dir, "tiny")
+    jobs.index_here(settings, "world", "tiny")
+    info = store.read_info(next(settings.stores.iterdir()))
+    assert info["faiss_factory"].startswith("IVF") and info["dense_faiss_factory"].startswith("IVF")
+    assert "PCA" not in info["faiss_factory"]  # the full width: PCA threw the gradient signal away
+
+    same = []
+    for q in indexed.world.questions:
+        exact = traces.trace(indexed.settings, q.prompt)
+        approx = traces.trace(settings, q.prompt)
+        same.append([h.external_id for h in approx.hits] == [h.external_id for h in exact.hits])
+    assert np.mean(same) >= 0.99, f"{sum(same)}/{len(same)} top-10s equal the exact build's"
 
 
 def test_a_factory_that_does_not_fit_the_features_is_refused_with_nothing_published(tmp_path, indexed):
