@@ -2,8 +2,8 @@
 trace every question with the default method, then the same answers through `traces.trace` with
 each `--method`. Ranks are read from the stored traces' hits (k=100), so nothing here re-ranks.
 
-Used by `bench.quality --world realistic|trap`; `--proj N` builds with N × N projections, `--exact`
-adds a second build forced to an exact FAISS index for comparison.
+Used by `bench.quality --world realistic|trap`; `--proj N` builds with N × N projections (and traces
+the default and `--method grad` only), `--exact` adds a second build forced to an exact FAISS index.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def run(world: str, seed: int, proj: int | None = None, exact: bool = False, lim
     name = f"data-proj{proj}" if proj else "data"
     settings, seconds = build(folder, corpus, model, BuildConfig(gradient=gradient), name)
     started = time.perf_counter()
-    records = trace_all(settings, questions)
+    records = trace_all(settings, questions, ("grad",) if proj else METHODS)  # a projection sweep needs grad only
     report = {"world": world, "seed": seed, "proj": proj or gradient.k_in, "questions": len(questions),
               "build_seconds": seconds, "trace_seconds": time.perf_counter() - started,
               "store": store_facts(settings), "config": asdict(gradient), "records": records,
