@@ -58,7 +58,7 @@ def store_facts(settings) -> dict:
     """The build's FAISS factory, rows, gradient width and bytes per document of each store file."""
     from indexer import store
     from service import traces
-    folder = settings.data_dir / traces.resolve_build(settings).store_path
+    folder = Path(traces.resolve_build(settings).store_path)  # as the tracer opens it
     info = store.read_info(folder)
     grad = np.load(folder / "grad.npy", mmap_mode="r")
     sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
@@ -74,12 +74,19 @@ def first_rank(hits, truth: set[str]) -> int | None:
 def trace_all(settings, questions, methods=METHODS) -> list[dict]:
     """Every question through the default `trace` (answer generated); correctly answered ones again
     through each method with that answer. One record per question."""
+    from db.errors import InputError
     from service import traces
     from service.demo.run import is_correct
 
     records = []
     for q in questions:
-        default = traces.trace(settings, q.prompt, k=K)
+        try:
+            default = traces.trace(settings, q.prompt, k=K)
+        except InputError as e:  # the model answered nothing: a user sees this line
+            records.append({"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": q.is_trap,
+                            "n": q.n_paraphrases, "answer": "", "correct": False, "refused": str(e),
+                            "ranks": {}, "top10": {}, "trace_ms": None})
+            continue
         rec = {"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": q.is_trap,
                "n": q.n_paraphrases, "answer": default.answer, "correct": is_correct(default.answer, q.answer),
                "ranks": {"default": first_rank(default.hits, set(q.source_ids))},
@@ -110,7 +117,8 @@ def summary(records: list[dict]) -> dict:
             "accuracy": {s: float(np.mean(v)) for s, v in by_style.items()},
             "n": {k: len(v) for k, v in splits.items()},
             "mrr": {m: {k: mrr(v, m) for k, v in splits.items()} for m in methods},
-            "trace_ms_p50": float(np.median([r["trace_ms"] for r in records]))}
+            "trace_ms_p50": float(np.median([r["trace_ms"] for r in records if r["trace_ms"] is not None])),
+            "refused_empty_answer": sum("refused" in r for r in records)}
 
 
 def same_top10(a: list[dict], b: list[dict], method: str = "default") -> float:
@@ -121,11 +129,12 @@ def same_top10(a: list[dict], b: list[dict], method: str = "default") -> float:
 
 
 def save_features(settings, questions, records, path: Path) -> None:
-    """The build's gradient rows and the query gradients of the correct answers (for bench.faiss_scale)."""
+    """The build's gradient rows and the query gradients of the model's answers, right or wrong: each
+    is a query a user could make (for bench.faiss_scale)."""
     from service import tracer_cache, traces
     target = traces.resolve_build(settings)
     tracer = tracer_cache.build_tracer(target.store_path, target.by_step)
-    queries = [tracer.query_gradient(q.prompt, r["answer"]) for q, r in zip(questions, records) if r["correct"]]
+    queries = [tracer.query_gradient(q.prompt, r["answer"]) for q, r in zip(questions, records) if r["answer"].strip()]
     np.savez(path, base=np.asarray(tracer.grad, dtype=np.float16), queries=np.stack(queries).astype(np.float32))
 
 
@@ -140,12 +149,11 @@ def run(world: str, seed: int, proj: int | None = None, exact: bool = False, lim
     gradient = GradientConfig(k_in=proj, k_out=proj) if proj else GradientConfig()
     name = f"data-proj{proj}" if proj else "data"
     settings, seconds = build(folder, corpus, model, BuildConfig(gradient=gradient), name)
-    started = time.perf_counter()
+    facts, started = store_facts(settings), time.perf_counter()
     records = trace_all(settings, questions, ("grad",) if proj else METHODS)  # a projection sweep needs grad only
     report = {"world": world, "seed": seed, "proj": proj or gradient.k_in, "questions": len(questions),
               "build_seconds": seconds, "trace_seconds": time.perf_counter() - started,
-              "store": store_facts(settings), "config": asdict(gradient), "records": records,
-              "summary": summary(records)}
+              "store": facts, "config": asdict(gradient), "records": records, "summary": summary(records)}
     if not proj:
         save_features(settings, questions, records, folder / "features.npz")
     if exact and report["store"]["factory"] != "Flat":
