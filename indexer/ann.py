@@ -24,23 +24,34 @@ SCAN_ELEMENTS = 10_000_000
 FAISS_BLOCK_BYTES = 16 << 20  # float32 bytes per block fed to FAISS (2,048 rows at 2,048 dims)
 TRAIN_ROWS = 160_000  # rows an index trains on at most: 40 per list at 4096 lists
 # An approximate index returns this many times the candidates wanted, rescored exactly from the store:
-# gradient features are close to isotropic, so the codes' order is rough beyond the first few
-RESCORE = 10
+# 8-bit codes of real gradient features put the true top-100 in their top 400 (recall 1.000), not
+# always in their top 100 (0.994; BENCHMARKS.md)
+RESCORE = 4
 EXACT = "Flat"
 
 
-def choose_factory(rows: int, dim: int) -> str:
-    """Exact search while a scan costs about 20 ms (`SCAN_ELEMENTS`); beyond, an inverted file over
-    8-bit codes of the full width, no PCA: gradient features are close to isotropic and 512 principal
-    components kept too little of them (`--method grad` MRR 0.863 exact → 0.628 with PCA512, issue 12).
+# A full scan of 8-bit codes (1 byte an element) while rows × dims stays under this: on the realistic
+# world's real features (10,372 × 7,168) it kept recall@100 at 1.000 after rescoring 400, in 55 ms
+# against ~150 ms for the float32 scan; an IVF searching 32 of 128 lists kept only 0.79, 64 of 128
+# 0.89 (bench/faiss_scale.py, BENCHMARKS.md). Up to 200M elements it stays under ~150 ms here.
+CODE_SCAN_ELEMENTS = 20 * SCAN_ELEMENTS
 
-    A trace rescores its candidates from the float16 store, so the index only has to bring the true
-    top-100 into its top `RESCORE` × 100 (recall measured on real features: bench/faiss_scale.py).
+
+def choose_factory(rows: int, dim: int) -> str:
+    """Exact search while a scan costs about 20 ms (`SCAN_ELEMENTS`); then a full scan of 8-bit codes
+    (`SQ8`, `CODE_SCAN_ELEMENTS`); beyond, an inverted file over 8-bit codes. Never a PCA: gradient
+    features are close to isotropic, and 512 principal components dropped `--method grad` MRR from
+    0.863 (exact) to 0.628 (issue 12). Isotropic features also defeat the inverted file's partition
+    (recall above), so it is the last resort, where no scan fits.
+
+    A trace rescores its candidates from the float16 store, so the codes only have to bring the true
+    top-100 into their top `RESCORE` × 100.
     """
     if rows * dim <= SCAN_ELEMENTS:
         return EXACT
-    # ≈ √n lists, a power of two in [16, 4096], and at least 40 rows per list for k-means: few lists
-    # keep a search of NPROBE = 32 of them a large share of an isotropic corpus
+    if rows * dim <= CODE_SCAN_ELEMENTS:
+        return "SQ8"
+    # ≈ √n lists, a power of two in [16, 4096], and at least 40 rows per list for k-means
     lists = 1 << max(4, min(12, round(np.log2(rows ** 0.5)), int(np.log2(max(16, rows // 40)))))
     return f"IVF{lists},SQ8"
 

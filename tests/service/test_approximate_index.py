@@ -2,6 +2,7 @@
 rescores a widened candidate list exactly from the float16 store."""
 
 import numpy as np
+import pytest
 
 from indexer import ann, store
 from indexer.config import BuildConfig
@@ -29,17 +30,20 @@ def test_an_ivf_build_ranks_as_the_exact_build(tmp_path, indexed):
             assert all(abs(a.score - e.score) < 1e-5 for a, e in zip(approx.hits, exact.hits))
 
 
-def test_past_the_scan_budget_the_automatic_index_keeps_the_default_ranking(tmp_path, indexed, monkeypatch):
-    # a budget of 1,000 elements makes the tiny world's automatic indexes approximate, as a large
-    # corpus's are: the default path (automatic choice, default method) must rank as the exact build
-    monkeypatch.setattr(ann, "SCAN_ELEMENTS", 1000)
+@pytest.mark.parametrize("budget, kind", [(50_000, "SQ8"), (1_000, "IVF")])
+def test_past_the_scan_budget_the_automatic_index_keeps_the_default_ranking(tmp_path, indexed, monkeypatch,
+                                                                            budget, kind):
+    # small budgets make the tiny world's automatic indexes approximate, as a large corpus's are
+    # (a scan of 8-bit codes, or an inverted file): the default path must rank as the exact build
+    monkeypatch.setattr(ann, "SCAN_ELEMENTS", budget)
+    monkeypatch.setattr(ann, "CODE_SCAN_ELEMENTS", 20 * budget)
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")
     corpus, _ = indexed.world.write(tmp_path / "world")
     catalog.ingest(settings, corpus, "world")
     catalog.add_model(settings, indexed.model_dir, "tiny")
     jobs.index_here(settings, "world", "tiny")
     info = store.read_info(next(settings.stores.iterdir()))
-    assert info["faiss_factory"].startswith("IVF") and info["dense_faiss_factory"].startswith("IVF")
+    assert info["faiss_factory"].startswith(kind) and info["dense_faiss_factory"].startswith(kind)
     assert "PCA" not in info["faiss_factory"]  # the full width: PCA threw the gradient signal away
 
     same = []
@@ -51,8 +55,6 @@ def test_past_the_scan_budget_the_automatic_index_keeps_the_default_ranking(tmp_
 
 
 def test_a_factory_that_does_not_fit_the_features_is_refused_with_nothing_published(tmp_path, indexed):
-    import pytest
-
     from db.errors import InputError
 
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")
