@@ -5,10 +5,10 @@ baseline method, what misled wrong answers, tail-patch.
     python -m bench.quality --world realistic --seed 201           # test seed: the numbers we report
     python -m bench.quality --world trap --seed 101 --baselines    # the trap world with every baseline
 
-Trains the demo-sized GPT-2 on the trap world of `--seed` (cached under bench/out/), indexes it with
-the product's default build, and scores every row for every question with every method.
-Writes bench/out/quality-seed{seed}.json and prints the tables and the hybrid weight grid (read
-it on the dev seed only). Leave-top-k-out retraining is `bench/leave_out.py`.
+The product path writes bench/out/quality-{world}-seed{seed}[-proj{N}].json. `--baselines` also
+trains the demo-sized GPT-2 on the trap world of `--seed` (cached under bench/out/), indexes it
+with the product's default build, scores every row for every question with every method, and
+writes bench/out/quality-seed{seed}.json with the hybrid weight grid (read it on the dev seed only). Leave-top-k-out retraining is `bench/leave_out.py`.
 """
 
 from __future__ import annotations
