@@ -1,12 +1,14 @@
-"""Quality on the trap world: retrieval per method, what misled wrong answers, tail-patch.
+"""Quality: the product's default path end to end (`bench.product_path`), and on the trap world every
+baseline method, what misled wrong answers, tail-patch.
 
-    python -m bench.quality --seed 101                 # the test seed: the numbers we report
-    python -m bench.quality --seed 100                 # the dev seed: pick the hybrid weights here
+    python -m bench.quality --world realistic --seed 200 --exact   # dev seed: tune here only
+    python -m bench.quality --world realistic --seed 201           # test seed: the numbers we report
+    python -m bench.quality --world trap --seed 101 --baselines    # the trap world with every baseline
 
-Trains the demo-sized GPT-2 on the trap world of `--seed` (cached under bench/out/), indexes it with
-the product's default build, and scores every row for every question with every method.
-Writes bench/out/quality-seed{seed}.json and prints the tables and the hybrid weight grid (read
-it on the dev seed only). Leave-top-k-out retraining is `bench/leave_out.py`.
+The product path writes bench/out/quality-{world}-seed{seed}[-proj{N}].json. `--baselines` also
+trains the demo-sized GPT-2 on the trap world of `--seed` (cached under bench/out/), indexes it
+with the product's default build, scores every row for every question with every method, and
+writes bench/out/quality-seed{seed}.json with the hybrid weight grid (read it on the dev seed only). Leave-top-k-out retraining is `bench/leave_out.py`.
 """
 
 from __future__ import annotations
@@ -192,15 +194,28 @@ def print_tables(t: dict, seed: int) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Quality benchmark on the trap world.")
-    ap.add_argument("--seed", type=int, default=101, help="101 is the test seed; 100 the dev seed")
+    ap = argparse.ArgumentParser(description="Quality benchmark: the product's default path, and every method.")
+    ap.add_argument("--world", choices=("trap", "realistic"), default="trap")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="trap: 101 test, 100 dev; realistic: 201 test, 200 dev (the default: tune on dev only)")
+    ap.add_argument("--proj", type=int, default=None, help="projection size per side (default: GradientConfig's)")
+    ap.add_argument("--exact", action="store_true", help="also a build forced to an exact FAISS index")
+    ap.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    ap.add_argument("--baselines", action="store_true", help="trap world: also score every baseline method")
     args = ap.parse_args()
-    report = run(args.seed)
-    t = tables(report)
-    print_tables(t, args.seed)
-    print("hybrid weight grid, best first:", *report["weight_grid"][:5], sep="\n  ")
+    from bench import product_path
+    seed = args.seed if args.seed is not None else (101 if args.world == "trap" else 200)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"quality-seed{args.seed}.json").write_text(json.dumps({**report, "tables": t}, indent=1))
+    report = product_path.run(args.world, seed, args.proj, args.exact, args.limit)
+    product_path.print_report(report)
+    suffix = f"-proj{args.proj}" if args.proj else ""
+    (OUT / f"quality-{args.world}-seed{seed}{suffix}.json").write_text(json.dumps(report, indent=1))
+    if args.baselines and args.world == "trap":
+        baselines = run(seed)
+        t = tables(baselines)
+        print_tables(t, seed)
+        print("hybrid weight grid, best first:", *baselines["weight_grid"][:5], sep="\n  ")
+        (OUT / f"quality-seed{seed}.json").write_text(json.dumps({**baselines, "tables": t}, indent=1))
 
 
 if __name__ == "__main__":
