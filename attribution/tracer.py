@@ -19,7 +19,7 @@ import torch
 from db.errors import InputError
 from indexer import lexical, semantic, store
 from indexer.ann import AnnIndex, top_k
-from indexer.config import BuildConfig, NPROBE
+from indexer.config import NPROBE, BuildConfig, Runtime
 from indexer.curvature import Curvature
 from indexer.gradients import collate, featurizer_for
 from indexer.modelio import CheckpointInfo
@@ -89,6 +89,7 @@ class Tracer:
         self.info = store.read_info(self.folder)
         self.config = BuildConfig(**self.info["config"])
         self.ckpts = ckpts
+        self.runtime = Runtime.from_env()  # device and dtype: WHEREFROM_DEVICE, `trace --device`
         self.weights = self.info["gradient"]["weights"]
         self.grad = store.open_array(self.folder, "grad")
         self.dense = store.open_array(self.folder, "dense")
@@ -112,13 +113,13 @@ class Tracer:
     def featurizer(self, c: int):
         """(model, tokenizer, featurizer) of checkpoint `c`, loaded once."""
         if c not in self._featurizers:
-            self._featurizers[c] = featurizer_for(self.ckpts[c], self.config.gradient)
+            self._featurizers[c] = featurizer_for(self.ckpts[c], self.config.gradient, self.runtime)
         return self._featurizers[c]
 
     def generate(self, question: str, max_new_tokens: int = 16) -> str:
         """Greedy answer of the last checkpoint."""
         model, tokenizer, _ = self.featurizer(len(self.ckpts) - 1)
-        ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
         self._check_length(ids.shape[1] + 1, model)
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,

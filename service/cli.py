@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from indexer.config import BuildConfig, GradientConfig  # torch-free: --help stays instant
+from indexer.config import BuildConfig, GradientConfig, Runtime, config_help  # torch-free: --help stays instant
 from indexer.corpus import MAX_DOC_BYTES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -105,6 +105,19 @@ def build_config(**values) -> BuildConfig:
     return BuildConfig(gradient=GradientConfig(**by_class[GradientConfig]), **by_class[BuildConfig])
 
 
+def _runtime_option(name: str, *flags: str):  # None: WHEREFROM_<NAME> or the field's default decides
+    text = config_help(Runtime, name)
+    return typer.Option(False if name == "checkpointing" else None, *flags, help=text[:1].upper() + text[1:] + ".")
+
+
+Device, Dtype = _runtime_option("device", "--device"), _runtime_option("dtype", "--dtype")
+
+
+def _runtime(**values) -> Runtime:
+    """The environment's runtime (WHEREFROM_DEVICE, …) under the options given."""
+    return Runtime.from_env(**{k: v for k, v in values.items() if v not in (None, False)})
+
+
 @app.command()
 def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.Option(..., "--model", "-m"),
           checkpoints: str = typer.Option("all", help="all | last | comma-separated steps"),
@@ -122,6 +135,11 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                                       "build to it (its own config; the options above are ignored)."),
           refit: bool = typer.Option(False, "--refit-curvature", help="With --update: refit EK-FAC over all "
                                      "rows, which rewrites every row's features (default: keep the curvature)."),
+          device: Optional[str] = Device, dtype: Optional[str] = Dtype,
+          max_tokens_per_batch: Optional[int] = _runtime_option("max_tokens_per_batch", "--max-tokens-per-batch"),
+          checkpointing: bool = _runtime_option("checkpointing", "--checkpointing"),
+          plan: bool = typer.Option(False, "--plan", help="Probe one batch, print predicted memory, time and "
+                                    "store size, and stop (every build here runs the same check first)."),
           data_dir: Optional[Path] = DataDir):
     """Build gradient, dense and BM25 indexes of a corpus for a model: queued for the workers when
     WHEREFROM_BROKER_URL is set, else built right here. With --update, extend the latest build here."""
@@ -136,12 +154,20 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                           shard_size=shard_size, chunking=chunking, stride=stride, faiss_factory=faiss_factory,
                           nprobe=nprobe)
     settings = _settings(data_dir)
-    if settings.broker_url:
-        job_id = jobs.submit(settings, builds.index_job(settings, corpus, model, config, checkpoints))
-        typer.echo(f"job {job_id} queued on {settings.queue}: follow it with `wherefrom jobs`")
+    runtime = _runtime(device=device, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch,
+                       checkpointing=checkpointing)
+    spec = builds.index_job(settings, corpus, model, config, checkpoints)
+    if settings.broker_url and not plan:  # the workers' own devices and memory decide (`worker --device`)
+        typer.echo(f"job {jobs.submit(settings, spec)} queued on {settings.queue}: follow it with `wherefrom jobs`")
         return
-    with progress_bars() as progress:
-        out = jobs.index_here(settings, corpus, model, config, checkpoints, progress)
+    from indexer.config import applied
+    with applied(runtime):
+        prediction = builds.plan_build(settings, spec, config, runtime)
+        if plan:
+            typer.echo(prediction.describe())
+            return
+        with progress_bars() as progress:
+            out = builds.outcome(settings, jobs.submit(settings, spec, progress, inline=True))
     typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
                f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
                f"{out.skipped_empty} empty document(s) skipped")
@@ -189,6 +215,7 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           run_async: bool = typer.Option(False, "--async", help="Run it as a job (on the workers when "
                                                                  "WHEREFROM_BROKER_URL is set) and print the job."),
+          device: Optional[str] = Device, dtype: Optional[str] = Dtype,
           data_dir: Optional[Path] = DataDir):
     """Which training documents back the model's answer to QUESTION?"""
     if run_async:
@@ -198,8 +225,10 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
         spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify)
         _print_jobs([jobs.get(settings, jobs.submit(settings, spec))], as_json)
         return
+    from indexer.config import applied
     from service import traces
-    out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify)
+    with applied(_runtime(device=device, dtype=dtype)):
+        out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
     else:
@@ -351,6 +380,8 @@ def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker
            check: bool = typer.Option(False, "--check", help="Only check the broker and the database, then exit."),
            threads: Optional[int] = typer.Option(None, min=1, max=1024, help="Torch threads (default: one per core); "
                                                                    "workers sharing a machine should split its cores."),
+           device: Optional[str] = typer.Option(None, "--device", help="The device this worker's tasks use: "
+                                                "auto | cpu | cuda | cuda:N (one worker per GPU)."),
            data_dir: Optional[Path] = DataDir):
     """Run a job worker: it takes index shards, merges and traces from WHEREFROM_BROKER_URL."""
     from service import worker as workers
@@ -358,7 +389,7 @@ def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker
     if check:
         typer.echo(workers.check(settings))
         return
-    workers.start(settings, name, loglevel, threads)
+    workers.start(settings, name, loglevel, threads, _runtime(device=device))
 
 
 @db_app.command("upgrade")
