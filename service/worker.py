@@ -84,9 +84,9 @@ def start(settings: Settings, name: str | None, loglevel: str, threads: int | No
     `runtime`: the device (and dtype, …) of every task this worker runs: one worker per GPU, each
     with `--device cuda:N`, take shards from the same queue as they come free.
     """
-    check(settings)  # fails fast, and migrates the database to head now rather than mid-task
-    if runtime is not None:
+    if runtime is not None:  # first: a device that does not exist needs no broker to say so
         use_device(runtime)
+    check(settings)  # fails fast, and migrates the database to head now rather than mid-task
     if threads:
         import torch
         torch.set_num_threads(threads)
