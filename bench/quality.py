@@ -24,20 +24,34 @@ OUT = Path("bench/out")
 TAIL_PATCH_QUESTIONS = 30  # tail-patch costs one forward/backward per (question, document)
 
 
-def prepare(seed: int):
+def make_world(name: str, seed: int):
+    """The benchmark world `name`: "trap" (bench/trap_world.py) or "realistic" (bench/realistic_world.py)."""
+    if name == "trap":
+        from bench.trap_world import make_trap_world
+        return make_trap_world(seed)
+    try:
+        from bench.realistic_world import make_realistic_world
+    except ModuleNotFoundError as e:
+        if e.name != "bench.realistic_world":  # the world's own missing dependency: show it as it is
+            raise
+        raise SystemExit("--world realistic needs make_realistic_world in bench/realistic_world.py, "
+                         "which this checkout lacks: merge the realistic-world branch or use --world trap")
+    return make_realistic_world(seed)
+
+
+def prepare(seed: int, world_name: str = "trap"):
     """World, trained model, one default build; returns (world, settings, tracer, row ext ids, row tokens)."""
     from attribution.tracer import Tracer
     from service.demo.train import TrainConfig, train
-    from bench.trap_world import make_trap_world
     from db import repo
     from db.engine import transaction
     from db.errors import NotFound
     from service import catalog, jobs
     from service.settings import Settings
 
-    folder = OUT / f"trap-seed{seed}"
+    folder = OUT / f"{world_name}-seed{seed}"
     settings = Settings(data_dir=folder, database_url=f"sqlite:///{folder.resolve()}/bench.db")
-    world = make_trap_world(seed)
+    world = make_world(world_name, seed)
     corpus, _ = world.write(folder / "world")
     if not any((folder / "model").glob("checkpoint-*/model.safetensors")):
         train([d["text"] for d in world.documents], folder / "model", TrainConfig(seed=seed))
@@ -55,7 +69,7 @@ def prepare(seed: int):
         texts = [entries[i][1].text for i in range(build.row_count)]
         ckpts = list(catalog.checkpoints_by_step(repo.model_by_name(s, "trap")).values())
         store_path = build.store_path
-    tracer = Tracer(Path(store_path), ckpts)
+    tracer = Tracer(settings.resolve_store(store_path), ckpts)
     _, tokenizer, _ = tracer.featurizer(len(ckpts) - 1)
     tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     return world, settings, tracer, ext, texts, tokens, folder

@@ -100,6 +100,8 @@ class Trace(Base):
     build_id: Mapped[int] = mapped_column(ForeignKey("index_builds.id", ondelete="CASCADE"), index=True)
     method: Mapped[str] = mapped_column(String(40))
     timings: Mapped[dict] = mapped_column(JSON, default=dict)  # seconds per stage
+    # what dense and BM25 searched with (the prompt's template removed); NULL for traces before 0007
+    text_query: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # the job that traced it: unique, so a trace job delivered twice still stores one trace
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True, unique=True)

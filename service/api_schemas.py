@@ -28,6 +28,9 @@ class TraceRequest(BaseModel):
     method: Method = "hybrid"
     rerank: Literal["exact"] | None = Field(None, description="exact: rescore the top candidates with full gradients.")
     verify: bool = Field(False, description="Tail-patch and lexical check of each returned document.")
+    text_query: str | None = Field(None, min_length=1, max_length=4000,
+                                   description="What dense and BM25 search with; default: the question's content "
+                                               "(chat template, system and few-shot parts removed) and the answer.")
     run_async: bool = Field(False, alias="async",
                             description="Queue the trace and answer 202 with a job to poll at /jobs/{id}.")
 

@@ -14,6 +14,7 @@ both send one) waits on the lock, sees the job finished and drops its output.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import uuid
@@ -27,7 +28,8 @@ from db.models import FINISHED, Job
 from indexer import store
 from indexer.build import compute_shard, merge_shards
 from indexer.config import BuildConfig, Runtime
-from indexer.modelio import CheckpointInfo, check_unchanged, context_length, select_checkpoints, weights_stat
+from indexer.modelio import (CheckpointInfo, check_tokenizer_unchanged, check_unchanged, context_length,
+                             select_checkpoints, weights_stat)
 from indexer.plan import Plan, write_plan
 from service.catalog import model_checkpoints
 from service.job_params import IndexJob
@@ -52,10 +54,17 @@ def index_job(settings: Settings, corpus: str, model: str, config: BuildConfig |
         raise InputError("the checkpoints use different tokenizers: index them as separate models")
     check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256, "base_path": c.base_path}
                      for c in ckpts])
+    check_tokenizer_unchanged(ckpts)
     _check_window(config, ckpts[-1].base_path or ckpts[-1].path)
     return IndexJob(corpus=corpus, model=model, corpus_id=corpus_id, model_id=model_id,
                     checkpoint_steps=[c.step for c in ckpts], config=asdict(config),
-                    store=f"{corpus}-{model}-{uuid.uuid4().hex[:8]}")
+                    store=_store_name(corpus, model))
+
+
+def _store_name(corpus: str, model: str) -> str:
+    """A fresh folder name under stores/: names may hold `/` or `..`, and up to 400 characters where
+    a file name takes 255, so only their safe characters are kept, at most 100 of them."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', f'{corpus}-{model}')[:100]}-{uuid.uuid4().hex[:8]}"
 
 
 def _check_window(config: BuildConfig, folder: Path) -> None:
@@ -106,6 +115,11 @@ def _spec(job: Job) -> tuple[IndexJob, BuildConfig]:
 
 def work_dir(settings: Settings, job: Job) -> Path:
     return settings.stores / (IndexJob.from_params(job.params).store + ".partial")
+
+
+def stored_path(settings: Settings, folder: Path) -> str:
+    """How SQL names a store folder: relative to the data directory (`Settings.resolve_store`)."""
+    return folder.relative_to(settings.data_dir).as_posix()
 
 
 def _checkpoints(settings: Settings, spec: IndexJob) -> list[CheckpointInfo]:
@@ -268,7 +282,7 @@ def _publish(settings: Settings, job_id: int, out: Path, final: Path, layout: Pl
             spec = IndexJob.from_params(job.params)
             build = repo.create_build(
                 s, corpus_id=spec.corpus_id, model_id=spec.model_id, kind="hybrid",
-                config={**info["config"], "checkpoint_steps": spec.checkpoint_steps}, store_path=str(final),
+                config={**info["config"], "checkpoint_steps": spec.checkpoint_steps}, store_path=stored_path(settings, final),
                 entries=layout.entries(), job_id=job_id, checksum=info["checksum"])
             repo.set_token_counts(s, layout.doc_tokens())
             if final.exists():  # left by a merge killed between its rename and its commit: never published
@@ -295,4 +309,4 @@ def outcome(settings: Settings, job_id: int) -> BuildOutcome:
         result = job_repo.get_job(s, job_id).result
         store_path = repo.get_build(s, result["build_id"]).store_path
     return BuildOutcome(result["build_id"], result["rows"], result["skipped_empty"],
-                        store.read_info(Path(store_path)), job_id)
+                        store.read_info(settings.resolve_store(store_path)), job_id)

@@ -60,8 +60,8 @@ def check_tokenizer_fits(folder: Path, base: Path | None = None) -> None:
 
     from indexer.modelio import load_tokenizer
     fix = "save the tokenizer the model was trained with into the folder (tokenizer.save_pretrained)"
+    tokenizer = load_tokenizer(folder, base)  # InputError with the reason when the files are broken
     try:
-        tokenizer = load_tokenizer(folder, base)
         config = AutoConfig.from_pretrained(base or folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise InputError(f"the model or tokenizer in {folder} does not load ({e.__class__.__name__}): {fix}") from None

@@ -210,6 +210,8 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
           method: str = typer.Option("hybrid", help="hybrid | grad | dense | bm25"),
           rerank: Optional[str] = typer.Option(None, help="exact: rescore the top candidates with full gradients (captum TracInCP)."),
           verify: bool = typer.Option(False, "--verify", help="Tail-patch and lexical check of each document."),
+          text_query: Optional[str] = typer.Option(None, "--text-query", help="What dense and BM25 search with; "
+                                                   "default: the question's content (template removed) and the answer."),
           corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Default: the latest build's."),
           model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the latest build's."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -222,13 +224,13 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
         from service import jobs
         from service.job_params import TraceJob
         settings = _settings(data_dir)
-        spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify)
+        spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify, text_query)
         _print_jobs([jobs.get(settings, jobs.submit(settings, spec))], as_json)
         return
     from indexer.config import applied
     from service import traces
     with applied(_runtime(device=device, dtype=dtype)):
-        out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify)
+        out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify, text_query)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
     else:
@@ -300,10 +302,12 @@ def write_atomically(path: Path, text: str) -> None:
 
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+           fix: bool = typer.Option(False, "--fix", help="Remove orphan work folders (*.partial) of killed or "
+                                                         "failed builds and updates; nothing else."),
            data_dir: Optional[Path] = DataDir):
     """Check the database, the broker, the stores and the model checksums; say what to fix."""
     from service.doctor import run_checks
-    checks = run_checks(_settings(data_dir))
+    checks = run_checks(_settings(data_dir), fix)
     if as_json:
         typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
     else:

@@ -38,6 +38,8 @@ class TraceJob:
     rerank: str | None = field(default=None, metadata={"help": "exact: rescore the top candidates with full "
                                                                "gradients (captum TracInCP)."})
     verify: bool = field(default=False, metadata={"help": "Tail-patch and lexical check of each document."})
+    text_query: str | None = field(default=None, metadata={"help": "What dense and BM25 search with; default: the "
+                                                                   "question's content (template removed) and the answer."})
 
     kind = "trace"
 
@@ -46,6 +48,8 @@ class TraceJob:
         check_k(self.k)
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.text_query is not None and not self.text_query.strip():
+            raise InputError("the text query is empty: pass --text-query with the words to search for, or leave it out")
         if self.rerank not in (None, *RERANKS):
             raise InputError(f"unknown rerank {self.rerank!r}: use --rerank exact, or leave it out")
 

@@ -10,6 +10,7 @@ commit leaves SQL and the published stores as they were, and the work folder is 
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from db.errors import Conflict, InputError
 from indexer import store
 from indexer.build import Progress, compute_shard
 from indexer.config import BuildConfig
-from indexer.modelio import check_unchanged
+from indexer.modelio import check_tokenizer_unchanged, check_unchanged
 from indexer.plan import shard_ranges
+from service.builds import chunk_documents, stored_path
 from service.catalog import checkpoints_by_step
 from service.settings import Settings
 
@@ -42,6 +44,7 @@ class Change:
     old: Path
     work: Path  # the `.partial` folder holding `out` (and shards); removed when done
     final: Path  # where `out` is published
+    lock: int  # descriptor holding `work`'s lock, so `wherefrom doctor --fix` leaves it alone
     entries: list[tuple[int, int, int]] = field(default_factory=list)  # appended rows
 
     @property
@@ -57,7 +60,8 @@ def _new_change(build_id: int, checksum: str | None, old: Path) -> Change:
     """A work folder for the next version; named `<first store name>-g<generation>-<random>`."""
     info = store.read_info(old)
     final = old.parent / f"{info.get('lineage', old.name)}-g{info.get('generation', 0) + 1}-{uuid.uuid4().hex[:6]}"
-    change = Change(build_id, checksum, old, store.partial_dir(final), final)
+    work, lock = store.partial_dir(final)
+    change = Change(build_id, checksum, old, work, final, lock)
     change.out.mkdir()
     return change
 
@@ -76,7 +80,8 @@ def publish(settings: Settings, changes: list[Change], tombstones: list[int] = (
                                    "run the command again")
                 update_repo.append_entries(s, build, ch.entries)
                 info = ch.info
-                build.store_path, build.row_count, build.checksum = str(ch.final), info["rows"], info["checksum"]
+                build.store_path, build.row_count, build.checksum = (stored_path(settings, ch.final), info["rows"],
+                                                                     info["checksum"])
             if token_counts:
                 repo.set_token_counts(s, token_counts)
             for ch in changes:
@@ -87,15 +92,16 @@ def publish(settings: Settings, changes: list[Change], tombstones: list[int] = (
             shutil.rmtree(final, ignore_errors=True)
         raise
     finally:
-        for ch in changes:
-            shutil.rmtree(ch.work, ignore_errors=True)
+        discard(changes)
     for ch in changes:
         shutil.rmtree(ch.old, ignore_errors=True)
 
 
 def discard(changes: list[Change]) -> None:
+    """Remove the work folders (their published `out` is renamed away already) and their locks."""
     for ch in changes:
         shutil.rmtree(ch.work, ignore_errors=True)
+        os.close(ch.lock)
 
 
 # --- adding documents ------------------------------------------------------------------------
@@ -117,13 +123,11 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
     New rows are computed as one more set of shards with the build's own config (projection seed,
     Adam fold, checkpoints). Returns (None when nothing is new, token counts by document).
     """
-    from service.builds import chunk_documents
-
     with transaction(settings.database_url) as s:
         build = repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
         by_step = checkpoints_by_step(repo.get_model(s, build.model_id))
         docs = update_repo.unindexed_documents(s, build.id, build.corpus_id)
-        build_id, checksum, old = build.id, build.checksum, Path(build.store_path)
+        build_id, checksum, old = build.id, build.checksum, settings.resolve_store(build.store_path)
     info = store.read_info(old)
     config = BuildConfig(**info["config"])
     if config.chunking == "packed" and docs:
@@ -133,6 +137,7 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
                          "build it again with `wherefrom index` instead of --update")
     check_unchanged(info["checkpoints"])
     ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
+    check_tokenizer_unchanged(ckpts)
     chunks, texts, counts = chunk_documents(docs, ckpts, config) if docs else ([], [], {})
     if not chunks:
         return None, counts
@@ -163,8 +168,8 @@ def update(settings: Settings, corpus: str, model: str, refit: bool = False,
     change, counts = prepare_update(settings, corpus, model, refit, progress)
     if change is None:
         target = _latest(settings, corpus, model)
-        info = store.read_info(Path(target.store_path))
-        return UpdateOutcome(target.id, 0, 0, info["rows"], "unchanged", target.store_path)
+        folder = settings.resolve_store(target.store_path)
+        return UpdateOutcome(target.id, 0, 0, store.read_info(folder)["rows"], "unchanged", str(folder))
     info = change.info
     publish(settings, [change], token_counts=counts)
     return UpdateOutcome(change.build_id, len({d for d, _, _ in change.entries}), len(change.entries),
@@ -196,7 +201,7 @@ def prepare_delete(settings: Settings, corpus: str, external_ids: list[str]) -> 
         c = repo.corpus_by_name(s, corpus)
         docs = update_repo.documents_by_external_id(s, c.id, corpus, sorted(set(external_ids)))
         dropping = [d.id for d in docs if d.deleted_at is None]
-        plans = [(b.id, b.checksum, Path(b.store_path), update_repo.dead_positions(s, b.id, dropping),
+        plans = [(b.id, b.checksum, settings.resolve_store(b.store_path), update_repo.dead_positions(s, b.id, dropping),
                   *update_repo.live_entries(s, b.id, dropping)) for b in update_repo.ready_builds(s, c.id)]
     from indexer.update import remove
     changes = []
