@@ -85,8 +85,9 @@ def plain_pass(model, batches) -> float:
 
 
 def measure(shape: str, n_docs: int, device: str, dtype: str, batch_size: int, projection: int,
-            runs: int = 1) -> dict:
-    """One row: (a), (b), the query-gradient latency and peak memory for `shape`."""
+            runs: int = 1, bergson: bool = False) -> dict:
+    """One row: (a), (b), the query-gradient latency and peak memory for `shape`; with `bergson`
+    (installed: bench/bergson_ref.py), (c) bergson's build of the same model and projection."""
     from indexer.build import shard_gradients
     from indexer.config import BuildConfig, GradientConfig, Runtime
     from indexer.corpus import Chunk
@@ -117,6 +118,12 @@ def measure(shape: str, n_docs: int, device: str, dtype: str, batch_size: int, p
             shard_gradients(shard, chunks, [ckpt], config, lambda *a: None, runtime)
             b_runs.append(time.perf_counter() - t)
         params = sum(p.numel() for p in model.parameters())
+        extra = {}
+        if bergson:
+            from bench import bergson_ref
+            token_batch = batch_size * max(map(len, ids))  # bergson batches by a token budget
+            c = bergson_ref.bergson_build(model, folder, ids, projection, token_batch)
+            extra = {"c_tok_s": tokens / c, "b_over_c": min(b_runs) / c}
         del model
         _, _, feat = featurizer_for(ckpt, config.gradient, runtime)
         query = collate([ids[0][:24]], tok.pad_token_id)
@@ -129,7 +136,7 @@ def measure(shape: str, n_docs: int, device: str, dtype: str, batch_size: int, p
             "tokens": tokens, "batch_size": batch_size, "projection": projection,
             "a_tok_s": tokens / a, "b_tok_s": tokens / b, "b_over_a": b / a, "query_gradient_s": latency,
             "peak_rss_gib": memory.peak_rss() / 2**30,
-            "peak_device_gib": (torch.cuda.max_memory_allocated(dev) / 2**30) if dev.type == "cuda" else None}
+            "peak_device_gib": (torch.cuda.max_memory_allocated(dev) / 2**30) if dev.type == "cuda" else None, **extra}
 
 
 def main():
