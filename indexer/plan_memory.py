@@ -20,11 +20,12 @@ from indexer.config import BuildConfig, Runtime
 from indexer.corpus import Chunk
 from indexer.curvature import Stats
 from indexer.gradients import collate, featurizer_for
-from indexer.modelio import CheckpointInfo, enable_checkpointing, resolve_device
+from indexer.modelio import CheckpointInfo, enable_checkpointing, resolve_device, weights_files
 
 # a row's bytes per feature on disk: float16 in the store's array, float32 in a FAISS Flat index
 # (the largest factory; an IVF with SQ8 takes 1)
 FEATURE_BYTES = 2 + 4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -67,7 +68,23 @@ class Prediction:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def weights_refusal(ckpt: CheckpointInfo, runtime: Runtime) -> str | None:
+    """The refusal of a build whose weights alone exceed the host budget, read from the weight
+    files' sizes before anything loads (a model too large for the machine is refused in seconds)."""
+    import json
+    saved = json.loads((ckpt.path / "config.json").read_text()) if (ckpt.path / "config.json").exists() else {}
+    saved_bytes = DTYPE_BYTES.get(saved.get("dtype") or saved.get("torch_dtype") or "float32", 4)
+    size = sum(f.stat().st_size for f in weights_files(ckpt.path, ckpt.base_path))
+    needed = size * DTYPE_BYTES.get(runtime.dtype, saved_bytes) // saved_bytes
+    budget = runtime.memory_limit or memory.available() + memory.rss()
+    if needed <= budget:
+        return None
+    return (f"the model's weights alone take {gib(needed)} and this build may use {gib(budget)} of host memory "
+            "(WHEREFROM_MEMORY_LIMIT, else MemAvailable): pass --dtype bfloat16, or --device cuda, or use a "
+            "machine with more memory")
 
 
 def heaviest_batch(lengths: list[int], config: BuildConfig, runtime: Runtime) -> tuple[int, int]:
@@ -93,6 +110,9 @@ def predict(chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfi
             total_rows: int, total_tokens: int) -> Prediction:
     """Run the probe on `chunks` (all of a build's rows, or a sample holding its longest ones)
     and predict the build of `total_rows` rows and `total_tokens` tokens per checkpoint."""
+    refusal = weights_refusal(ckpts[0], runtime) if resolve_device(runtime.device).type == "cpu" else None
+    if refusal:
+        raise InputError(refusal)
     rows, width = heaviest_batch([len(c.token_ids) for c in chunks], config, runtime)
     host_budget = runtime.memory_limit or memory.available() + memory.rss()
     device = resolve_device(runtime.device)

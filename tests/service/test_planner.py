@@ -55,7 +55,8 @@ def test_the_plan_predicts_the_builds_peak_within_20_percent(world):
     plan = wherefrom(world, "index", "-c", "w", "-m", "m", "--plan", "--batch-size", 32)
     assert plan.returncode == 0, plan.stderr
     assert written(world.settings) == before  # a plan writes nothing
-    predicted = float(re.search(r"peak host memory ([\d.]+) GiB", plan.stdout).group(1)) * 2**30
+    number, unit = re.search(r"peak host memory ([\d.]+) (GiB|MiB)", plan.stdout).groups()
+    predicted = float(number) * (2**30 if unit == "GiB" else 2**20)
     assert re.search(r"tokens/s: [\d,]+ s per checkpoint", plan.stdout) and "fits" in plan.stdout
     built = wherefrom(world, "index", "-c", "w", "-m", "m", "--batch-size", 32)
     assert built.returncode == 0, built.stderr
@@ -71,7 +72,10 @@ def test_a_build_that_will_not_fit_is_refused_in_one_line_with_nothing_written(w
     code, _, err = run_cli("index", "-c", "w", "-m", "m",
                            env={"WHEREFROM_DATA_DIR": str(world.settings.data_dir), "WHEREFROM_MEMORY_LIMIT": "100M"})
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert "of host memory and may use 0.10 GiB" in err and "--max-tokens-per-batch" in err
+    assert "of host memory and may use 100.0 MiB" in err and "--max-tokens-per-batch" in err
+    code, _, err = run_cli("index", "-c", "w", "-m", "m", env={"WHEREFROM_MEMORY_LIMIT": "64K"})
+    assert code == 2 and err.count("\n") == 1 and "weights alone take" in err, err  # before any model loads
+    assert state(world.settings) == before
     assert state(world.settings) == before
 
 
