@@ -37,10 +37,10 @@ class Featurizer:
 
     def __init__(self, model: nn.Module, config: GradientConfig, second_moments: dict | None = None):
         self.model, self.config = model, config
-        # projections run in the model's compute dtype on its device; the Adam fold below is done
+        # projections run in each layer's compute dtype on its device; the Adam fold below is done
         # in float32 first, and everything summed over tokens (features, K-FAC) in float32
-        weight = next(model.parameters())
-        self.device, self.dtype = weight.device, weight.dtype
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
         self.layers = tracked_layers(model, config.modules)
         if not self.layers:
             raise InputError(f"no linear layer matches --modules {config.modules!r}: "
@@ -58,8 +58,9 @@ class Featurizer:
                 p_out = p_out * (row + config.eps).rsqrt()[None, :] * scale
                 p_in = p_in * (col + config.eps).rsqrt()[None, :]
                 self.normalised.append(layer.name)
-            self.p_out[layer.name] = p_out.to(self.device, self.dtype)
-            self.p_in[layer.name] = p_in.to(self.device, self.dtype)
+            weight = layer.module.weight  # a LoRA layer may keep float32 beside a bfloat16 base
+            self.p_out[layer.name] = p_out.to(weight.device, weight.dtype)
+            self.p_in[layer.name] = p_in.to(weight.device, weight.dtype)
         self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
         self._x: dict[str, torch.Tensor] = {}
         self._g: dict[str, torch.Tensor] = {}

@@ -26,12 +26,9 @@ from tests.service.test_hostile_input import state
 def world(tmp_path_factory, trained, tiny_world):
     """A private data dir: the tiny world ingested as `w`, a private model copy `m`, no build yet."""
     root = tmp_path_factory.mktemp("planner")
-    model = root / "model"
-    shutil.copytree(trained[0], model)
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root}/data/wherefrom.db")
-    corpus, _ = tiny_world.write(root / "world")
-    catalog.ingest(settings, corpus, "w")
-    catalog.add_model(settings, model, "m")
+    catalog.ingest(settings, tiny_world.write(root / "world")[0], "w")
+    catalog.add_model(settings, shutil.copytree(trained[0], root / "model"), "m")
     return SimpleNamespace(settings=settings)
 
 
