@@ -26,7 +26,7 @@ from indexer.ann import AnnIndex, top_k
 from indexer.config import NPROBE, BuildConfig, Runtime
 from indexer.curvature import Curvature
 from indexer.gradients import collate, featurizer_for
-from indexer.modelio import CheckpointInfo
+from indexer.modelio import CheckpointInfo, resolve_device
 
 # Dense carries "which document states this", the gradient breaks its ties toward the document
 # that moves the answer; BM25 only adds candidates. First picked from a grid on the trap world's
@@ -108,6 +108,7 @@ class Tracer:
         self.config = BuildConfig(**self.info["config"])
         self.ckpts = ckpts
         self.runtime = Runtime.from_env()  # device and dtype: WHEREFROM_DEVICE, `trace --device`
+        resolve_device(self.runtime.device)  # a device that does not exist: refused before it is cached
         self.weights = self.info["gradient"]["weights"]
         self.grad = store.open_array(self.folder, "grad")
         self.dense = store.open_array(self.folder, "dense")

@@ -14,9 +14,10 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from indexer.config import Runtime
-from service import catalog
+from service import catalog, tracer_cache
 from service.settings import Settings
 from service.worker import use_device
 from tests.service.test_hostile_input import state
@@ -83,3 +84,20 @@ def test_a_worker_takes_its_device_or_says_in_one_line_why_not(run_cli, monkeypa
         monkeypatch.delenv(key, raising=False)
     use_device(Runtime(device="cpu", dtype="bfloat16"))
     assert Runtime.from_env() == Runtime(device="cpu", dtype="bfloat16")  # what its tasks read
+
+
+def test_trace_runs_on_the_device_and_dtype_asked_for(indexed, run_cli, monkeypatch):
+    monkeypatch.delenv("WHEREFROM_DATABASE_URL", raising=False)
+    monkeypatch.setattr(tracer_cache, "_tracers", {})  # a tracer loaded earlier keeps its device
+    env = {"WHEREFROM_DATA_DIR": str(indexed.settings.data_dir)}
+    question = indexed.world.questions[0]
+    before = state(indexed.settings)
+    code, _, err = run_cli("trace", question.prompt, "--device", "cuda:5", env=env)
+    assert code == 2 and err.count("\n") == 1 and "CUDA device" in err, err
+    assert state(indexed.settings) == before
+    code, out, err = run_cli("trace", question.prompt, "--answer", question.answer, "--device", "cpu",
+                             "--dtype", "bfloat16", "--json", env=env)
+    assert code == 0, err
+    (tracer,) = tracer_cache._tracers.values()
+    assert tracer.featurizer(0)[2].dtype == torch.bfloat16 and json.loads(out)["hits"]
+    assert "WHEREFROM_DTYPE" not in os.environ  # the option lasted for its command only
