@@ -116,7 +116,7 @@ def requeue_job(s: Session, job_id: int) -> Job:
 def claim_stalled(s: Session, waiting_before: datetime, running_before: datetime) -> list[int]:
     """Jobs no task is working on, marked as sent again (so a second sweeper skips them); their ids.
 
-    Called by an idle worker, which proves its queue empty: a job still queued, or a build with
+    Called by an idle worker, which proves its queue empty: a job still queued, or a build or study with
     pending shards and none running, quiet since `waiting_before`, lost its message (Redis pops a
     message before the worker records it as taken; a broker stopping in between drops it). Any
     other open job counts only when quiet since `running_before` (the visibility timeout, after
@@ -124,7 +124,7 @@ def claim_stalled(s: Session, waiting_before: datetime, running_before: datetime
     """
     shard_running = select(JobShard.job_id).where(JobShard.job_id == Job.id, JobShard.status == "running").exists()
     busy_stage = or_(Job.stage.like("planning%"), Job.stage.like("merging%"))
-    waiting = or_(Job.status == "queued", and_(Job.kind == "index", ~shard_running, ~busy_stage))
+    waiting = or_(Job.status == "queued", and_(Job.kind.in_(("index", "study")), ~shard_running, ~busy_stage))
     stalled = and_(Job.status.in_(("queued", "running")),
                    or_(and_(waiting, Job.updated_at < waiting_before), Job.updated_at < running_before))
     claimed = s.execute(update(Job).where(stalled).values(updated_at=utcnow(), stage="sent again: no worker had it")

@@ -83,4 +83,42 @@ class IndexJob:
         return cls(**params)
 
 
-SPECS = {"trace": TraceJob, "index": IndexJob}
+MAX_QUESTIONS = 100_000  # they travel in the job's params: ~100 bytes each keeps a row under 10 MB
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """Trace many questions against one build, in tasks of `tasks_of` (`wherefrom study`);
+    made by `service.studies.study_job`, which reads the questions file."""
+
+    name: str = field(metadata={"help": "The study's name, to report and export it by."})
+    build_id: int = field(metadata={"help": "The build every question is traced against."})
+    questions: list[dict] = field(metadata={"help": "question, answer (None: greedy), expected, meta."})
+    source: str | None = field(default=None, metadata={"help": "The questions file."})
+    k: int = field(default=10, metadata={"help": f"Documents returned per question (1-{MAX_K})."})
+    method: str = field(default="hybrid", metadata={"help": " | ".join(METHODS)})
+    tasks_of: int = field(default=25, metadata={"help": "Questions per task: the unit a worker takes, stores "
+                                                         "in one transaction, and redoes if it dies."})
+
+    kind = "study"
+
+    def __post_init__(self):
+        if not self.name.strip() or len(self.name) > 200:
+            raise InputError("the study needs a --name of 1 to 200 characters")
+        check_k(self.k)
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.tasks_of < 1:
+            raise InputError("--tasks-of must be at least 1")
+        if not 1 <= len(self.questions) <= MAX_QUESTIONS:
+            raise InputError(f"a study takes 1 to {MAX_QUESTIONS:,} questions: split the file into several studies")
+
+    def params(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "StudyJob":
+        return cls(**params)
+
+
+SPECS = {"trace": TraceJob, "index": IndexJob, "study": StudyJob}

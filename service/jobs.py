@@ -26,13 +26,13 @@ from db import job_repo
 from db.engine import transaction
 from db.errors import InputError, JobFinished, NotFound, Unavailable, WherefromError
 from db.models import Job
-from service.job_params import SPECS, IndexJob, TraceJob
+from service.job_params import SPECS, IndexJob, StudyJob, TraceJob
 from service.settings import RedactingFilter, Settings
 from service.views import BuildOutcome, JobView, job_view
 
 log = logging.getLogger(__name__)
 log.addFilter(RedactingFilter())  # failures it logs may quote a broker's or a database's URL
-Spec = IndexJob | TraceJob
+Spec = IndexJob | TraceJob | StudyJob
 
 
 class Inline:
@@ -198,8 +198,17 @@ def _build_stage(name: str):
     return run
 
 
-KINDS = {"index": _build_stage("plan"), "trace": _run_trace}  # a job's first task, by kind
-RUNNERS = {"job": run_job, "shard": _build_stage("run_shard"), "merge": _build_stage("run_merge")}
+def _study_stage(name: str):
+    def run(settings, *args, **kwargs):
+        from service import studies  # imports torch where a task traces, not for `wherefrom jobs`
+        return getattr(studies, name)(settings, *args, **kwargs)
+    return run
+
+
+KINDS = {"index": _build_stage("plan"), "trace": _run_trace,  # a job's first task, by kind
+         "study": _study_stage("plan")}
+RUNNERS = {"job": run_job, "shard": _build_stage("run_shard"), "merge": _build_stage("run_merge"),
+           "study_task": _study_stage("run_task"), "study_summary": _study_stage("run_summary")}
 assert set(KINDS) == set(SPECS)  # every kind of job has its parameters and its runner
 
 
