@@ -23,10 +23,10 @@ from attribution.text_query import derive as derive_text_query, learn_markers
 from db.errors import InputError
 from indexer import lexical, semantic, store
 from indexer.ann import AnnIndex, top_k
-from indexer.config import BuildConfig, NPROBE
+from indexer.config import NPROBE, BuildConfig, Runtime
 from indexer.curvature import Curvature
 from indexer.gradients import collate, featurizer_for
-from indexer.modelio import CheckpointInfo
+from indexer.modelio import CheckpointInfo, resolve_device
 
 # Dense carries "which document states this", the gradient breaks its ties toward the document
 # that moves the answer; BM25 only adds candidates. First picked from a grid on the trap world's
@@ -107,6 +107,8 @@ class Tracer:
         self.info = store.read_info(self.folder)
         self.config = BuildConfig(**self.info["config"])
         self.ckpts = ckpts
+        self.runtime = Runtime.from_env()  # device and dtype: WHEREFROM_DEVICE, `trace --device`
+        resolve_device(self.runtime.device)  # a device that does not exist: refused before it is cached
         self.weights = self.info["gradient"]["weights"]
         self.grad = store.open_array(self.folder, "grad")
         self.dense = store.open_array(self.folder, "dense")
@@ -130,13 +132,13 @@ class Tracer:
     def featurizer(self, c: int):
         """(model, tokenizer, featurizer) of checkpoint `c`, loaded once."""
         if c not in self._featurizers:
-            self._featurizers[c] = featurizer_for(self.ckpts[c], self.config.gradient)
+            self._featurizers[c] = featurizer_for(self.ckpts[c], self.config.gradient, self.runtime)
         return self._featurizers[c]
 
     def generate(self, question: str, max_new_tokens: int = 16) -> str:
         """Greedy answer of the last checkpoint."""
         model, tokenizer, _ = self.featurizer(len(self.ckpts) - 1)
-        ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
         self._check_length(ids.shape[1] + 1, model)
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,

@@ -21,7 +21,7 @@ from torch import nn
 
 from db.errors import InputError
 from indexer.adapter import tracked_layers
-from indexer.config import GradientConfig
+from indexer.config import GradientConfig, Runtime
 from indexer.curvature import LayerStats, Stats
 from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
 
@@ -37,6 +37,10 @@ class Featurizer:
 
     def __init__(self, model: nn.Module, config: GradientConfig, second_moments: dict | None = None):
         self.model, self.config = model, config
+        # projections run in each layer's compute dtype on its device; the Adam fold below is done
+        # in float32 first, and everything summed over tokens (features, K-FAC) in float32
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
         self.layers = tracked_layers(model, config.modules)
         if not self.layers:
             raise InputError(f"no linear layer matches --modules {config.modules!r}: "
@@ -47,13 +51,16 @@ class Featurizer:
             p_in = self._projection(config.k_in, layer.in_features, f"{layer.name}:in")
             v = (second_moments or {}).get(layer.name + ".weight") if config.optimizer_norm else None
             if v is not None:
+                v = v.float().cpu()
                 v = v.T if layer.transposed else v  # (out, in)
                 row, col = v.mean(1), v.mean(0)
                 scale = v.mean().clamp_min(config.eps).sqrt()
                 p_out = p_out * (row + config.eps).rsqrt()[None, :] * scale
                 p_in = p_in * (col + config.eps).rsqrt()[None, :]
                 self.normalised.append(layer.name)
-            self.p_out[layer.name], self.p_in[layer.name] = p_out, p_in
+            weight = layer.module.weight  # a LoRA layer may keep float32 beside a bfloat16 base
+            self.p_out[layer.name] = p_out.to(weight.device, weight.dtype)
+            self.p_in[layer.name] = p_in.to(weight.device, weight.dtype)
         self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
         self._x: dict[str, torch.Tensor] = {}
         self._g: dict[str, torch.Tensor] = {}
@@ -72,21 +79,24 @@ class Featurizer:
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
+            if not output.requires_grad:
+                # the no-grad first pass of activation checkpointing: its recomputation in backward
+                # runs this hook again with gradients, and only that pass may count
+                return
             # project first, then zero the padding: the mask multiplies k_in columns, not in_features
-            x = (inputs[0].detach() @ self.p_in[name].T) * self._mask[..., None]  # (B, T, k_in)
+            x = (inputs[0].detach() @ self.p_in[name].T) * self._mask[..., None]  # (B, T, k_in), float32
             self._x[name] = x
             if self.stats is not None:
-                self._layer_stats(name).a_sum += torch.einsum("btk,btj->kj", x, x).double().numpy()
+                self._layer_stats(name).a_sum += torch.einsum("btk,btj->kj", x, x).double().cpu().numpy()
                 self._layer_stats(name).tokens += float(self._mask.sum())
-            if output.requires_grad:
-                output.register_hook(self._backward_hook(name))
+            output.register_hook(self._backward_hook(name))
         return hook
 
     def _backward_hook(self, name: str):
         def hook(grad):
-            d = (grad.detach() @ self.p_out[name].T) * self._mask[..., None]  # (B, T, k_out)
+            d = (grad.detach() @ self.p_out[name].T) * self._mask[..., None]  # (B, T, k_out), float32
             if self.stats is not None:
-                self._layer_stats(name).s_sum += torch.einsum("btk,btj->kj", d, d).double().numpy()
+                self._layer_stats(name).s_sum += torch.einsum("btk,btj->kj", d, d).double().cpu().numpy()
             # per token, the report keeps each (P_out δ_t)(P_in x_t)ᵀ term; their sum is the feature
             spec = "btk,btj->btkj" if self._per_token else "btk,btj->bkj"
             self._g[name] = torch.einsum(spec, d, self._x.pop(name))  # (B, [T,] k_out, k_in)
@@ -109,7 +119,9 @@ class Featurizer:
         Returns (B, D) float32 in layer order, not normalised; with `per_token`, (B, T, D): each
         position's term of the sum over positions, which sums to the (B, D) feature.
         """
-        self._mask = attention_mask.to(torch.float32)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        labels = labels.to(self.device)
+        self._mask = attention_mask.to(torch.float32)  # a float32 mask makes each projection float32
         self._per_token = per_token
         self._x.clear(); self._g.clear()
         handles = [self.model.get_input_embeddings().register_forward_hook(self._embedding_requires_grad)]
@@ -131,7 +143,7 @@ class Featurizer:
         if missing:
             raise RuntimeError(f"no gradient reached {missing[0]}: is it used by the forward pass?")
         feats = [self._g.pop(l.name).flatten(2 if per_token else 1) for l in self.layers]
-        return torch.cat(feats, dim=-1)
+        return torch.cat(feats, dim=-1).cpu()
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -163,9 +175,11 @@ def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = N
     return ids, mask, labels
 
 
-def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
-    """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there."""
-    model, tokenizer = load_model(ckpt.path, ckpt.base_path)
+def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig, runtime: Runtime | None = None):
+    """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there,
+    on `runtime`'s device and dtype (default: the CPU, the checkpoint's dtype)."""
+    runtime = runtime or Runtime(device="cpu")
+    model, tokenizer = load_model(ckpt.path, ckpt.base_path, runtime.device, runtime.dtype)
     moments = {}
     if config.optimizer_norm and ckpt.optimizer_state_path:
         moments = adam_second_moments(model, ckpt.optimizer_state_path)

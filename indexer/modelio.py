@@ -229,30 +229,51 @@ def discover_checkpoints(path: Path, base: Path | None = None) -> list[Checkpoin
     return [read_checkpoint(path, 0, base)]
 
 
-def load_model(folder: Path, base: Path | None = None):
-    """Load a causal LM and its tokenizer from a local folder, offline, in eval mode on the CPU.
+def resolve_device(name: str = "auto"):
+    """The torch device `name` means: auto = the current CUDA device when there is one, else the CPU."""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InputError(f"--device {name}: this machine has {count} CUDA device(s) torch can use; "
+                             "pass --device cpu, or a cuda:N that exists")
+    return device
 
-    A LoRA adapter folder loads onto its base model (`base`, else adapter_config.json's) as a PEFT
-    model whose adapter weights alone require gradients, as they did in training.
+
+def load_model(folder: Path, base: Path | None = None, device: str = "cpu", dtype: str | None = None):
+    """Load a causal LM and its tokenizer from a local folder, offline, in eval mode.
+
+    `device`: as `resolve_device` reads it; `dtype`: bfloat16 | float16 | float32, or None for the
+    dtype the checkpoint was saved in. A LoRA adapter folder loads onto its base model (`base`,
+    else adapter_config.json's) as a PEFT model whose adapter weights alone require gradients, as
+    they did in training.
     """
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    target = resolve_device(device)
     tokenizer = load_tokenizer(folder, base)
     base = adapter_base(folder, base)
-    model = AutoModelForCausalLM.from_pretrained(base or folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(base or folder, local_files_only=True,
+                                                 dtype=getattr(torch, dtype) if dtype else "auto")
     if base is not None:
         try:
             from peft import PeftModel
         except ImportError:
             raise InputError(f"{folder} is a LoRA adapter, which needs peft: pip install 'wherefrom[lora]'") from None
         model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+        if dtype:  # PEFT makes adapter weights float32 whatever the base's dtype
+            model = model.to(getattr(torch, dtype))
     if tokenizer.pad_token_id is None:
         # padding is masked out of attention and loss, so any id serves when eos is missing too
         tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return model.eval(), tokenizer
+    return model.to(target).eval(), tokenizer
 
 
 def load_tokenizer(folder: Path, base: Path | None = None):
@@ -338,3 +359,20 @@ def check_tokenizer_unchanged(ckpts: list[CheckpointInfo]) -> None:
             raise StaleBuild(f"the tokenizer files of {c.path} changed since the model was registered: restore "
                              "them, or register the model under a new name (`wherefrom model add PATH --name NEW`) "
                              "and rebuild with `wherefrom index`")
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each block's activations in backward instead of keeping them.
+
+    Reentrant checkpointing runs the first forward without gradients, so hooks that act only when
+    an output requires gradients (`indexer.gradients`) see each block once, in its recomputation.
+    Only the checkpointed blocks go to training mode (transformers checkpoints only then); their
+    dropout modules stay in eval mode, so the features equal those of an unchanged model.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": True})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True  # this module only: .train() would switch its dropout on too

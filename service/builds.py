@@ -27,7 +27,7 @@ from db.errors import Conflict, InputError, JobFinished
 from db.models import FINISHED, Job
 from indexer import store
 from indexer.build import compute_shard, merge_shards
-from indexer.config import BuildConfig
+from indexer.config import BuildConfig, Runtime
 from indexer.modelio import (CheckpointInfo, check_tokenizer_unchanged, check_unchanged, context_length,
                              select_checkpoints, weights_stat)
 from indexer.plan import Plan, write_plan
@@ -78,6 +78,34 @@ def _check_window(config: BuildConfig, folder: Path) -> None:
     if config.stride is not None and config.stride > window:
         raise InputError(f"--stride {config.stride} is longer than the {window}-token window: "
                          f"pass --stride between 1 and {window}")
+
+
+PLAN_SAMPLE = 4096  # documents the planner chunks: all of a smaller corpus, else its longest and a stride
+
+
+def plan_build(settings: Settings, spec: IndexJob, config: BuildConfig, runtime: Runtime):
+    """The planner's `Prediction` for a checked request; InputError when the build will not fit.
+
+    Chunks at most `PLAN_SAMPLE` documents (the longest 64 among them, so the probe sees the
+    widest chunks) and scales rows and tokens to the whole corpus; writes nothing.
+    """
+    from indexer.plan_memory import predict
+    with transaction(settings.database_url) as s:
+        docs = [(d.id, d.text) for d in repo.corpus_documents(s, spec.corpus_id)]
+    sample = docs
+    if len(docs) > PLAN_SAMPLE:
+        longest = sorted(docs, key=lambda d: -len(d[1]))[:64]
+        sample = longest + docs[::len(docs) // (PLAN_SAMPLE - 64)]
+    ckpts = _checkpoints(settings, spec)
+    chunks, _, _ = chunk_documents(sample, ckpts, config)
+    if not chunks:
+        raise InputError(f"no document of corpus {spec.corpus!r} has any tokens: check the text field")
+    scale = len(docs) / len(sample)
+    tokens = sum(len(c.token_ids) for c in chunks)
+    out = predict(chunks, ckpts, config, runtime, round(len(chunks) * scale), round(tokens * scale))
+    if out.refusal():
+        raise InputError(out.refusal())
+    return out
 
 
 def _spec(job: Job) -> tuple[IndexJob, BuildConfig]:
@@ -211,7 +239,8 @@ def run_shard(settings: Settings, job_id: int, shard: int, dispatch, worker: str
         check_unchanged(layout.meta["provenance"]["checkpoints"])
         progress = _ShardProgress(settings, job_id, shard, end - start, len(ckpts), layout.rows, dispatch.progress)
         with store.atomic_dir(target) as tmp:
-            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts, config, progress)
+            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts, config, progress,
+                          Runtime.from_env())  # this worker's device (`wherefrom worker --device`)
         _open_job(settings, job_id)  # the task boundary: cancelled meanwhile, this shard's files go too
     with transaction(settings.database_url) as s:
         job_repo.finish_shard(s, job_id, shard, worker)

@@ -14,7 +14,7 @@ import typer
 from indexer.corpus import MAX_DOC_BYTES
 from service.cli_common import DataDir, write_atomically
 from service.cli_common import settings as _settings
-from service.cli_index import delete, index
+from service.cli_index import Device, Dtype, delete, index, runtime_of
 from service.cli_study import study_app, study_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -97,6 +97,7 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           run_async: bool = typer.Option(False, "--async", help="Run it as a job (on the workers when "
                                                                  "WHEREFROM_BROKER_URL is set) and print the job."),
+          device: Optional[str] = Device, dtype: Optional[str] = Dtype,
           data_dir: Optional[Path] = DataDir):
     """Which training documents back the model's answer to QUESTION?"""
     if run_async:
@@ -106,8 +107,10 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
         spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify, text_query)
         _print_jobs([jobs.get(settings, jobs.submit(settings, spec))], as_json)
         return
+    from indexer.config import applied
     from service import traces
-    out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify, text_query)
+    with applied(runtime_of(device=device, dtype=dtype)):
+        out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify, text_query)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
     else:
@@ -270,6 +273,8 @@ def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker
            check: bool = typer.Option(False, "--check", help="Only check the broker and the database, then exit."),
            threads: Optional[int] = typer.Option(None, min=1, max=1024, help="Torch threads (default: one per core); "
                                                                    "workers sharing a machine should split its cores."),
+           device: Optional[str] = typer.Option(None, "--device", help="The device this worker's tasks use: "
+                                                "auto | cpu | cuda | cuda:N (one worker per GPU)."),
            data_dir: Optional[Path] = DataDir):
     """Run a job worker: it takes index shards, merges and traces from WHEREFROM_BROKER_URL."""
     from service import worker as workers
@@ -277,7 +282,7 @@ def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker
     if check:
         typer.echo(workers.check(settings))
         return
-    workers.start(settings, name, loglevel, threads)
+    workers.start(settings, name, loglevel, threads, runtime_of(device=device))
 
 
 @db_app.command("upgrade")

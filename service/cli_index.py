@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from indexer.config import BuildConfig, GradientConfig  # torch-free: --help stays instant
+from indexer.config import BuildConfig, GradientConfig, Runtime, config_help  # torch-free: --help stays instant
 from service.cli_common import DataDir
 from service.cli_common import settings as _settings
 
@@ -44,6 +44,19 @@ def build_config(**values) -> BuildConfig:
     return BuildConfig(gradient=GradientConfig(**by_class[GradientConfig]), **by_class[BuildConfig])
 
 
+def _runtime_option(name: str, *flags: str):  # None: WHEREFROM_<NAME> or the field's default decides
+    text = config_help(Runtime, name)
+    return typer.Option(False if name == "checkpointing" else None, *flags, help=text[:1].upper() + text[1:] + ".")
+
+
+Device, Dtype = _runtime_option("device", "--device"), _runtime_option("dtype", "--dtype")  # index, trace
+
+
+def runtime_of(**values) -> Runtime:
+    """The environment's runtime (WHEREFROM_DEVICE, …) under the options given."""
+    return Runtime.from_env(**{k: v for k, v in values.items() if v not in (None, False)})
+
+
 def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.Option(..., "--model", "-m"),
           checkpoints: str = typer.Option("all", help="all | last | comma-separated steps"),
           proj: int = _config_option("proj", help_prefix="per side (features k×k per layer): "),
@@ -60,6 +73,11 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                                       "build to it (its own config; the options above are ignored)."),
           refit: bool = typer.Option(False, "--refit-curvature", help="With --update: refit EK-FAC over all "
                                      "rows, which rewrites every row's features (default: keep the curvature)."),
+          device: Optional[str] = Device, dtype: Optional[str] = Dtype,
+          max_tokens_per_batch: Optional[int] = _runtime_option("max_tokens_per_batch", "--max-tokens-per-batch"),
+          checkpointing: bool = _runtime_option("checkpointing", "--checkpointing"),
+          plan: bool = typer.Option(False, "--plan", help="Probe one batch, print predicted memory, time and "
+                                    "store size, and stop (every build here runs the same check first)."),
           data_dir: Optional[Path] = DataDir):
     """Build gradient, dense and BM25 indexes of a corpus for a model: queued for the workers when
     WHEREFROM_BROKER_URL is set, else built right here. With --update, extend the latest build here."""
@@ -75,12 +93,20 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                           shard_size=shard_size, chunking=chunking, stride=stride, faiss_factory=faiss_factory,
                           nprobe=nprobe)
     settings = _settings(data_dir)
-    if settings.broker_url:
-        job_id = jobs.submit(settings, builds.index_job(settings, corpus, model, config, checkpoints))
-        typer.echo(f"job {job_id} queued on {settings.queue}: follow it with `wherefrom jobs`")
+    runtime = runtime_of(device=device, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch,
+                         checkpointing=checkpointing)
+    spec = builds.index_job(settings, corpus, model, config, checkpoints)
+    if settings.broker_url and not plan:  # the workers' own devices and memory decide (`worker --device`)
+        typer.echo(f"job {jobs.submit(settings, spec)} queued on {settings.queue}: follow it with `wherefrom jobs`")
         return
-    with progress_bars() as progress:
-        out = jobs.index_here(settings, corpus, model, config, checkpoints, progress)
+    from indexer.config import applied
+    with applied(runtime):
+        prediction = builds.plan_build(settings, spec, config, runtime)
+        if plan:
+            typer.echo(prediction.describe())
+            return
+        with progress_bars() as progress:
+            out = builds.outcome(settings, jobs.submit(settings, spec, progress, inline=True))
     typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
                f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
                f"{out.skipped_empty} empty document(s) skipped")
