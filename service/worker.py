@@ -85,8 +85,11 @@ def start(settings: Settings, name: str | None, loglevel: str, threads: int | No
     with `--device cuda:N`, take shards from the same queue as they come free.
     """
     if runtime is not None:  # first: a device that does not exist needs no broker to say so
-        use_device(runtime)
+        from indexer.modelio import resolve_device
+        resolve_device(runtime.device)
     check(settings)  # fails fast, and migrates the database to head now rather than mid-task
+    if runtime is not None:  # this process's for good only once it really becomes a worker
+        use_device(runtime)
     if threads:
         import torch
         torch.set_num_threads(threads)

@@ -81,7 +81,8 @@ def test_a_worker_takes_its_device_or_says_in_one_line_why_not(run_cli, monkeypa
     code, _, err = run_cli("worker", "--device", "cuda:3")
     assert code == 2 and err.count("\n") == 1 and "CUDA device" in err and "--device cpu" in err
     for key in Runtime().environ():
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what use_device sets below is undone after the test
+        monkeypatch.delenv(key)
     use_device(Runtime(device="cpu", dtype="bfloat16"))
     assert Runtime.from_env() == Runtime(device="cpu", dtype="bfloat16")  # what its tasks read
 
