@@ -38,28 +38,40 @@ class Featurizer:
     def __init__(self, model: nn.Module, config: GradientConfig, second_moments: dict | None = None):
         self.model, self.config = model, config
         self.layers = tracked_layers(model, config.modules)
+        self._gaussians: dict[tuple, torch.Tensor] = {}
         if not self.layers:
             raise InputError(f"no linear layer matches --modules {config.modules!r}: "
                              "pass a regex that matches module names such as 'attn|mlp'")
+        self.fold(second_moments)
+        self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
+        self._x: dict[str, torch.Tensor] = {}
+        self._g: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None  # (B,) per-example factor on δ (training: undoes the batch mean)
+        self._per_token = False
+        self.stats: Stats | None = None  # set to a Stats() to accumulate K-FAC factor sums
+
+    def fold(self, second_moments: dict | None = None) -> None:
+        """(Re)build the projections, Adam's √v folded in where `second_moments` has a layer's weight.
+
+        The offline build folds a checkpoint's optimizer.pt; `indexer.callback` refolds every step
+        with the live optimizer's moments, on the device the layer's weights live on.
+        """
+        config = self.config
         self.p_in, self.p_out, self.normalised = {}, {}, []
         for layer in self.layers:
-            p_out = self._projection(config.k_out, layer.out_features, f"{layer.name}:out")
-            p_in = self._projection(config.k_in, layer.in_features, f"{layer.name}:in")
+            device = layer.module.weight.device
+            p_out = self._projection(config.k_out, layer.out_features, f"{layer.name}:out").to(device)
+            p_in = self._projection(config.k_in, layer.in_features, f"{layer.name}:in").to(device)
             v = (second_moments or {}).get(layer.name + ".weight") if config.optimizer_norm else None
             if v is not None:
-                v = v.T if layer.transposed else v  # (out, in)
+                v = (v.T if layer.transposed else v).to(device, torch.float32)  # (out, in)
                 row, col = v.mean(1), v.mean(0)
                 scale = v.mean().clamp_min(config.eps).sqrt()
                 p_out = p_out * (row + config.eps).rsqrt()[None, :] * scale
                 p_in = p_in * (col + config.eps).rsqrt()[None, :]
                 self.normalised.append(layer.name)
             self.p_out[layer.name], self.p_in[layer.name] = p_out, p_in
-        self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
-        self._x: dict[str, torch.Tensor] = {}
-        self._g: dict[str, torch.Tensor] = {}
-        self._mask: torch.Tensor | None = None
-        self._per_token = False
-        self.stats: Stats | None = None  # set to a Stats() to accumulate K-FAC factor sums
 
     def shapes(self) -> list[tuple[int, int]]:
         """(k_out, k_in) of each layer's block, in feature order."""
@@ -68,15 +80,18 @@ class Featurizer:
     def _projection(self, k: int | None, n: int, name: str) -> torch.Tensor:
         if k is None:
             return torch.eye(n)
-        return _gaussian(k, n, self.config.seed, name)
+        if (name, k, n) not in self._gaussians:  # refolded every training step: draw each matrix once
+            self._gaussians[(name, k, n)] = _gaussian(k, n, self.config.seed, name)
+        return self._gaussians[(name, k, n)]
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
             # project first, then zero the padding: the mask multiplies k_in columns, not in_features
-            x = (inputs[0].detach() @ self.p_in[name].T) * self._mask[..., None]  # (B, T, k_in)
+            p_in = self.p_in[name]
+            x = (inputs[0].detach().to(p_in.dtype) @ p_in.T) * self._mask[..., None]  # (B, T, k_in)
             self._x[name] = x
             if self.stats is not None:
-                self._layer_stats(name).a_sum += torch.einsum("btk,btj->kj", x, x).double().numpy()
+                self._layer_stats(name).a_sum += torch.einsum("btk,btj->kj", x, x).double().cpu().numpy()
                 self._layer_stats(name).tokens += float(self._mask.sum())
             if output.requires_grad:
                 output.register_hook(self._backward_hook(name))
@@ -84,9 +99,12 @@ class Featurizer:
 
     def _backward_hook(self, name: str):
         def hook(grad):
-            d = (grad.detach() @ self.p_out[name].T) * self._mask[..., None]  # (B, T, k_out)
+            p_out = self.p_out[name]
+            d = (grad.detach().to(p_out.dtype) @ p_out.T) * self._mask[..., None]  # (B, T, k_out)
+            if self._scale is not None:
+                d = d * self._scale[:, None, None]
             if self.stats is not None:
-                self._layer_stats(name).s_sum += torch.einsum("btk,btj->kj", d, d).double().numpy()
+                self._layer_stats(name).s_sum += torch.einsum("btk,btj->kj", d, d).double().cpu().numpy()
             # per token, the report keeps each (P_out δ_t)(P_in x_t)ᵀ term; their sum is the feature
             spec = "btk,btj->btkj" if self._per_token else "btk,btj->bkj"
             self._g[name] = torch.einsum(spec, d, self._x.pop(name))  # (B, [T,] k_out, k_in)
@@ -113,7 +131,7 @@ class Featurizer:
         self._per_token = per_token
         self._x.clear(); self._g.clear()
         handles = [self.model.get_input_embeddings().register_forward_hook(self._embedding_requires_grad)]
-        handles += [l.module.register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
+        handles += self.register()
         flags = [p.requires_grad for p in self.model.parameters()]
         try:
             for p in self.model.parameters():
@@ -127,12 +145,19 @@ class Featurizer:
                 h.remove()
             for p, f in zip(self.model.parameters(), flags):
                 p.requires_grad_(f)
+        return self.collect()
+
+    def register(self) -> list:
+        """Forward hooks on the tracked layers (their backward hooks follow); the caller removes them."""
+        return [l.module.register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
+
+    def collect(self) -> torch.Tensor:
+        """The features of the batch whose backward pass just ran: (B, D), or (B, T, D) per token."""
         missing = [l.name for l in self.layers if l.name not in self._g]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[0]}: is it used by the forward pass?")
-        feats = [self._g.pop(l.name).flatten(2 if per_token else 1) for l in self.layers]
+        feats = [self._g.pop(l.name).flatten(2 if self._per_token else 1) for l in self.layers]
         return torch.cat(feats, dim=-1)
-
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy per example over positions whose label is not -100. (B,)"""
