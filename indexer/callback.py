@@ -30,10 +30,10 @@ from transformers import TrainerCallback
 
 from db.errors import InputError
 from indexer.config import GradientConfig
-from indexer.curvature import Stats
+from indexer.curvature import LayerStats, Stats
 from indexer.gradients import Featurizer
 from indexer.modelio import tokenizer_hash, weights_digest
-from indexer.store import INFO, read_info, save_npz, write_info
+from indexer.store import BLOCK, INFO, read_info, save_npz, write_info
 
 STORE = "wherefrom"  # the callback's store, inside the Trainer's output_dir
 ID_COLUMN = "wherefrom_id"
@@ -268,3 +268,64 @@ def _write_info(root: Path, info: dict) -> None:
     write_info(tmp, info)
     (tmp / INFO).replace(root / INFO)
     tmp.rmdir()
+
+
+# --- publishing: units → one build shard ---------------------------------------------------------
+
+def written_units(root: Path) -> list[Path]:
+    """Every unit of every rank, by rank then end step."""
+    return sorted(Path(root).glob("rank-*/unit-*"))
+
+
+def recorded_ids(root: Path) -> set[str]:
+    """The document id of every recorded row."""
+    return {str(i) for unit in written_units(root) for i in np.load(unit / "ids.npy")}
+
+
+def nearest(steps, ckpt_steps: list[int]) -> np.ndarray:
+    """Index of the checkpoint nearest each weight-version step; a tie goes to the later one."""
+    d = np.abs(np.asarray(steps, dtype=np.int64)[:, None] - np.asarray(ckpt_steps)[None, :])
+    return d.shape[1] - 1 - np.argmin(d[:, ::-1], axis=1)
+
+
+def _unit_stats(unit: Path, ckpt_steps: list[int], stats: list[Stats]) -> None:
+    z = np.load(unit / "stats.npz")
+    names = [str(n) for n in z["names"]]
+    for k, c in enumerate(nearest(z["steps"], ckpt_steps)):
+        stats[c].add(Stats({n: LayerStats(z[f"{i}.a"][k], z[f"{i}.s"][k], float(z[f"{i}.t"][k]))
+                            for i, n in enumerate(names)}))
+
+
+def write_training_shard(root: Path, folder: Path, row_of: dict[str, int], ckpt_steps: list[int]) -> dict:
+    """A build shard from the recorded units: `raw-c{c}.npy` (rows × D) holds Σ lr_t g_t of each
+    document's exposures whose weights are nearest checkpoint c, `stats-c{c}.npz` those steps' K-FAC
+    sums. Returns the shard's gradient meta and each block's learning-rate mass (Σ lr_t of its steps)."""
+    lrs = {int(k): v for k, v in read_info(root)["learning_rates"].items()}
+    units = written_units(root)
+    metas = [json.loads((u / "unit.json").read_text()) for u in units]
+    dim = metas[0]["dim"]
+    raws = [np.lib.format.open_memmap(folder / f"raw-c{c}.npy", mode="w+", dtype=np.float32,
+                                      shape=(len(set(row_of.values())), dim)) for c in range(len(ckpt_steps))]
+    stats = [Stats() for _ in ckpt_steps]
+    for unit, meta in zip(units, metas):
+        ids, steps = np.load(unit / "ids.npy"), np.load(unit / "steps.npy")
+        rows, target = np.array([row_of[str(i)] for i in ids], dtype=np.int64), nearest(steps, ckpt_steps)
+        weight = np.array([lrs[int(s)] for s in steps], dtype=np.float32)
+        raw = np.memmap(unit / "raw.f32", dtype=np.float32, mode="r", shape=(meta["rows"], dim))
+        for start in range(0, meta["rows"], BLOCK):
+            part = slice(start, start + BLOCK)
+            block = np.array(raw[part]) * weight[part, None]
+            for c, out in enumerate(raws):
+                pick = target[part] == c
+                np.add.at(out, rows[part][pick], block[pick])
+        _unit_stats(unit, ckpt_steps, stats)
+    for out, st, c in zip(raws, stats, range(len(raws))):
+        out.flush()
+        st.save(folder / f"stats-c{c}.npz")
+    mass = [0.0] * len(ckpt_steps)
+    for step, c in zip(lrs, nearest(list(lrs), ckpt_steps)):
+        mass[c] += lrs[step]
+    n = len(ckpt_steps)
+    return {"dims": [dim] * n, "adam_normalised_layers": [metas[-1]["adam_normalised_layers"]] * n,
+            "layers": [metas[-1]["layers"]] * n, "learning_rate_mass": mass,
+            "exposures": sum(m["rows"] for m in metas)}

@@ -51,6 +51,24 @@ def add_model(settings: Settings, path: Path, name: str, base: Path | None = Non
         return model.id, len(rows), created
 
 
+def training_store(path: Path) -> dict | None:
+    """The store a `WherefromCallback` recorded into a Trainer output folder: {"path", "saves", "rows",
+    "ids"}; None when there is none. Which saves are registered checkpoints is checked when it is indexed."""
+    import json
+
+    from indexer.callback import STORE, recorded_ids, written_units
+    from indexer.store import read_info
+    root = Path(path) / STORE
+    if not (root / "info.json").exists():
+        return None
+    info = read_info(root)
+    units = written_units(root)
+    if not units:
+        raise InputError(f"the training store {root} holds no rows yet: it is written at each save of the run")
+    rows = sum(json.loads((u / "unit.json").read_text())["rows"] for u in units)
+    return {"path": root, "saves": [s["step"] for s in info["saves"]], "rows": rows, "ids": recorded_ids(root)}
+
+
 def check_tokenizer_fits(folder: Path, base: Path | None = None) -> None:
     """Refuse a tokenizer that is not the model's: ids past its embedding rows, or another eos.
 

@@ -75,6 +75,10 @@ def model_add(path: Path = typer.Argument(..., help="A save_pretrained folder or
     from service import catalog
     model_id, n, created = catalog.add_model(_settings(data_dir), path, name, base)
     typer.echo(f"model {name} (id {model_id}): {n} checkpoint(s){'' if created else ', already registered'}")
+    found = catalog.training_store(path)
+    if found:
+        typer.echo(f"training store: {found['rows']} rows of {len(found['ids'])} documents recorded over saves "
+                   f"{found['saves']}: publish it with `wherefrom index --from-training -c CORPUS -m {name}`")
 
 
 # `wherefrom index`'s build options are config fields: parameter -> (config class, field). Help and
@@ -122,13 +126,21 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                                       "build to it (its own config; the options above are ignored)."),
           refit: bool = typer.Option(False, "--refit-curvature", help="With --update: refit EK-FAC over all "
                                      "rows, which rewrites every row's features (default: keep the curvature)."),
+          from_training: bool = typer.Option(False, "--from-training", help="Publish the store the training "
+                                             "callback recorded (its own gradient config; of the options above "
+                                             "only --faiss-factory and --nprobe apply): no pass over the corpus."),
           data_dir: Optional[Path] = DataDir):
     """Build gradient, dense and BM25 indexes of a corpus for a model: queued for the workers when
     WHEREFROM_BROKER_URL is set, else built right here. With --update, extend the latest build here."""
     if refit and not update:
         raise _input_error("--refit-curvature goes with --update")
     if update:
+        if from_training:
+            raise _input_error("--from-training publishes a new build: leave --update out")
         _update(_settings(data_dir), corpus, model, refit)
+        return
+    if from_training:
+        _from_training(_settings(data_dir), corpus, model, faiss_factory, nprobe)
         return
     from service import builds, jobs
     from service.render import progress_bars
@@ -145,6 +157,15 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
     typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
                f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
                f"{out.skipped_empty} empty document(s) skipped")
+
+
+def _from_training(settings, corpus: str, model: str, factory: Optional[str], nprobe: int) -> None:
+    from service.render import progress_bars
+    from service.training_builds import index_from_training
+    with progress_bars() as progress:
+        out = index_from_training(settings, corpus, model, BuildConfig(factory=factory, nprobe=nprobe), progress)
+    typer.echo(f"build {out.build_id} (from training): {out.rows} rows, {len(out.info['checkpoints'])} checkpoint(s), "
+               f"{sum(out.info['gradient']['dims'])} gradient dims, no gradient pass over the corpus")
 
 
 def _update(settings, corpus: str, model: str, refit: bool) -> None:
