@@ -135,6 +135,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", type=int, default=3, help="training runs each way (the ratio is of medians)")
     ap.add_argument("--epochs", type=int, help="default: the demo trainer's")
+    ap.add_argument("--reuse", action="store_true", help="compare the builds of the last run's models only")
     ap.add_argument("--train-one", choices=("plain", "callback"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -142,11 +143,13 @@ def main():
         print(json.dumps(train_once(args.world, args.seed, args.out, args.train_one == "callback", args.epochs)))
         return
     make(args.world, args.seed)  # fail on a missing world before any training
-    report = {"world": args.world, "seed": args.seed, "training": timed_runs(args)}
+    path = OUT / f"callback-{args.world}.json"
+    report = json.loads(path.read_text()) if args.reuse else {"world": args.world, "seed": args.seed,
+                                                              "training": timed_runs(args)}
     report["quality"] = quality(args)
     report["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     OUT.mkdir(exist_ok=True)
-    (OUT / f"callback-{args.world}.json").write_text(json.dumps(report, indent=2))
+    path.write_text(json.dumps(report, indent=2))
     keys = ("median_s", "wall_ratio", "median_cpu_s", "overhead_ratio", "peak_rss_mb", "memory_ratio")
     print(json.dumps({k: report["training"][k] for k in keys}
                      | {"quality": report["quality"]}, indent=2))

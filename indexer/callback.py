@@ -317,6 +317,16 @@ def _unit_stats(unit: Path, ckpt_steps: list[int], stats: list[Stats]) -> None:
                             for i, n in enumerate(names)}))
 
 
+def _add_rows(out: np.ndarray, rows: np.ndarray, block: np.ndarray) -> None:
+    """out[rows] += block with repeated rows summed (a document seen in several epochs): sorted
+    and reduced, as np.add.at took half of publishing's time on the demo world."""
+    if not len(rows):
+        return
+    order = np.argsort(rows, kind="stable")
+    unique, starts = np.unique(rows[order], return_index=True)
+    out[unique] += np.add.reduceat(block[order], starts, axis=0)
+
+
 def write_training_shard(root: Path, folder: Path, row_of: dict[str, int], ckpt_steps: list[int]) -> dict:
     """A build shard from the recorded units: `raw-c{c}.npy` (rows × D) holds Σ lr_t g_t of each
     document's exposures whose weights are nearest checkpoint c, `stats-c{c}.npz` those steps' K-FAC
@@ -337,8 +347,7 @@ def write_training_shard(root: Path, folder: Path, row_of: dict[str, int], ckpt_
             part = slice(start, start + BLOCK)
             block = np.array(raw[part]) * weight[part, None]
             for c, out in enumerate(raws):
-                pick = target[part] == c
-                np.add.at(out, rows[part][pick], block[pick])
+                _add_rows(out, rows[part][target[part] == c], block[target[part] == c])
         _unit_stats(unit, ckpt_steps, stats)
     for out, st, c in zip(raws, stats, range(len(raws))):
         out.flush()
