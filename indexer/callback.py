@@ -310,11 +310,14 @@ def nearest(steps, ckpt_steps: list[int]) -> np.ndarray:
 
 
 def _unit_stats(unit: Path, ckpt_steps: list[int], stats: list[Stats]) -> None:
-    z = np.load(unit / "stats.npz")
-    names = [str(n) for n in z["names"]]
-    for k, c in enumerate(nearest(z["steps"], ckpt_steps)):
-        stats[c].add(Stats({n: LayerStats(z[f"{i}.a"][k], z[f"{i}.s"][k], float(z[f"{i}.t"][k]))
-                            for i, n in enumerate(names)}))
+    """Add each step's K-FAC sums of `unit` to the stats of its nearest checkpoint."""
+    with np.load(unit / "stats.npz") as z:
+        arrays = {key: z[key] for key in z.files}  # an npz re-reads its member on every access
+    names, target = [str(n) for n in arrays["names"]], nearest(arrays["steps"], ckpt_steps)
+    for c in np.unique(target):
+        pick = target == c
+        stats[c].add(Stats({n: LayerStats(arrays[f"{i}.a"][pick].sum(0), arrays[f"{i}.s"][pick].sum(0),
+                                          float(arrays[f"{i}.t"][pick].sum())) for i, n in enumerate(names)}))
 
 
 def _add_rows(out: np.ndarray, rows: np.ndarray, block: np.ndarray) -> None:

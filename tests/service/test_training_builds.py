@@ -61,6 +61,14 @@ def test_model_add_finds_the_store_and_index_publishes_it_without_a_corpus_pass(
     grad = store.open_array(folder, "grad").astype(np.float32)
     np.testing.assert_allclose(np.linalg.norm(grad, axis=1), 1.0, atol=2e-3)
     assert info["from_training"]["exposures"] == 12 * len(recorded.world.documents)
+    # every recorded step's K-FAC sums land in exactly one checkpoint's block
+    from indexer.curvature import load_state
+    units = sorted((recorded.model / "wherefrom" / "rank-00000").glob("unit-*"))
+    recorded_a = sum(np.load(u / "stats.npz")["1.a"].sum(0) for u in units)
+    published = [load_state(folder / f"kfac-c{c}.npz")[0] for c in range(3)]
+    name = list(published[0].layers)[1]
+    np.testing.assert_allclose(sum(p.layers[name].a_sum for p in published), recorded_a, rtol=1e-9)
+    assert all(p.layers[name].tokens > 0 for p in published)
     # tracing it: the query gradient per checkpoint against its block; the source is found
     q = recorded.world.questions[0]
     code, out, err = cli("trace", q.prompt, "--answer", q.answer, "-c", "w", "-m", "t", "--json")
