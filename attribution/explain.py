@@ -92,7 +92,7 @@ def checkpoint_cosines(tracer: Tracer, q_grad: np.ndarray, positions: list[int])
 def answer_logprob(model, tokenizer, question: str, answer: str) -> float:
     """log p(answer | question), summed over the answer's tokens."""
     ids, first = encode_qa(tokenizer, question, answer)
-    batch = collate([ids], tokenizer.pad_token_id, label_from=[first])
+    batch = [t.to(model.device) for t in collate([ids], tokenizer.pad_token_id, label_from=[first])]
     with torch.inference_mode():
         logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
     n_answer = len(ids) - first
@@ -130,7 +130,7 @@ def word_attribution(tracer: Tracer, question: str, answer: str) -> list[tuple[s
     attr = LLMAttribution(FeatureAblation(model), tokenizer)
     with torch.no_grad():
         # the target is the answer's tokens as they follow the question, the ids the trace used
-        result = attr.attribute(inp, target=torch.tensor(ids[first:]), forward_in_tokens=False)
+        result = attr.attribute(inp, target=torch.tensor(ids[first:], device=model.device), forward_in_tokens=False)
     return [(w, float(s)) for w, s in zip(words, result.seq_attr.tolist())]
 
 

@@ -1,5 +1,7 @@
 """Trace one answer against a build's stores: answer, query gradient, candidates, ranking.
 
+The gradient query is the loss on the answer tokens after the exact prompt; the text query (dense,
+BM25) is the question's content and the answer, the prompt's template removed (`text_query`).
 The hybrid rule (the default): candidates are the union of the gradient, dense and BM25 top-K;
 each method's scores are standardised over the candidates (z-scores) and summed with
 `DEFAULT_WEIGHTS`. Dense and BM25 say "which document states this", gradients say "which
@@ -16,19 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attribution.methods import METHODS
+from attribution.text_query import derive as derive_text_query, learn_markers
 from db.errors import InputError
 from indexer import lexical, semantic, store
 from indexer.ann import AnnIndex, top_k
-from indexer.config import BuildConfig, NPROBE
+from indexer.config import NPROBE, BuildConfig, Runtime
 from indexer.curvature import Curvature
 from indexer.gradients import collate, featurizer_for
-from indexer.modelio import CheckpointInfo
+from indexer.modelio import CheckpointInfo, resolve_device
 
-METHODS = ("hybrid", "grad", "dense", "bm25")
-# Picked on the trap world's dev seed (100) from a grid (bench/quality.py): dense carries
-# "which document states this", the gradient breaks its ties toward the document that moves the
-# answer; BM25 only adds candidates (any BM25 weight lowered MRR there). Dev MRR: 0.912 vs dense
-# 0.910 alone, trap questions 0.929 vs 0.916; the old 1 / 1 / 0.5 rule scored 0.871.
+# Dense carries "which document states this", the gradient breaks its ties toward the document
+# that moves the answer; BM25 only adds candidates. First picked from a grid on the trap world's
+# dev seed (100); kept by bench/fusion.py's rule (best 5-fold CV MRR on the dev seed) against
+# reciprocal-rank fusion, per-method calibrated scores and a listwise logistic regression, all
+# fitted on that seed: CV MRR 0.922 vs 0.920 learned, 0.912 z-sum grid, 0.909 calibrated, 0.906
+# RRF grid. Test seed 101: 0.945 (trap 0.944); without grad 0.934 (trap 0.938) — docs/ranking.md.
 DEFAULT_WEIGHTS = {"grad": 0.25, "dense": 1.0, "bm25": 0.0}
 
 
@@ -40,10 +45,23 @@ class Hit:
 
 
 @dataclass
+class Pool:
+    """A trace's candidate rows and every method's raw score on them, before fusion."""
+
+    positions: np.ndarray  # (P,) rows of the build's stores, ascending
+    raw: dict[str, np.ndarray]  # method → (P,) raw scores
+    answer: str
+    answer_generated: bool
+    text_query: str  # what dense and BM25 searched with
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Ranking:
     answer: str
     answer_generated: bool
     hits: list[Hit]
+    text_query: str
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -89,6 +107,8 @@ class Tracer:
         self.info = store.read_info(self.folder)
         self.config = BuildConfig(**self.info["config"])
         self.ckpts = ckpts
+        self.runtime = Runtime.from_env()  # device and dtype: WHEREFROM_DEVICE, `trace --device`
+        resolve_device(self.runtime.device)  # a device that does not exist: refused before it is cached
         self.weights = self.info["gradient"]["weights"]
         self.grad = store.open_array(self.folder, "grad")
         self.dense = store.open_array(self.folder, "dense")
@@ -112,13 +132,13 @@ class Tracer:
     def featurizer(self, c: int):
         """(model, tokenizer, featurizer) of checkpoint `c`, loaded once."""
         if c not in self._featurizers:
-            self._featurizers[c] = featurizer_for(self.ckpts[c], self.config.gradient)
+            self._featurizers[c] = featurizer_for(self.ckpts[c], self.config.gradient, self.runtime)
         return self._featurizers[c]
 
     def generate(self, question: str, max_new_tokens: int = 16) -> str:
         """Greedy answer of the last checkpoint."""
         model, tokenizer, _ = self.featurizer(len(self.ckpts) - 1)
-        ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
         self._check_length(ids.shape[1] + 1, model)
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
@@ -145,12 +165,23 @@ class Tracer:
             parts.append(f[0] / max(np.linalg.norm(f[0]), 1e-30) * self.weights[c])
         return np.concatenate(parts).astype(np.float32)
 
-    def rank(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
-             candidates: int = 100, weights: dict | None = None) -> Ranking:
+    def text_markers(self):
+        """The user-turn markers of the model's chat template (`attribution.text_query`), learned once."""
+        return self.cached("text_markers", lambda: learn_markers(self.featurizer(len(self.ckpts) - 1)[1]))
+
+    def candidates(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
+                   candidates: int = 100, text_query: str | None = None) -> Pool:
+        """The candidate rows and every method's raw score on them (one pass; `rank` orders them).
+
+        The gradient query is the loss on the answer tokens of the exact prompt; the text query
+        (dense, BM25) is `text_query` as given, else derived from the question's content.
+        """
         if not question.strip():
             raise InputError("the question is empty: ask something")
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if text_query is not None and not text_query.strip():
+            raise InputError("the text query is empty: pass --text-query with the words to search for, or leave it out")
         timings, t = {}, time.perf_counter()
         generated = answer is None
         if generated:
@@ -162,7 +193,7 @@ class Tracer:
         q_grad = self.query_gradient(question, answer)
         timings["query_gradient"] = time.perf_counter() - t
         t = time.perf_counter()
-        q_text = question + answer
+        q_text = text_query if text_query is not None else derive_text_query(question, answer, self.text_markers())
         q_dense = semantic.embed([q_text])[0]
         bm25 = self.lexical.scores(q_text)
         timings["query_embed"] = time.perf_counter() - t
@@ -183,11 +214,25 @@ class Tracer:
             "dense": self.dense[pool].astype(np.float32) @ q_dense,
             "bm25": bm25[pool],
         }
-        score = combine(raw, weights or DEFAULT_WEIGHTS) if method == "hybrid" else raw[method]
+        timings["candidates"] = time.perf_counter() - t
+        return Pool(pool, raw, answer, generated, q_text, timings)
+
+    def rank(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
+             candidates: int = 100, text_query: str | None = None) -> Ranking:
+        pool = self.candidates(question, answer, k, method, candidates, text_query)
+        t = time.perf_counter()
+        score = fuse(pool.raw) if method == "hybrid" else pool.raw[method]
         top = np.argsort(-score, kind="stable")[:k]
-        hits = [Hit(int(pool[i]), float(score[i]), {m: float(v[i]) for m, v in raw.items()}) for i in top]
-        timings["rank"] = time.perf_counter() - t
-        return Ranking(answer, generated, hits, timings)
+        hits = [Hit(int(pool.positions[i]), float(score[i]), {m: float(v[i]) for m, v in pool.raw.items()})
+                for i in top]
+        timings = pool.timings
+        timings["rank"] = time.perf_counter() - t + timings.pop("candidates")
+        return Ranking(pool.answer, pool.answer_generated, hits, pool.text_query, timings)
+
+
+def fuse(raw: dict[str, np.ndarray]) -> np.ndarray:
+    """The hybrid's score of every candidate."""
+    return combine(raw, DEFAULT_WEIGHTS)
 
 
 def combine(raw: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

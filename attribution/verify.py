@@ -64,11 +64,12 @@ class TailPatcher:
         """`loaded`: (model, tokenizer) already in memory for this checkpoint; weights are never changed."""
         model, tokenizer = loaded or load_model(ckpt.path, ckpt.base_path)
         moments = adam_second_moments(model, ckpt.optimizer_state_path) if ckpt.optimizer_state_path else {}
+        moments = {n: v.to(model.device) for n, v in moments.items()}  # v is float32: the step divides in it
         return cls(model, tokenizer, moments, step_size(ckpt), ckpt.step)
 
     def _answer_batch(self, question: str, answer: str):
         ids, first = encode_qa(self.tokenizer, question, answer)
-        return collate([ids], self.tokenizer.pad_token_id, label_from=[first])
+        return [t.to(self.model.device) for t in collate([ids], self.tokenizer.pad_token_id, label_from=[first])]
 
     def _answer_logprob(self, params: dict, batch) -> float:
         ids, mask, labels = batch
@@ -86,7 +87,7 @@ class TailPatcher:
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         out = []
         for doc in documents:
-            ids, mask, labels = collate([doc], self.tokenizer.pad_token_id)
+            ids, mask, labels = (t.to(self.model.device) for t in collate([doc], self.tokenizer.pad_token_id))
             live = {n: p.clone().requires_grad_(n in names) for n, p in params.items()}
             logits = functional_call(self.model, live, (ids,), {"attention_mask": mask}).logits
             grads = torch.autograd.grad(per_example_loss(logits, labels).sum(), [live[n] for n in names],
@@ -97,8 +98,8 @@ class TailPatcher:
                     stepped[n] = params[n]
                     continue
                 v = self.moments.get(n)
-                step = g / (v.sqrt() + self.eps) if v is not None else g
-                stepped[n] = params[n] - self.lr * step
+                step = g.float() / (v.sqrt() + self.eps) if v is not None else g.float()
+                stepped[n] = (params[n] - self.lr * step).to(params[n].dtype)  # the step in float32
             out.append(self._answer_logprob(stepped, batch) - base)
         return out
 

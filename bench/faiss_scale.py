@@ -1,23 +1,22 @@
-"""FAISS at 1M and 10M documents, at the dimension of the default gradient features.
+"""FAISS at 100k-10M documents on rows made from real gradient features; and what an exact scan costs.
 
-    python -m bench.faiss_scale --data-dir wherefrom-data --rows 1000000 --factories auto
+    python -m bench.faiss_scale --scan                    # Flat scan ms against rows × dims
+    python -m bench.faiss_scale --features bench/out/realistic-seed200/features.npz --rows 100000 \
+        --factories "auto;IVF256,SQ8;IVF256,SQfp16;HNSW32,SQ8"
 
-Vectors are drawn to resemble real features: each row mixes three real rows of a build's
-`grad.npy` (Dirichlet weights) with noise made of four rows of a Gaussian bank, then is unit-
-normalised; queries are real query gradients of the build's questions (the demo world's, answered
-by the model). On isotropic noise nearest neighbours would mean nothing; on pure mixtures of a few
-hundred rows the intrinsic dimension would be unrealistically low — the noise bank (many more rows
-than dimensions) keeps it full.
+Rows are real: row i is a real row of a build's `grad.npy` (bench.quality saves them with the
+query gradients of its correctly answered questions in features.npz) plus a real per-document
+variation, s·(r_b − r_c), the difference of two other real rows, with s uniform in [0.5, 1],
+then unit-normalised. Gradient features are close to isotropic; differences of real rows keep
+their spectrum, where the old three-way mixtures with a noise bank made much easier neighbours.
+Queries are real query gradients.
 
 Rows are made in blocks from a per-block seed, so the same rows can be made again for training,
-adding and exact search without holding them all: the ground truth is an exact streamed top-10.
-For each factory string it reports recall@10 (against exact inner-product search), milliseconds
-per query (one query at a time, as a trace searches), the index's bytes per document and its
-build time. "auto" is what wherefrom picks for that many rows (`indexer.ann.choose_factory`).
-
-Recall is reported twice: of the index alone, and after the exact rescoring of its top 100 that a
-trace does (its candidates' scores come from the float16 store, here made again from the rows'
-seeds), which is the recall a user sees.
+adding and exact search without holding them all: the ground truth is an exact streamed top-100.
+For each factory it reports, after the exact rescoring of the index's top `pool` that a trace does
+(`indexer.ann.AnnIndex.search`: the pool is RESCORE × the 100 candidates a trace asks for),
+recall@100 of the rescored top-100 and recall@10 of the rescored top-10, milliseconds per single
+query, bytes per document and build time. "auto" is `indexer.ann.choose_factory`'s pick.
 """
 
 from __future__ import annotations
@@ -32,66 +31,46 @@ import numpy as np
 
 OUT = Path("bench/out")
 BLOCK = 50_000
-NOISE_BANK = 16_384  # Gaussian rows; mixtures of 4 of them span the whole space
-NOISE_SHARE = 0.5  # norm of the noise part relative to the mixture part
-
-
-def real_features(data_dir: Path, questions: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows of the latest build's grad store, query gradients of the demo world's questions)."""
-    from service.demo.world import make_world
-    from service import tracer_cache, traces
-    from service.settings import Settings
-
-    settings = Settings.from_env(data_dir)
-    target = traces.resolve_build(settings)
-    tracer = tracer_cache.build_tracer(target.store_path, target.by_step)
-    base = np.asarray(tracer.grad, dtype=np.float32)
-    world = make_world(0)
-    queries = [tracer.query_gradient(q.prompt, " " + q.answer.strip()) for q in world.questions[:questions]]
-    return base, np.stack(queries).astype(np.float32)
 
 
 class Rows:
-    """Row `i` of a synthetic corpus, made block by block from the block's seed."""
+    """Row `i` of a corpus made from real rows, block by block from the block's seed."""
 
     def __init__(self, base: np.ndarray, n: int, seed: int = 0):
-        import scipy.sparse as sp
-        self.sp, self.n, self.seed, self.dim = sp, n, seed, base.shape[1]
-        bank = np.random.default_rng(seed).standard_normal((NOISE_BANK, self.dim), dtype=np.float32)
-        bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-        self.pool = np.concatenate([base / np.linalg.norm(base, axis=1, keepdims=True), bank])
-        self.n_base = len(base)
+        self.n, self.seed, self.dim = n, seed, base.shape[1]
+        base = np.asarray(base, dtype=np.float32)
+        self.base = base / np.linalg.norm(base, axis=1, keepdims=True)
         self._mixing: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def mixing(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pool rows (m, 7) and weights (m, 7) of block b's rows: three real rows, four noise rows."""
+        """Real rows (m, 3) and weights (m, 3) of block b's rows: r_a + s·(r_b − r_c); the first
+        len(base) rows are the real rows themselves."""
         if b not in self._mixing:
             m = min(self.n, (b + 1) * BLOCK) - b * BLOCK
             rng = np.random.default_rng([self.seed, b])
-            cols = np.concatenate([rng.integers(0, self.n_base, (m, 3)),
-                                   self.n_base + rng.integers(0, NOISE_BANK, (m, 4))], axis=1)
-            w = np.concatenate([rng.dirichlet(np.ones(3), m).astype(np.float32),
-                                rng.choice([-1, 1], (m, 4)).astype(np.float32) * (NOISE_SHARE / 2)], axis=1)
+            cols = rng.integers(0, len(self.base), (m, 3))
+            s = rng.uniform(0.5, 1.0, m).astype(np.float32)
+            w = np.stack([np.ones(m, np.float32), s, -s], axis=1)
+            real = np.arange(b * BLOCK, b * BLOCK + m) < len(self.base)
+            cols[real, 0], w[real, 1:] = np.arange(b * BLOCK, b * BLOCK + m)[real], 0
             self._mixing[b] = cols.astype(np.int32), w
         return self._mixing[b]
 
     def block(self, b: int) -> np.ndarray:
         cols, w = self.mixing(b)
-        m = len(cols)
-        mix = self.sp.csr_matrix((w.ravel(), cols.ravel(), np.arange(0, 7 * m + 1, 7)),
-                                 shape=(m, len(self.pool)))
-        x = np.asarray(mix @ self.pool, dtype=np.float32)
+        x = np.concatenate([np.einsum("mk,mkd->md", w[i:i + 2000], self.base[cols[i:i + 2000]])
+                            for i in range(0, len(cols), 2000)])  # (m, D), 2,000 rows of temporaries at a time
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        return x
+        return x.astype(np.float32)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """The rows with these ids, made again (what the product reads from its float16 store)."""
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         for j, i in enumerate(ids):
             cols, w = self.mixing(int(i) // BLOCK)
-            out[j] = w[i % BLOCK] @ self.pool[cols[i % BLOCK]]
+            out[j] = w[i % BLOCK] @ self.base[cols[i % BLOCK]]
         out /= np.linalg.norm(out, axis=1, keepdims=True)
-        return out
+        return out.astype(np.float16).astype(np.float32)  # as stored
 
     def blocks(self):
         for b in range(-(-self.n // BLOCK)):
@@ -104,8 +83,33 @@ class Rows:
         return np.concatenate([self.block(b) for b in picks])[:k]
 
 
-def exact_top(rows: Rows, queries: np.ndarray, k: int = 10) -> np.ndarray:
-    """Exact top-k ids per query, streamed over the blocks."""
+def scan_costs(dims=(384, 1792, 7168), elements=(2.5e6, 5e6, 10e6, 20e6, 40e6, 80e6),
+               repeats: int = 30) -> list[dict]:
+    """Median and fastest milliseconds of one single-query Flat inner-product search (one thread, as
+    a trace searches), top 100, for each rows × dims."""
+    import faiss
+    faiss.omp_set_num_threads(1)
+    rng, out = np.random.default_rng(0), []
+    for dim in dims:
+        for e in elements:
+            rows = int(e // dim)
+            index = faiss.IndexFlatIP(dim)
+            index.add(rng.standard_normal((rows, dim), dtype=np.float32))
+            queries, times = rng.standard_normal((repeats, dim), dtype=np.float32), []
+            for q in queries:
+                t = time.perf_counter()
+                index.search(q[None], 100)
+                times.append(1000 * (time.perf_counter() - t))
+            out.append({"rows": rows, "dim": dim, "elements": rows * dim, "ms_p50": statistics.median(times),
+                        "ms_min": min(times)})
+            print(f"{rows:>9,} × {dim:>5} = {rows * dim / 1e6:5.1f}M  p50 {out[-1]['ms_p50']:7.2f} ms  "
+                  f"min {out[-1]['ms_min']:7.2f} ms", flush=True)
+            del index
+    return out
+
+
+def exact_top(rows: Rows, queries: np.ndarray, k: int = 100) -> np.ndarray:
+    """Exact top-k ids per query, best first, streamed over the blocks."""
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), k), dtype=np.int64)
     for start, x in rows.blocks():
@@ -123,11 +127,11 @@ def build(rows: Rows, factory: str, folder: Path) -> tuple[object, float, int]:
     Trained as `indexer.ann.build_faiss` trains (its sample size, our streamed PCA)."""
     import faiss
 
-    from indexer.ann import TRAIN_ROWS, train_index
+    from indexer.ann import train_index, train_rows
     t = time.perf_counter()
     index = faiss.IndexIDMap2(faiss.index_factory(rows.dim, factory, faiss.METRIC_INNER_PRODUCT))
     if not index.is_trained:
-        sample = rows.sample(min(rows.n, TRAIN_ROWS))
+        sample = rows.sample(min(rows.n, train_rows(factory)))
         train_index(index, lambda: iter([sample]))
     for start, x in rows.blocks():
         index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
@@ -137,17 +141,11 @@ def build(rows: Rows, factory: str, folder: Path) -> tuple[object, float, int]:
     return index, seconds, path.stat().st_size
 
 
-def tune(index, nprobe: int) -> None:
-    from indexer.ann import set_nprobe
-    if nprobe:
-        set_nprobe(index, nprobe)
-
-
-def measure(index, rows: Rows, queries: np.ndarray, truth: np.ndarray, pools: list[int], k: int = 10) -> dict:
-    """Recall@k of the index alone, and after the exact rescoring of its top `pool` candidates (as
-    a trace scores candidates from the float16 store) for each pool size, with median milliseconds
-    per single query for the search and for the rescoring of the largest pool."""
-    alone, reranked, t_search, t_rerank = [], {p: [] for p in pools}, [], []
+def measure(index, rows: Rows, queries: np.ndarray, truth: np.ndarray, pools: list[int]) -> dict:
+    """After the exact rescoring of the index's top `pool` (as `AnnIndex.search` rescores from the
+    float16 store), recall@100 of the rescored top-100 and recall@10 of its top-10, per pool size;
+    median milliseconds of one single-query search of the largest pool and of its rescoring."""
+    r100, r10, t_search, t_rerank = ({p: [] for p in pools}, {p: [] for p in pools}, [], [])
     for q, true in zip(queries, truth):
         t = time.perf_counter()
         _, ids = index.search(q[None], max(pools))
@@ -156,13 +154,22 @@ def measure(index, rows: Rows, queries: np.ndarray, truth: np.ndarray, pools: li
         t = time.perf_counter()
         exact = rows.rows(ids) @ q
         t_rerank.append(time.perf_counter() - t)
-        alone.append(len(set(ids[:k]) & set(true)) / k)
         for p in pools:
-            top = ids[:p][np.argsort(-exact[:p])[:k]]
-            reranked[p].append(len(set(top) & set(true)) / k)
-    return {"recall_at_10": float(np.mean(alone)),
-            "recall_at_10_reranked": {p: float(np.mean(r)) for p, r in reranked.items()},
+            top = ids[:p][np.argsort(-exact[:p], kind="stable")]
+            r100[p].append(len(set(top[:100]) & set(true)) / 100)
+            r10[p].append(len(set(top[:10]) & set(true[:10])) / 10)
+    return {"recall_at_100": {p: float(np.mean(r)) for p, r in r100.items()},
+            "recall_at_10": {p: float(np.mean(r)) for p, r in r10.items()},
             "search_ms": 1000 * statistics.median(t_search), "rerank_ms": 1000 * statistics.median(t_rerank)}
+
+
+def search_settings(factory: str, nprobes: list[int], efs: list[int]) -> list[tuple[str, int]]:
+    """(parameter, value) pairs to try: nprobe for an inverted file, efSearch for HNSW, none for Flat."""
+    if "IVF" in factory:
+        return [("nprobe", n) for n in nprobes]
+    if "HNSW" in factory:
+        return [("efSearch", e) for e in efs]
+    return [("", 0)]
 
 
 def main():
@@ -172,54 +179,48 @@ def main():
     from indexer.ann import choose_factory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default="wherefrom-data", help="a data dir with a built demo")
-    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--scan", action="store_true", help="only time exact Flat scans against rows × dims")
+    ap.add_argument("--features", default="bench/out/realistic-seed200/features.npz",
+                    help="an .npz of real rows (base) and query gradients (queries), as bench.quality saves it")
+    ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--factories", default="auto", help="';'-separated FAISS factory strings; 'auto' = ours")
-    ap.add_argument("--nprobe", default="16,32,64", help="IVF probes to try for each factory")
+    ap.add_argument("--nprobe", default="32,64,128", help="IVF probes to try for each factory")
+    ap.add_argument("--ef", default="256,512", help="HNSW efSearch values to try")
     ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--features", help="an .npz of base rows and queries saved by --save-features "
-                    "(for a machine without the demo's data dir)")
-    ap.add_argument("--save-features", help="write the base rows and queries used to this .npz")
     ap.add_argument("--pools", default="100,400,1000", help="candidate counts a trace rescores exactly")
     ap.add_argument("--threads", type=int, default=0, help="FAISS threads (0: its default)")
     args = ap.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-
-    if args.features:
-        saved = np.load(args.features)
-        base, queries = saved["base"], saved["queries"][:args.queries]
-    else:
-        base, queries = real_features(Path(args.data_dir), args.queries)
-    if args.save_features:
-        np.savez(args.save_features, base=base, queries=queries)
-    rows = Rows(base, args.rows)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.scan:
+        (OUT / "faiss_scan.json").write_text(json.dumps(scan_costs(), indent=1))
+        return
+    saved = np.load(args.features)
+    rows, queries = Rows(saved["base"], args.rows), saved["queries"][:args.queries]
     t = time.perf_counter()
     truth = exact_top(rows, queries)
-    exact_s = time.perf_counter() - t
-    print(f"{args.rows:,} rows × {rows.dim} dims, {len(queries)} real queries; exact streamed search "
-          f"{1000 * exact_s / len(queries):.0f} ms/query", flush=True)
-    results = []
+    print(f"{args.rows:,} rows × {rows.dim} dims from {len(saved['base']):,} real rows, {len(queries)} real "
+          f"queries; exact streamed top-100 {1000 * (time.perf_counter() - t) / len(queries):.0f} ms/query", flush=True)
+    results, pools = [], [int(p) for p in args.pools.split(",")]
     factories = [choose_factory(args.rows, rows.dim) if f.strip() == "auto" else f.strip() for f in args.factories.split(";")]
-    pools = [int(p) for p in args.pools.split(",")]
-    print(f"{'factory':32s} {'nprobe':>6s} {'R@10':>6s} " + " ".join(f"{'rr' + str(p):>7s}" for p in pools) +
-          f" {'search':>7s} {'rerank':>7s} {'B/doc':>6s} {'build s':>7s}")
+    print(f"{'factory':28s} {'param':>12s} " + " ".join(f"{'R100@' + str(p):>9s} {'R10@' + str(p):>8s}" for p in pools)
+          + f" {'search':>8s} {'B/doc':>6s} {'build s':>7s}")
     for factory in factories:
-        with tempfile.TemporaryDirectory(dir=OUT if OUT.exists() else None) as tmp:
+        with tempfile.TemporaryDirectory(dir=OUT) as tmp:
             index, seconds, size = build(rows, factory, Path(tmp))
-        probes = [int(p) for p in args.nprobe.split(",")] if "IVF" in factory else [0]
-        for nprobe in probes:
-            tune(index, nprobe)
+        for name, value in search_settings(factory, [int(n) for n in args.nprobe.split(",")],
+                                           [int(e) for e in args.ef.split(",")]):
+            if name:
+                faiss.ParameterSpace().set_index_parameter(index, name, value)
             m = measure(index, rows, queries, truth, pools)
-            results.append({"factory": factory, "nprobe": nprobe, **m, "bytes_per_doc": size / args.rows,
+            results.append({"factory": factory, name or "exact": value, **m, "bytes_per_doc": size / args.rows,
                             "build_s": seconds})
-            print(f"{factory:32s} {nprobe:6d} {m['recall_at_10']:6.3f} " +
-                  " ".join(f"{m['recall_at_10_reranked'][p]:7.3f}" for p in pools) +
-                  f" {m['search_ms']:6.1f}ms {m['rerank_ms']:6.1f}ms {size / args.rows:6.0f} {seconds:7.0f}",
-                  flush=True)
+            print(f"{factory:28s} {name + '=' + str(value) if name else '':>12s} " +
+                  " ".join(f"{m['recall_at_100'][p]:9.3f} {m['recall_at_10'][p]:8.3f}" for p in pools) +
+                  f" {m['search_ms']:6.1f}ms {size / args.rows:6.0f} {seconds:7.0f}", flush=True)
         del index
-    OUT.mkdir(parents=True, exist_ok=True)
-    report = {"rows": args.rows, "dim": rows.dim, "queries": len(queries), "noise_share": NOISE_SHARE,
+    report = {"rows": args.rows, "dim": rows.dim, "real_rows": len(saved["base"]), "queries": len(queries),
               "faiss_threads": faiss.omp_get_max_threads(), "results": results}
     (OUT / f"faiss_scale_{args.rows}.json").write_text(json.dumps(report, indent=1))
 

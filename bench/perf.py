@@ -9,7 +9,8 @@
     bench/bergson_ref.py; skipped with a note when it is not installed);
 (d) captum TracInCP-style per-example gradients without projection, on a sample (it is slow).
 Reports tokens/s and the time ratios (b)/(a), (b)/(c) and (d)/(b) per token, as medians over
-`--runs` interleaved runs.
+`--runs` interleaved runs, and the peak resident memory of (b) alone (VmHWM reset before it; the
+process then holds (a)'s model too, and (b) loads its own copy) beside the float32 weights.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def plain_pass(model, ids, pad, batch_size: int) -> float:
     return time.perf_counter() - t
 
 
-def our_build(ckpt, ids, batch_size: int, projection: int) -> float:
+def our_build(ckpt, ids, batch_size: int, projection: int, peaks: list | None = None) -> float:
     """(b): the gradient store of one checkpoint with the default features: projected gradients
-    with the Adam fold and K-FAC sums, EK-FAC fit, unit norm, float16 store and its FAISS index."""
+    with the Adam fold and K-FAC sums, EK-FAC fit, unit norm, float16 store and its FAISS index.
+    Appends (resident bytes before, peak resident bytes during) to `peaks`."""
+    from indexer import memory
     from indexer import ann, store
     from indexer.build import finalize_gradients, shard_gradients
     from indexer.config import BuildConfig
@@ -84,13 +87,18 @@ def our_build(ckpt, ids, batch_size: int, projection: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "s"
         shard.mkdir()
+        before = memory.rss()
+        memory.reset_peak()
         t = time.perf_counter()
         meta = shard_gradients(shard, chunks, [ckpt], config, lambda *a: None)
         (shard / "meta.json").write_text(json.dumps({"rows": len(chunks), **meta}))
         finalize_gradients(Path(tmp), [shard], [ckpt], config, lambda *a: None)
         grad = store.open_array(Path(tmp), "grad")
         ann.build_faiss(grad, Path(tmp) / "grad.faiss", ann.choose_factory(*grad.shape))
-        return time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        if peaks is not None:
+            peaks.append((before, memory.peak_rss()))
+        return seconds
 
 
 class LogitsOnly(torch.nn.Module):
@@ -159,10 +167,10 @@ def main():
     from bench import bergson_ref
     with_bergson = bergson_ref.available()
     token_batch = args.batch_size * max(map(len, ids))  # bergson batches by a token budget
-    rows = []
+    rows, peaks = [], []
     for _ in range(args.runs):  # interleaved, so machine noise hits all alike
         a = plain_pass(model, ids, tok.pad_token_id, args.batch_size)
-        b = our_build(ckpt, ids, args.batch_size, args.projection)
+        b = our_build(ckpt, ids, args.batch_size, args.projection, peaks)
         d = captum_per_example(model, ids, tok.pad_token_id, args.captum_sample)
         row = {"a_tok_s": tokens / a, "b_tok_s": tokens / b, "d_tok_s": sample_tokens / d,
                "b_over_a": b / a, "d_over_b": (d / sample_tokens) / (b / tokens)}
@@ -172,7 +180,10 @@ def main():
         rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     params = sum(p.numel() for p in model.parameters())
-    report = {"params": params, "projection": args.projection, "batch_size": args.batch_size, "tokens": tokens, "documents": len(ids), "runs": rows, "median": med,
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    memory_row = {"float32_weights_gib": weights / 2**30, "b_rss_before_gib": max(p[0] for p in peaks) / 2**30,
+                  "b_peak_rss_gib": max(p[1] for p in peaks) / 2**30}
+    report = {"params": params, **memory_row, "projection": args.projection, "batch_size": args.batch_size, "tokens": tokens, "documents": len(ids), "runs": rows, "median": med,
               "torch_threads": torch.get_num_threads()}
     print(f"model {params / 1e6:.1f}M params, corpus {len(ids)} docs / {tokens} tokens, {args.runs} runs (median)")
     print(f"(a) plain forward+backward   {med['a_tok_s']:9.0f} tokens/s")
@@ -181,6 +192,8 @@ def main():
         print(f"(c) bergson build            {med['c_tok_s']:9.0f} tokens/s   (b)/(c) time ratio {med['b_over_c']:.2f}")
     else:
         print("(c) bergson not installed: see bench/bergson_ref.py for the --no-deps install")
+    print(f"(b) peak RSS {memory_row['b_peak_rss_gib']:.2f} GiB (before it {memory_row['b_rss_before_gib']:.2f} GiB), "
+          f"float32 weights {memory_row['float32_weights_gib']:.2f} GiB")
     print(f"(d) captum per-example grads {med['d_tok_s']:9.0f} tokens/s   (d)/(b) time per token {med['d_over_b']:.1f}x")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "perf.json").write_text(json.dumps(report, indent=1))

@@ -1,12 +1,14 @@
-"""Quality on the trap world: retrieval per method, what misled wrong answers, tail-patch.
+"""Quality: the product's default path end to end (`bench.product_path`), and on the trap world every
+baseline method, what misled wrong answers, tail-patch.
 
-    python -m bench.quality --seed 101                 # the test seed: the numbers we report
-    python -m bench.quality --seed 100                 # the dev seed: pick the hybrid weights here
+    python -m bench.quality --world realistic --seed 200 --exact   # dev seed: tune here only
+    python -m bench.quality --world realistic --seed 201           # test seed: the numbers we report
+    python -m bench.quality --world trap --seed 101 --baselines    # the trap world with every baseline
 
-Trains the demo-sized GPT-2 on the trap world of `--seed` (cached under bench/out/), indexes it with
-the product's default build, and scores every row for every question with every method.
-Writes bench/out/quality-seed{seed}.json and prints the tables and the hybrid weight grid (read
-it on the dev seed only). Leave-top-k-out retraining is `bench/leave_out.py`.
+The product path writes bench/out/quality-{world}-seed{seed}[-proj{N}].json. `--baselines` also
+trains the demo-sized GPT-2 on the trap world of `--seed` (cached under bench/out/), indexes it
+with the product's default build, scores every row for every question with every method, and
+writes bench/out/quality-seed{seed}.json with the hybrid weight grid (read it on the dev seed only). Leave-top-k-out retraining is `bench/leave_out.py`.
 """
 
 from __future__ import annotations
@@ -24,20 +26,34 @@ OUT = Path("bench/out")
 TAIL_PATCH_QUESTIONS = 30  # tail-patch costs one forward/backward per (question, document)
 
 
-def prepare(seed: int):
+def make_world(name: str, seed: int):
+    """The benchmark world `name`: "trap" (bench/trap_world.py) or "realistic" (bench/realistic_world.py)."""
+    if name == "trap":
+        from bench.trap_world import make_trap_world
+        return make_trap_world(seed)
+    try:
+        from bench.realistic_world import make_realistic_world
+    except ModuleNotFoundError as e:
+        if e.name != "bench.realistic_world":  # the world's own missing dependency: show it as it is
+            raise
+        raise SystemExit("--world realistic needs make_realistic_world in bench/realistic_world.py, "
+                         "which this checkout lacks: merge the realistic-world branch or use --world trap")
+    return make_realistic_world(seed)
+
+
+def prepare(seed: int, world_name: str = "trap"):
     """World, trained model, one default build; returns (world, settings, tracer, row ext ids, row tokens)."""
     from attribution.tracer import Tracer
     from service.demo.train import TrainConfig, train
-    from bench.trap_world import make_trap_world
     from db import repo
     from db.engine import transaction
     from db.errors import NotFound
     from service import catalog, jobs
     from service.settings import Settings
 
-    folder = OUT / f"trap-seed{seed}"
+    folder = OUT / f"{world_name}-seed{seed}"
     settings = Settings(data_dir=folder, database_url=f"sqlite:///{folder.resolve()}/bench.db")
-    world = make_trap_world(seed)
+    world = make_world(world_name, seed)
     corpus, _ = world.write(folder / "world")
     if not any((folder / "model").glob("checkpoint-*/model.safetensors")):
         train([d["text"] for d in world.documents], folder / "model", TrainConfig(seed=seed))
@@ -55,7 +71,7 @@ def prepare(seed: int):
         texts = [entries[i][1].text for i in range(build.row_count)]
         ckpts = list(catalog.checkpoints_by_step(repo.model_by_name(s, "trap")).values())
         store_path = build.store_path
-    tracer = Tracer(Path(store_path), ckpts)
+    tracer = Tracer(settings.resolve_store(store_path), ckpts)
     _, tokenizer, _ = tracer.featurizer(len(ckpts) - 1)
     tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     return world, settings, tracer, ext, texts, tokens, folder
@@ -178,15 +194,28 @@ def print_tables(t: dict, seed: int) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Quality benchmark on the trap world.")
-    ap.add_argument("--seed", type=int, default=101, help="101 is the test seed; 100 the dev seed")
+    ap = argparse.ArgumentParser(description="Quality benchmark: the product's default path, and every method.")
+    ap.add_argument("--world", choices=("trap", "realistic"), default="trap")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="trap: 101 test, 100 dev; realistic: 201 test, 200 dev (the default: tune on dev only)")
+    ap.add_argument("--proj", type=int, default=None, help="projection size per side (default: GradientConfig's)")
+    ap.add_argument("--exact", action="store_true", help="also a build forced to an exact FAISS index")
+    ap.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    ap.add_argument("--baselines", action="store_true", help="trap world: also score every baseline method")
     args = ap.parse_args()
-    report = run(args.seed)
-    t = tables(report)
-    print_tables(t, args.seed)
-    print("hybrid weight grid, best first:", *report["weight_grid"][:5], sep="\n  ")
+    from bench import product_path
+    seed = args.seed if args.seed is not None else (101 if args.world == "trap" else 200)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"quality-seed{args.seed}.json").write_text(json.dumps({**report, "tables": t}, indent=1))
+    report = product_path.run(args.world, seed, args.proj, args.exact, args.limit)
+    product_path.print_report(report)
+    suffix = f"-proj{args.proj}" if args.proj else ""
+    (OUT / f"quality-{args.world}-seed{seed}{suffix}.json").write_text(json.dumps(report, indent=1))
+    if args.baselines and args.world == "trap":
+        baselines = run(seed)
+        t = tables(baselines)
+        print_tables(t, seed)
+        print("hybrid weight grid, best first:", *baselines["weight_grid"][:5], sep="\n  ")
+        (OUT / f"quality-seed{seed}.json").write_text(json.dumps({**baselines, "tables": t}, indent=1))
 
 
 if __name__ == "__main__":

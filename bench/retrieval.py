@@ -67,7 +67,7 @@ def run(seed: int, data: Path) -> dict:
             entries = {p: d.external_id for p, (_, d) in repo.entries_at(s, b.id, range(b.row_count)).items()}
             store_path = b.store_path
             ckpts = catalog.checkpoints_by_step(repo.model_by_name(s, "m"))
-        tracer = Tracer(Path(store_path), [ckpts[c["step"]] for c in build.info["checkpoints"]])
+        tracer = Tracer(settings.resolve_store(store_path), [ckpts[c["step"]] for c in build.info["checkpoints"]])
         if correct_qs is None:
             correct_qs = [q for q in world.questions if is_correct(tracer.generate(q.prompt), q.answer)]
         methods = ["grad"] if results else ["hybrid", "grad", "dense", "bm25"]

@@ -104,6 +104,24 @@ def fail_job(s: Session, job_id: int, error: str) -> bool:
     return done.rowcount == 1
 
 
+def cancel_job(s: Session, job_id: int) -> Job:
+    """Cancel an open job (`wherefrom jobs cancel`): its tasks stop at their next check of the job."""
+    job = lock_job(s, job_id)
+    if job.status in FINISHED:
+        raise Conflict(f"job {job_id} is already {job.status}: nothing to cancel")
+    now = utcnow()
+    job.status, job.stage, job.updated_at, job.finished_at = "cancelled", f"cancelled at: {job.stage}"[:200], now, now
+    s.execute(update(JobShard).where(JobShard.job_id == job_id, JobShard.status == "pending")
+              .values(status="cancelled", finished_at=now))  # they never start; running ones stop themselves
+    return job
+
+
+def stop_shard(s: Session, job_id: int, shard: int) -> None:
+    """A task of a cancelled job stopped at its boundary: its shard shows it, unless it got done first."""
+    s.execute(update(JobShard).where(JobShard.job_id == job_id, JobShard.shard == shard, JobShard.status != "done")
+              .values(status="cancelled", finished_at=utcnow()))
+
+
 def requeue_job(s: Session, job_id: int) -> Job:
     """Put a failed or stuck job back in the queue (`wherefrom jobs resume`)."""
     job = lock_job(s, job_id)
@@ -116,7 +134,7 @@ def requeue_job(s: Session, job_id: int) -> Job:
 def claim_stalled(s: Session, waiting_before: datetime, running_before: datetime) -> list[int]:
     """Jobs no task is working on, marked as sent again (so a second sweeper skips them); their ids.
 
-    Called by an idle worker, which proves its queue empty: a job still queued, or a build with
+    Called by an idle worker, which proves its queue empty: a job still queued, or a build or study with
     pending shards and none running, quiet since `waiting_before`, lost its message (Redis pops a
     message before the worker records it as taken; a broker stopping in between drops it). Any
     other open job counts only when quiet since `running_before` (the visibility timeout, after
@@ -124,7 +142,7 @@ def claim_stalled(s: Session, waiting_before: datetime, running_before: datetime
     """
     shard_running = select(JobShard.job_id).where(JobShard.job_id == Job.id, JobShard.status == "running").exists()
     busy_stage = or_(Job.stage.like("planning%"), Job.stage.like("merging%"))
-    waiting = or_(Job.status == "queued", and_(Job.kind == "index", ~shard_running, ~busy_stage))
+    waiting = or_(Job.status == "queued", and_(Job.kind.in_(("index", "study")), ~shard_running, ~busy_stage))
     stalled = and_(Job.status.in_(("queued", "running")),
                    or_(and_(waiting, Job.updated_at < waiting_before), Job.updated_at < running_before))
     claimed = s.execute(update(Job).where(stalled).values(updated_at=utcnow(), stage="sent again: no worker had it")

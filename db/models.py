@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, ForeignKeyConstraint, Integer, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -100,6 +101,8 @@ class Trace(Base):
     build_id: Mapped[int] = mapped_column(ForeignKey("index_builds.id", ondelete="CASCADE"), index=True)
     method: Mapped[str] = mapped_column(String(40))
     timings: Mapped[dict] = mapped_column(JSON, default=dict)  # seconds per stage
+    # what dense and BM25 searched with (the prompt's template removed); NULL for traces before 0007
+    text_query: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # the job that traced it: unique, so a trace job delivered twice still stores one trace
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True, unique=True)
@@ -119,8 +122,8 @@ class TraceResult(Base):
     document: Mapped[Document] = relationship()
 
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed")
-FINISHED = ("succeeded", "failed")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")  # no task of such a job writes any more
 
 
 class Job(Base):
@@ -151,9 +154,56 @@ class JobShard(Base):
     shard: Mapped[int] = mapped_column(Integer, primary_key=True)
     row_start: Mapped[int] = mapped_column(BigInteger)
     row_end: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | running | done
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | running | done | cancelled
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # > 1: redelivered (a worker died)
     worker: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Study(Base):
+    """Many questions traced as one job against one build (`wherefrom study`)."""
+
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # the job that runs it: unique, so a study job redelivered after a worker died records one study
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True, unique=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("index_builds.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str | None] = mapped_column(Text)  # the questions file it was read from
+    k: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(40))
+    tasks_of: Mapped[int] = mapped_column(Integer)  # questions per task
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StudyQuestion(Base):
+    """One question of a study and, once its task stored it, its outcome."""
+
+    __tablename__ = "study_questions"
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0-based row of the questions file
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str | None] = mapped_column(Text)  # given; None: the model's greedy answer is traced
+    expected: Mapped[str | None] = mapped_column(Text)  # the right answer, when known
+    meta: Mapped[dict] = mapped_column("metadata", JSON, default=dict)  # the file's other columns
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | done | failed
+    error: Mapped[str | None] = mapped_column(Text)  # one line, when failed
+    trace_id: Mapped[int | None] = mapped_column(ForeignKey("traces.id", ondelete="SET NULL"), index=True, unique=True)
+    correct: Mapped[bool | None] = mapped_column(Boolean)  # None: no expected answer (unknown)
+    supported: Mapped[bool | None] = mapped_column(Boolean)  # a returned document states the answer
+    exposure: Mapped[int | None] = mapped_column(Integer)  # documents stating the fact for this subject
+    learned_step: Mapped[int | None] = mapped_column(Integer)  # checkpoint from which the answer is top-1
+    misled: Mapped[bool | None] = mapped_column(Boolean)  # wrong, and a returned document states that value
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StudySupport(Base):
+    """A ranked document of a study's trace that states the traced answer."""
+
+    __tablename__ = "study_support"
+    __table_args__ = (ForeignKeyConstraint(["trace_id", "rank"], ["trace_results.trace_id", "trace_results.rank"],
+                                           ondelete="CASCADE"),)
+    trace_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)

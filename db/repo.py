@@ -12,7 +12,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.errors import Conflict, InputError, NotFound
-from db.models import Checkpoint, Corpus, Document, IndexBuild, IndexEntry, Model, Trace, TraceResult
+from db.models import (FINISHED, Checkpoint, Corpus, Document, IndexBuild, IndexEntry, Job, Model, Trace,
+                       TraceResult)
 
 
 def sha256_text(text: str) -> str:
@@ -218,10 +219,15 @@ def latest_build(s: Session, corpus_id: int | None = None, model_id: int | None 
     return build
 
 
-def entries_at(s: Session, build_id: int, positions: Sequence[int]) -> dict[int, tuple[IndexEntry, Document]]:
-    rows = s.execute(select(IndexEntry, Document).join(Document, Document.id == IndexEntry.document_id)
-                     .where(IndexEntry.build_id == build_id, IndexEntry.position.in_(list(positions))))
-    return {e.position: (e, d) for e, d in rows.all()}
+def entries_at(s: Session, build_id: int, positions: Sequence[int],
+               lock: bool = False) -> dict[int, tuple[IndexEntry, Document]]:
+    """Store rows and their documents; `lock`: the documents FOR SHARE (PostgreSQL), so a tombstone
+    (`update_repo.tombstone`) waits for this transaction, and one committed meanwhile is seen."""
+    q = (select(IndexEntry, Document).join(Document, Document.id == IndexEntry.document_id)
+         .where(IndexEntry.build_id == build_id, IndexEntry.position.in_(list(positions))))
+    if lock:
+        q = q.with_for_update(read=True, of=Document)
+    return {e.position: (e, d) for e, d in s.execute(q).all()}
 
 
 def set_token_counts(s: Session, counts: dict[int, int]) -> None:
@@ -281,6 +287,12 @@ def get_build(s: Session, build_id: int) -> IndexBuild:
 
 def list_builds(s: Session) -> Sequence[IndexBuild]:
     return s.scalars(select(IndexBuild).order_by(IndexBuild.id)).all()
+
+
+def open_build_stores(s: Session) -> set[str]:
+    """Store names of the index jobs not finished yet: their `<name>.partial` folders are in use."""
+    params = s.scalars(select(Job.params).where(Job.kind == "index", Job.status.not_in(FINISHED)))
+    return {p.get("store") for p in params}
 
 
 def count_entries(s: Session, build_id: int) -> int:

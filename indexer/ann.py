@@ -17,35 +17,56 @@ from indexer import pca as pca_fit
 from indexer.config import NPROBE
 from indexer.store import BLOCK, release
 
-FLAT_BYTES = 256 << 20  # exact search while its float32 vectors stay under this (one scan ≈ 20-30 ms here)
+# Exact search while rows × dims stays under this. A single-query Flat inner-product scan (one thread,
+# top 100) took a median 13-19 ms at 10M float32 elements and 26-39 ms at 20M on this 2-core shared
+# AMD EPYC, at 384, 1,792 and 7,168 dims alike (bench/faiss_scale.py --scan; BENCHMARKS.md): ~20 ms.
+SCAN_ELEMENTS = 10_000_000
 FAISS_BLOCK_BYTES = 16 << 20  # float32 bytes per block fed to FAISS (2,048 rows at 2,048 dims)
-TRAIN_ROWS = 160_000  # rows an index trains on: 40 per list at 4096 lists
-RESCORE = 4  # an approximate index returns this many times the candidates wanted, rescored exactly
+TRAIN_ROWS = 160_000  # rows an index trains on at most: 40 per list at 4096 lists
+# An approximate index returns this many times the candidates wanted, rescored exactly from the store:
+# 8-bit codes of real gradient features put the true top-100 in their top 400 (recall 1.000), not
+# always in their top 100 (0.994; BENCHMARKS.md)
+RESCORE = 4
 EXACT = "Flat"
 
 
-def choose_factory(rows: int, dim: int) -> str:
-    """Exact search while a scan is cheap; beyond, an inverted file over 8-bit codes, after a PCA to
-    512 dimensions when the features are wider (about 540 bytes per document at 10M rows).
+# A full scan of 8-bit codes (1 byte an element) while rows × dims stays under this: on the realistic
+# world's real features (10,372 × 7,168) it kept recall@100 at 1.000 after rescoring 400, in 55 ms
+# against ~150 ms for the float32 scan; an IVF searching 32 of 128 lists kept only 0.79, 64 of 128
+# 0.89 (bench/faiss_scale.py, BENCHMARKS.md). Up to 200M elements it stays under ~150 ms here.
+CODE_SCAN_ELEMENTS = 20 * SCAN_ELEMENTS
 
-    A trace rescores its candidates from the float16 store, so the index only has to bring the true
-    top-10 into its top-100: approximate codes cost little recall there.
+
+def choose_factory(rows: int, dim: int) -> str:
+    """Exact search while a scan costs about 20 ms (`SCAN_ELEMENTS`); then a full scan of 8-bit codes
+    (`SQ8`, `CODE_SCAN_ELEMENTS`); beyond, an inverted file over 8-bit codes. Never a PCA: gradient
+    features are close to isotropic, and 512 principal components dropped `--method grad` MRR from
+    0.863 (exact) to 0.628 (issue 12). Isotropic features also defeat the inverted file's partition
+    (recall above), so it is the last resort, where no scan fits.
+
+    A trace rescores its candidates from the float16 store, so the codes only have to bring the true
+    top-100 into their top `RESCORE` × 100.
     """
-    if rows * dim * 4 <= FLAT_BYTES:
+    if rows * dim <= SCAN_ELEMENTS:
         return EXACT
-    # ≈ 4√n lists, a power of two in [256, 4096]: more lists would need more training rows than fit
-    # in memory at this width (FAISS wants ~40 per list), and 4096 keeps a 10M-row probe of 32 lists
-    # at ~80k codes
-    lists = 1 << max(8, min(12, round(np.log2(4 * rows ** 0.5))))
-    # PCA256 kept recall@10 at 0.938 on 1M rows of 4096-dim features, PCA512 at 0.995 (bench/faiss_scale.py)
-    pca = "PCA512," if dim > 512 else ""
-    return f"{pca}IVF{lists},SQ8"
+    if rows * dim <= CODE_SCAN_ELEMENTS:
+        return "SQ8"
+    # ≈ √n lists, a power of two in [16, 4096], and at least 40 rows per list for k-means
+    lists = 1 << max(4, min(12, round(np.log2(rows ** 0.5)), int(np.log2(max(16, rows // 40)))))
+    return f"IVF{lists},SQ8"
+
+
+def train_rows(factory: str) -> int:
+    """Rows a factory trains on: ~64 per inverted list (k-means wants 40), 20k for codes alone."""
+    import re
+    found = re.search(r"IVF(\d+)", factory)
+    return min(TRAIN_ROWS, max(20_000, 64 * int(found.group(1)))) if found else min(TRAIN_ROWS, 20_000)
 
 
 def train_index(index, blocks) -> None:
     """Train `index` on sample rows given as `blocks()`, a function returning an iterator of float32
     blocks. A PCA in front is fitted streaming and the index behind it trains on the reduced rows
-    (TRAIN_ROWS × 512 floats at most), so training memory does not follow the corpus."""
+    (TRAIN_ROWS × its width at most), so training memory does not follow the corpus."""
     lone = pca_fit.lone_pca(index)
     if lone is None:
         index.train(np.concatenate(list(blocks())))
@@ -68,7 +89,7 @@ def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
     index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
     step = max(256, min(BLOCK, FAISS_BLOCK_BYTES // (4 * dim)))  # rows per block by bytes, not count
     if not index.is_trained:
-        sample = np.sort(np.random.default_rng(0).choice(rows, size=min(rows, TRAIN_ROWS), replace=False))
+        sample = np.sort(np.random.default_rng(0).choice(rows, size=min(rows, train_rows(factory)), replace=False))
         train_index(index, lambda: (_copy(vectors, sample[i:i + step]) for i in range(0, len(sample), step)))
     for start in range(0, rows, step):
         block = _copy(vectors, slice(start, start + step))
@@ -127,8 +148,7 @@ class AnnIndex:
 
     def search(self, query: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
         """The k best store rows for `query` (D,). An approximate index is asked for `RESCORE`× more,
-        rescored exactly from `rows`, the float16 store: at 10M rows its top 100 held 92 % of the true
-        top-10, its top 400 rescored 99 % (bench/faiss_scale.py)."""
+        rescored exactly from `rows`, the float16 store (recall on real features: BENCHMARKS.md)."""
         if self.exact:
             return self.index.search(query[None], k)[1][0]
         ids = self.index.search(query[None], k * RESCORE)[1][0]

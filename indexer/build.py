@@ -24,8 +24,10 @@ from indexer.ann import build_faiss, choose_factory
 from indexer.corpus import Chunk
 from indexer.curvature import Stats
 from indexer.gradients import collate, featurizer_for
-from indexer.config import BuildConfig
-from indexer.modelio import CheckpointInfo
+from indexer import memory
+from indexer.config import BuildConfig, Runtime
+from indexer.memory import is_out_of_memory
+from indexer.modelio import CheckpointInfo, enable_checkpointing, resolve_device
 
 Progress = Callable[[str, int, int], None]  # (stage, rows done now, stage total)
 
@@ -39,17 +41,17 @@ def checkpoint_weights(ckpts: list[CheckpointInfo], mode: str) -> list[float]:
 
 
 def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: list[CheckpointInfo],
-                  config: BuildConfig, progress: Progress) -> dict:
+                  config: BuildConfig, progress: Progress, runtime: Runtime | None = None) -> dict:
     """Raw projected gradients, K-FAC factor sums and sentence embeddings of one shard's chunks.
 
     Writes `raw-c{c}.npy` (n × D_c, float32), `stats-c{c}.npz`, `dense.npy` (n × 384, float32) and
     `meta.json` into `folder`, rows in list order. Batches are formed inside the shard only
     (sorted by length, for less padding), so a row's floats depend on the shard it belongs to and
-    never on which process computed it; `merge_shards` reduces the statistics instead of
-    recomputing them.
+    the batch rows `meta["runtime"]` records, never on which process computed it; `merge_shards`
+    reduces the statistics instead of recomputing them.
     """
     timings, t = {}, time.perf_counter()
-    meta = {"rows": len(chunks), **shard_gradients(folder, chunks, ckpts, config, progress)}
+    meta = {"rows": len(chunks), **shard_gradients(folder, chunks, ckpts, config, progress, runtime)}
     timings["gradients"] = time.perf_counter() - t
     t = time.perf_counter()
     dense = np.lib.format.open_memmap(folder / "dense.npy", mode="w+", dtype=np.float32,
@@ -62,28 +64,79 @@ def compute_shard(folder: Path, chunks: list[Chunk], texts: list[str], ckpts: li
     return meta
 
 
-def shard_gradients(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
-                    progress: Progress) -> dict:
-    """`raw-c{c}.npy` and `stats-c{c}.npz` of one shard: the forward+backward passes of a build."""
-    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
-    meta = {"dims": [], "adam_normalised_layers": [], "layers": []}
-    for c, ckpt in enumerate(ckpts):
-        model, tokenizer, feat = featurizer_for(ckpt, config.gradient)
-        feat.stats = Stats()
-        raw = np.lib.format.open_memmap(folder / f"raw-c{c}.npy", mode="w+", dtype=np.float32,
-                                        shape=(len(chunks), feat.dim))
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start:start + config.batch_size]
+def next_batch(order: list[int], lengths: list[int], start: int, rows: int, tokens: int | None) -> list[int]:
+    """Positions `order[start:]` that fit one batch: at most `rows`, and rows × the widest length
+    at most `tokens` (always one row, however long). `order` is sorted by length, so the last row
+    taken is the widest."""
+    end = start + 1
+    while end < len(order) and end - start < rows and (tokens is None or (end - start + 1) * lengths[order[end]] <= tokens):
+        end += 1
+    return order[start:end]
+
+
+def too_large(rows: int, width: int, runtime: Runtime) -> InputError:
+    return InputError(f"out of memory on {rows} chunk(s) of {width} tokens even after halving the batch to one "
+                      f"chunk on {runtime.device}: pass --dtype bfloat16, --checkpointing, fewer --modules, a "
+                      "shorter --max-tokens (chunk length) or a device with more memory")
+
+
+class BatchRunner:
+    """Feature batches with back-off: on out-of-memory, halve the batch, retry, and keep the half."""
+
+    def __init__(self, config: BuildConfig, runtime: Runtime):
+        self.rows, self.tokens, self.runtime = config.batch_size, runtime.max_tokens_per_batch, runtime
+        self.backoffs = 0
+
+    def run(self, feat, order: list[int], chunks: list[Chunk], tokenizer, out: np.ndarray, progress) -> None:
+        lengths = [len(c.token_ids) for c in chunks]
+        start = 0
+        while start < len(order):
+            rows = next_batch(order, lengths, start, self.rows, self.tokens)
             batch = collate([chunks[i].token_ids for i in rows], tokenizer.pad_token_id,
                             label_spans=[chunks[i].labels for i in rows])
-            raw[rows] = feat.features(*batch).numpy()
-            progress("gradients", len(rows), len(chunks) * len(ckpts))
+            saved = Stats().add(feat.stats)  # a batch cut off mid-backward has added to the sums
+            try:
+                out[rows] = feat.features(*batch).numpy()
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                feat.stats = saved
+                memory.release(feat.device)
+                if len(rows) == 1:
+                    raise too_large(1, lengths[rows[0]], self.runtime) from None
+                self.rows, self.backoffs = len(rows) // 2, self.backoffs + 1
+                continue
+            progress(len(rows))
+            start += len(rows)
+
+
+def shard_gradients(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
+                    progress: Progress, runtime: Runtime | None = None) -> dict:
+    """`raw-c{c}.npy` and `stats-c{c}.npz` of one shard: the forward+backward passes of a build."""
+    runtime = runtime or Runtime(device="cpu")
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
+    meta = {"dims": [], "adam_normalised_layers": [], "layers": []}
+    runner, device, dtype = BatchRunner(config, runtime), None, None
+    memory.reset_peak(resolve_device(runtime.device))
+    for c, ckpt in enumerate(ckpts):
+        model, tokenizer, feat = featurizer_for(ckpt, config.gradient, runtime)
+        if runtime.checkpointing:
+            enable_checkpointing(model)
+        feat.stats, device, dtype = Stats(), feat.device, feat.dtype
+        raw = np.lib.format.open_memmap(folder / f"raw-c{c}.npy", mode="w+", dtype=np.float32,
+                                        shape=(len(chunks), feat.dim))
+        runner.run(feat, order, chunks, tokenizer, raw,
+                   lambda n: progress("gradients", n, len(chunks) * len(ckpts)))
         raw.flush()
         feat.stats.save(folder / f"stats-c{c}.npz")
         meta["dims"].append(feat.dim)
         meta["adam_normalised_layers"].append(len(feat.normalised))
         meta["layers"].append([layer.name for layer in feat.layers])
         del model, feat, raw
+    meta["runtime"] = {**asdict(runtime), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                       "batch_rows": runner.rows,
+                       "backoffs": runner.backoffs, "peak_rss_bytes": memory.peak_rss(),
+                       "peak_device_bytes": memory.peak_device(device)}
     return meta
 
 
@@ -157,6 +210,19 @@ def finalize_gradients(folder: Path, shards: list[Path], ckpts: list[CheckpointI
             "layers": metas[0].get("layers", [[]])[-1]}  # tracked module names (of the last checkpoint)
 
 
+def merged_runtime(metas: list[dict]) -> dict:
+    """How the shards ran: every device and dtype used, the smallest batch a back-off left, the
+    back-offs and the highest peaks (shards from builds before runtimes were recorded: {})."""
+    runs = [m["runtime"] for m in metas if "runtime" in m]
+    if not runs:
+        return {}
+    peaks = [r["peak_device_bytes"] for r in runs if r["peak_device_bytes"] is not None]
+    return {**runs[0], "device": sorted({r["device"] for r in runs}), "dtype": sorted({r["dtype"] for r in runs}),
+            "batch_rows": min(r["batch_rows"] for r in runs),
+            "backoffs": sum(r["backoffs"] for r in runs), "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+            "peak_device_bytes": max(peaks) if peaks else None}
+
+
 def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[CheckpointInfo],
                  config: BuildConfig, provenance: dict, progress: Progress) -> dict:
     """Every store of a build, from its shards, into `out`: grad, dense, BM25, FAISS and info.json.
@@ -187,6 +253,7 @@ def merge_shards(out: Path, shards: list[Path], texts: list[str], ckpts: list[Ch
         "dense_faiss_factory": dense_factory, "faiss_nprobe": config.nprobe,
         "gradient": grad, "embedder": semantic.NAME, "code_version": store.code_version(),
         "projection_seed": config.gradient.seed, "timings_s": timings, "shards": len(shards),
+        "runtime": merged_runtime(metas),
         "checksum": store.checksum(out),
     }
     store.write_info(out, info)

@@ -7,6 +7,7 @@ Free of torch and FAISS, so the command line builds its options from these field
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 
 from db.errors import InputError
@@ -124,3 +125,86 @@ class BuildConfig:
         if self.stride is not None and (self.chunking != "sliding" or self.stride < 1):
             raise InputError("stride is a positive number of tokens, for --chunking sliding only: "
                              "pass --stride 1 or more with --chunking sliding, or leave --stride out")
+
+
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("bfloat16", "float16", "float32")
+MAX_TOKENS_PER_BATCH = 1 << 24  # 16M tokens: far above any batch that fits one device
+
+
+@dataclass
+class Runtime:
+    """Where and how the model runs: never part of a store's identity (`BuildConfig`), so a build
+    made on a GPU and one made on the CPU are the same build; recorded beside the config in
+    info.json. Set by `--device`/`--dtype`/… or by the environment (`from_env`), which is how a
+    worker's own device reaches the shards it computes."""
+
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA when available) | cpu | cuda | cuda:N"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "bfloat16 | float16 | float32; None = the checkpoint's own dtype"})
+    max_tokens_per_batch: int | None = field(default=None, metadata={
+        "help": "cap on rows × padded length per batch (batches shrink for long chunks); None = --batch-size rows"})
+    checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward (less memory, about a third more compute)"})
+    memory_limit: int | None = field(default=None, metadata={
+        "help": "host bytes a build may use; None = MemAvailable from /proc/meminfo"})
+
+    def __post_init__(self):
+        if not DEVICES.fullmatch(self.device):
+            raise InputError(f"unknown device {self.device!r}: pass --device auto, cpu, cuda or cuda:N")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InputError(f"unknown dtype {self.dtype!r}: pass --dtype bfloat16, float16 or float32")
+        limit = self.max_tokens_per_batch
+        if limit is not None and not 1 <= limit <= MAX_TOKENS_PER_BATCH:
+            raise InputError(f"--max-tokens-per-batch is 1 to {MAX_TOKENS_PER_BATCH}, not {limit}")
+        if self.memory_limit is not None and self.memory_limit < 1:
+            raise InputError(f"WHEREFROM_MEMORY_LIMIT must be a positive size such as 8G, not {self.memory_limit}")
+
+    @classmethod
+    def from_env(cls, env=None, **overrides) -> Runtime:
+        """WHEREFROM_DEVICE, WHEREFROM_DTYPE, WHEREFROM_MAX_TOKENS_PER_BATCH, WHEREFROM_CHECKPOINTING
+        and WHEREFROM_MEMORY_LIMIT (bytes, or with K/M/G), under `overrides` that are not None."""
+        import os
+        env = os.environ if env is None else env
+        values = {"device": env.get("WHEREFROM_DEVICE") or "auto", "dtype": env.get("WHEREFROM_DTYPE") or None,
+                  "checkpointing": env.get("WHEREFROM_CHECKPOINTING", "") in ("1", "true", "yes")}
+        if env.get("WHEREFROM_MAX_TOKENS_PER_BATCH"):
+            values["max_tokens_per_batch"] = _size(env["WHEREFROM_MAX_TOKENS_PER_BATCH"], "WHEREFROM_MAX_TOKENS_PER_BATCH")
+        if env.get("WHEREFROM_MEMORY_LIMIT"):
+            values["memory_limit"] = _size(env["WHEREFROM_MEMORY_LIMIT"], "WHEREFROM_MEMORY_LIMIT")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def environ(self) -> dict[str, str]:
+        """The environment that `from_env` reads back as this runtime (for worker processes)."""
+        out = {"WHEREFROM_DEVICE": self.device, "WHEREFROM_CHECKPOINTING": "1" if self.checkpointing else ""}
+        for key, value in (("WHEREFROM_DTYPE", self.dtype), ("WHEREFROM_MAX_TOKENS_PER_BATCH", self.max_tokens_per_batch),
+                           ("WHEREFROM_MEMORY_LIMIT", self.memory_limit)):
+            out[key] = "" if value is None else str(value)
+        return out
+
+
+def _size(text: str, name: str) -> int:
+    """An integer with an optional K, M or G (powers of 1024) suffix."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise InputError(f"{name} must be a whole number, optionally with K, M or G (such as 8G), not {text!r}")
+    return int(m.group(1)) * 1024 ** " KMG".index(m.group(2).upper() or " ")
+
+
+@contextmanager
+def applied(runtime: Runtime):
+    """`runtime` as this process's environment for the block (what `Runtime.from_env` reads in the
+    shards and tracers it runs), restored afterwards so one command's options do not outlive it."""
+    import os
+    saved = {k: os.environ.get(k) for k in runtime.environ()}
+    os.environ.update(runtime.environ())
+    try:
+        yield runtime
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -21,7 +21,7 @@ from torch import nn
 
 from db.errors import InputError
 from indexer.adapter import tracked_layers
-from indexer.config import GradientConfig
+from indexer.config import GradientConfig, Runtime
 from indexer.curvature import LayerStats, Stats
 from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
 
@@ -42,6 +42,10 @@ class Featurizer:
         if not self.layers:
             raise InputError(f"no linear layer matches --modules {config.modules!r}: "
                              "pass a regex that matches module names such as 'attn|mlp'")
+        # projections run in each layer's compute dtype on its device; the Adam fold is done in
+        # float32 first, and everything summed over tokens (features, K-FAC) in float32
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
         self.fold(second_moments)
         self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
         self._x: dict[str, torch.Tensor] = {}
@@ -55,12 +59,15 @@ class Featurizer:
         """(Re)build the projections, Adam's √v folded in where `second_moments` has a layer's weight.
 
         The offline build folds a checkpoint's optimizer.pt; `indexer.callback` refolds every step
-        with the live optimizer's moments, on the device the layer's weights live on.
+        with the live optimizer's moments. The fold runs in float32 on the device the layer's weight
+        lives on; the result is cast to that weight's dtype (a LoRA layer may keep float32 beside a
+        bfloat16 base).
         """
         config = self.config
         self.p_in, self.p_out, self.normalised = {}, {}, []
         for layer in self.layers:
-            device = layer.module.weight.device
+            weight = layer.module.weight
+            device = weight.device
             p_out = self._projection(config.k_out, layer.out_features, f"{layer.name}:out").to(device)
             p_in = self._projection(config.k_in, layer.in_features, f"{layer.name}:in").to(device)
             v = (second_moments or {}).get(layer.name + ".weight") if config.optimizer_norm else None
@@ -71,7 +78,8 @@ class Featurizer:
                 p_out = p_out * (row + config.eps).rsqrt()[None, :] * scale
                 p_in = p_in * (col + config.eps).rsqrt()[None, :]
                 self.normalised.append(layer.name)
-            self.p_out[layer.name], self.p_in[layer.name] = p_out, p_in
+            self.p_out[layer.name] = p_out.to(device, weight.dtype)
+            self.p_in[layer.name] = p_in.to(device, weight.dtype)
 
     def shapes(self) -> list[tuple[int, int]]:
         """(k_out, k_in) of each layer's block, in feature order."""
@@ -86,21 +94,25 @@ class Featurizer:
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
-            # project first, then zero the padding: the mask multiplies k_in columns, not in_features
+            if not output.requires_grad:
+                # the no-grad first pass of activation checkpointing: its recomputation in backward
+                # runs this hook again with gradients, and only that pass may count
+                return
+            # project first, then zero the padding: the mask multiplies k_in columns, not in_features.
+            # The input is projected in the projection's dtype; the float32 mask makes x float32
             p_in = self.p_in[name]
-            x = (inputs[0].detach().to(p_in.dtype) @ p_in.T) * self._mask[..., None]  # (B, T, k_in)
+            x = (inputs[0].detach().to(p_in.dtype) @ p_in.T) * self._mask[..., None]  # (B, T, k_in), float32
             self._x[name] = x
             if self.stats is not None:
                 self._layer_stats(name).a_sum += _gram(x)
                 self._layer_stats(name).tokens += float(self._mask.sum())
-            if output.requires_grad:
-                output.register_hook(self._backward_hook(name))
+            output.register_hook(self._backward_hook(name))
         return hook
 
     def _backward_hook(self, name: str):
         def hook(grad):
             p_out = self.p_out[name]
-            d = (grad.detach().to(p_out.dtype) @ p_out.T) * self._mask[..., None]  # (B, T, k_out)
+            d = (grad.detach().to(p_out.dtype) @ p_out.T) * self._mask[..., None]  # (B, T, k_out), float32
             if self._scale is not None:
                 d = d * self._scale[:, None, None]
             if self.stats is not None:
@@ -125,10 +137,12 @@ class Featurizer:
                  labels: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         """Per-example gradients of each example's mean token loss over `labels` != -100.
 
-        Returns (B, D) float32 in layer order, not normalised; with `per_token`, (B, T, D): each
-        position's term of the sum over positions, which sums to the (B, D) feature.
+        Returns (B, D) float32 on the CPU in layer order, not normalised; with `per_token`,
+        (B, T, D): each position's term of the sum over positions, which sums to the (B, D) feature.
         """
-        self._mask = attention_mask.to(torch.float32)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        labels = labels.to(self.device)
+        self._mask = attention_mask.to(torch.float32)  # a float32 mask makes each projection float32
         self._per_token = per_token
         self._x.clear(); self._g.clear()
         handles = [self.model.get_input_embeddings().register_forward_hook(self._embedding_requires_grad)]
@@ -146,23 +160,26 @@ class Featurizer:
                 h.remove()
             for p, f in zip(self.model.parameters(), flags):
                 p.requires_grad_(f)
-        return self.collect()
+        return self.collect().cpu()
 
     def register(self) -> list:
         """Forward hooks on the tracked layers (their backward hooks follow); the caller removes them."""
         return [l.module.register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
 
     def collect(self) -> torch.Tensor:
-        """The features of the batch whose backward pass just ran: (B, D), or (B, T, D) per token."""
+        """The features of the batch whose backward pass just ran: (B, D), or (B, T, D) per token,
+        float32 on the device of the layers (`features` moves them to the CPU)."""
         missing = [l.name for l in self.layers if l.name not in self._g]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[0]}: is it used by the forward pass?")
-        feats = [self._g.pop(l.name).flatten(2 if self._per_token else 1) for l in self.layers]
-        return torch.cat(feats, dim=-1)
+        feats = [self._g.pop(l.name).float().flatten(2 if self._per_token else 1) for l in self.layers]
+        return torch.cat([f.to(feats[0].device) for f in feats], dim=-1)
+
 
 def _gram(x: torch.Tensor) -> np.ndarray:
-    """Σ over batch and positions of x xᵀ, (k, k) float64: a K-FAC factor's share of one batch."""
-    flat = x.reshape(-1, x.shape[-1])
+    """Σ over batch and positions of x xᵀ, (k, k) float64: a K-FAC factor's share of one batch,
+    summed in float32 (on x's device) and returned on the CPU."""
+    flat = x.reshape(-1, x.shape[-1]).float()
     return (flat.T @ flat).double().cpu().numpy()
 
 
@@ -195,9 +212,11 @@ def collate(seqs: list[list[int]], pad_id: int, label_from: list[int] | None = N
     return ids, mask, labels
 
 
-def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig):
-    """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there."""
-    model, tokenizer = load_model(ckpt.path, ckpt.base_path)
+def featurizer_for(ckpt: CheckpointInfo, config: GradientConfig, runtime: Runtime | None = None):
+    """(model, tokenizer, featurizer) for one checkpoint, Adam-normalised when its state is there,
+    on `runtime`'s device and dtype (default: the CPU, the checkpoint's dtype)."""
+    runtime = runtime or Runtime(device="cpu")
+    model, tokenizer = load_model(ckpt.path, ckpt.base_path, runtime.device, runtime.dtype)
     moments = {}
     if config.optimizer_norm and ckpt.optimizer_state_path:
         moments = adam_second_moments(model, ckpt.optimizer_state_path)

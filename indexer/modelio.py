@@ -103,21 +103,29 @@ def weights_files(folder: Path, base: Path | None = None) -> list[Path]:
 def weights_digest(folder: Path, base: Path | None = None) -> str:
     """sha256 of a model's weights; an adapter's digest covers its base model's weights as well."""
     folder = Path(folder)
-    own = sha256_files(own_weights_files(folder))
+    own = _cached_digest(*_stamp(own_weights_files(folder)))
     base = adapter_base(folder, base)
     if base is None:
         return own
     return hashlib.sha256(f"{own}:{_cached_digest(*_stamp(own_weights_files(base)))}".encode()).hexdigest()
 
 
-def _stamp(paths: list[Path]) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
-    return tuple(map(str, paths)), tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+def file_stamp(path: Path) -> list[int]:
+    """[size, mtime, ctime, inode] of a file. All four must match to trust an earlier hash: `touch -r`
+    puts an old mtime back, but nobody can set ctime, and a file replaced by a rename is a new inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _stamp(paths: list[Path]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    return tuple(map(str, paths)), tuple(tuple(file_stamp(p)) for p in paths)
 
 
 @lru_cache(maxsize=8)
 def _cached_digest(paths: tuple[str, ...], stamps: tuple) -> str:
-    """A base model's digest, once per (files, sizes, mtimes): every checkpoint of an adapter run
-    shares the base, and re-reading a 14 GB base per checkpoint would dominate registration."""
+    """Weights' digest, once per process per (files, stamps): every checkpoint of an adapter run
+    shares the base, and re-reading a 14 GB base per checkpoint (or per trace in a worker) would
+    dominate registration and tracing."""
     return sha256_files([Path(p) for p in paths])
 
 
@@ -176,12 +184,30 @@ def read_checkpoint(folder: Path, step: int = 0, base: Path | None = None) -> Ch
     if base is not None and not is_adapter(folder):
         raise InputError(f"--base is for LoRA adapters, and {folder} has no adapter_config.json: leave --base out")
     base = adapter_base(folder, base)
+    check_weights_load(weights_files(folder, base))
     opt = folder / "optimizer.pt"
     return CheckpointInfo(
         path=folder.resolve(), step=step, weights_sha256=weights_digest(folder, base),
         tokenizer_hash=tokenizer_hash(folder, base), learning_rate=_learning_rate(folder, step),
         optimizer_state_path=opt.resolve() if opt.exists() else None, base_path=base,
     )
+
+
+def check_weights_load(files: list[Path]) -> None:
+    """Refuse a safetensors file whose header does not parse or does not fit the file (corrupt or
+    truncated): the model would fail to load at the first trace. Reads the header alone."""
+    from safetensors import safe_open
+
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(f, framework="np") as weights:
+                weights.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError, an Exception
+            from indexer.store import describe
+            raise InputError(f"the weights in {f} do not load ({describe(e)}): restore the file, or save the "
+                             "model again with save_pretrained") from None
 
 
 def discover_checkpoints(path: Path, base: Path | None = None) -> list[CheckpointInfo]:
@@ -203,36 +229,63 @@ def discover_checkpoints(path: Path, base: Path | None = None) -> list[Checkpoin
     return [read_checkpoint(path, 0, base)]
 
 
-def load_model(folder: Path, base: Path | None = None):
-    """Load a causal LM and its tokenizer from a local folder, offline, in eval mode on the CPU.
+def resolve_device(name: str = "auto"):
+    """The torch device `name` means: auto = the current CUDA device when there is one, else the CPU."""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InputError(f"--device {name}: this machine has {count} CUDA device(s) torch can use; "
+                             "pass --device cpu, or a cuda:N that exists")
+    return device
 
-    A LoRA adapter folder loads onto its base model (`base`, else adapter_config.json's) as a PEFT
-    model whose adapter weights alone require gradients, as they did in training.
+
+def load_model(folder: Path, base: Path | None = None, device: str = "cpu", dtype: str | None = None):
+    """Load a causal LM and its tokenizer from a local folder, offline, in eval mode.
+
+    `device`: as `resolve_device` reads it; `dtype`: bfloat16 | float16 | float32, or None for the
+    dtype the checkpoint was saved in. A LoRA adapter folder loads onto its base model (`base`,
+    else adapter_config.json's) as a PEFT model whose adapter weights alone require gradients, as
+    they did in training.
     """
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    target = resolve_device(device)
     tokenizer = load_tokenizer(folder, base)
     base = adapter_base(folder, base)
-    model = AutoModelForCausalLM.from_pretrained(base or folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(base or folder, local_files_only=True,
+                                                 dtype=getattr(torch, dtype) if dtype else "auto")
     if base is not None:
         try:
             from peft import PeftModel
         except ImportError:
             raise InputError(f"{folder} is a LoRA adapter, which needs peft: pip install 'wherefrom[lora]'") from None
         model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+        if dtype:  # PEFT makes adapter weights float32 whatever the base's dtype
+            model = model.to(getattr(torch, dtype))
     if tokenizer.pad_token_id is None:
         # padding is masked out of attention and loss, so any id serves when eos is missing too
         tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return model.eval(), tokenizer
+    return model.to(target).eval(), tokenizer
 
 
 def load_tokenizer(folder: Path, base: Path | None = None):
     """The tokenizer alone (chunking a corpus needs no weights): the folder's, or an adapter's base's."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(tokenizer_folder(folder, base), local_files_only=True)
+    folder = tokenizer_folder(folder, base)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # tokenizers and transformers raise bare Exception, KeyError, TypeError… on a bad file
+        from indexer.store import describe
+        raise InputError(f"the tokenizer in {folder} does not load ({describe(e)}): save the model's "
+                         "tokenizer into it again (tokenizer.save_pretrained)") from None
 
 
 def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"]:
@@ -264,9 +317,10 @@ def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"
 def check_unchanged(recorded: list[dict]) -> None:
     """Refuse when a checkpoint's weights differ from those a build was made from.
 
-    `recorded` holds {"path", "weights_sha256", "size", "mtime_ns"} per checkpoint, and "base_path"
-    for an adapter. The stat shortcut skips re-hashing unchanged files, so a trace does not read
-    every weight file.
+    `recorded` holds {"path", "weights_sha256", "stamp"} per checkpoint (`weights_stat`), and
+    "base_path" for an adapter. Files whose every stamp matches are not hashed again, so a trace
+    does not read every weight file; any other difference (a copied model, an older build without
+    stamps) hashes them.
     """
     from db.errors import StaleBuild
 
@@ -279,9 +333,7 @@ def check_unchanged(recorded: list[dict]) -> None:
         if not files:
             raise StaleBuild(f"checkpoint {rec['path']} has no weights any more (or its base model moved): "
                              "restore it, or rebuild with `wherefrom index`")
-        size = sum(f.stat().st_size for f in files)
-        mtime = max(f.stat().st_mtime_ns for f in files)
-        if size == rec.get("size") and mtime == rec.get("mtime_ns"):
+        if [file_stamp(f) for f in files] == rec.get("stamp"):
             continue
         if weights_digest(Path(rec["path"]), base) != rec["weights_sha256"]:
             raise StaleBuild(f"model weights at {rec['path']} changed since this build: register the new "
@@ -289,5 +341,38 @@ def check_unchanged(recorded: list[dict]) -> None:
 
 
 def weights_stat(path: Path, base: Path | None = None) -> dict:
-    files = weights_files(Path(path), base)
-    return {"size": sum(f.stat().st_size for f in files), "mtime_ns": max(f.stat().st_mtime_ns for f in files)}
+    """What a build records of a checkpoint's weight files to skip hashing them again (`check_unchanged`)."""
+    return {"stamp": [file_stamp(f) for f in weights_files(Path(path), base)]}
+
+
+def check_tokenizer_unchanged(ckpts: list[CheckpointInfo]) -> None:
+    """Refuse when a checkpoint's tokenizer files differ from those hashed at registration: token ids
+    read with another tokenizer are other words, and the answer would be garbled silently."""
+    from db.errors import StaleBuild
+
+    for c in ckpts:
+        try:
+            now = tokenizer_hash(c.path, c.base_path)
+        except InputError:  # the files are gone
+            now = None
+        if now != c.tokenizer_hash:
+            raise StaleBuild(f"the tokenizer files of {c.path} changed since the model was registered: restore "
+                             "them, or register the model under a new name (`wherefrom model add PATH --name NEW`) "
+                             "and rebuild with `wherefrom index`")
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each block's activations in backward instead of keeping them.
+
+    Reentrant checkpointing runs the first forward without gradients, so hooks that act only when
+    an output requires gradients (`indexer.gradients`) see each block once, in its recomputation.
+    Only the checkpointed blocks go to training mode (transformers checkpoints only then); their
+    dropout modules stay in eval mode, so the features equal those of an unchanged model.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": True})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True  # this module only: .train() would switch its dropout on too

@@ -7,9 +7,11 @@ of the same plan have the same `checksum`, however many workers computed their s
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import mmap
+import os
 import shutil
 import subprocess
 import uuid
@@ -65,7 +67,27 @@ def write_info(folder: Path, info: dict) -> None:
 
 
 def read_info(folder: Path) -> dict:
-    return json.loads((Path(folder) / INFO).read_text())
+    info = json.loads((Path(folder) / INFO).read_text())
+    if not isinstance(info, dict):
+        raise ValueError(f"{INFO} holds no JSON object")
+    return info
+
+
+FILES = ("grad.npy", "dense.npy", "grad.faiss", "dense.faiss", "bm25")  # besides info.json
+
+
+def missing(folder: Path) -> list[str]:
+    """The store files `folder` lacks."""
+    return [n for n in FILES if not (Path(folder) / n).exists()]
+
+
+# what json, numpy, FAISS and bm25s raise on a store file that is missing, truncated or garbage
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, zipfile.BadZipFile)
+
+
+def describe(error: BaseException) -> str:
+    """One line naming a failure, for messages: its type and the first line of what it says."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -119,13 +141,39 @@ def removed_rows(folder: Path) -> np.ndarray:
     return np.load(path) if path.exists() else np.zeros(0, dtype=np.int64)
 
 
-def partial_dir(final: Path) -> Path:
-    """A fresh `<final>.partial` directory; a leftover from a crashed build is removed first."""
+def partial_dir(final: Path) -> tuple[Path, int]:
+    """A fresh `<final>.partial` directory and a descriptor holding a shared lock on it until closed:
+    `wherefrom doctor --fix` removes no locked folder. Made under a hidden name, locked, then
+    renamed, so no one sees it unlocked. A leftover from a crashed run is removed first."""
     partial = final.with_name(final.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
+    tmp = final.with_name(f".{partial.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    lock = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    tmp.rename(partial)
+    return partial, lock
+
+
+@contextmanager
+def unlocked(folder: Path):
+    """Yield whether no live process holds `folder`'s lock (`partial_dir`): then this process holds
+    it, exclusively, until the block ends, so no one can take the folder meanwhile."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except FileNotFoundError:  # its owner finished meanwhile
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
 
 
 def publish(partial: Path, final: Path) -> None:

@@ -10,10 +10,6 @@ background thread of this process.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import logging
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -25,147 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from db.errors import Forbidden, InputError, WherefromError
 from service import api_schemas as sc
-from service import catalog, jobs, traces
-from service.job_params import TraceJob
+from service import catalog, jobs, studies, traces
+from service.api_gate import Gate, InternalErrors, error
+from service.job_params import DeleteJob, ModelJob, TraceJob, UpdateJob
 from service.settings import ApiSettings, Settings
 from service.views import JobView, TraceOutcome
-
-log = logging.getLogger("wherefrom.api")
-
-
-class Gate:
-    """ASGI middleware that answers before the app reads a body byte: 401 without the token (every
-    path but `open_paths`), 413 for a declared length over the limit, 503 when `max_uploads` bodies
-    are already coming in. Then it counts the body as it streams (413 past the limit) and allows
-    `read_timeout` seconds between chunks (408). Every refusal closes the connection, so a client
-    that stalls holds neither a buffer nor a socket: 8 MiB per token-less request used to be read
-    first.
-    """
-
-    def __init__(self, app, api: ApiSettings, open_paths: frozenset[str]):
-        self.app, self.api, self.open_paths = app, api, open_paths
-        self.receiving = 0  # bodies being received now; one event loop, so no lock
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        has_body = b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
-        refusal = self._refusal(scope["path"], headers, has_body)
-        if refusal is not None:
-            return await _answer_now(send, *refusal)
-        if not has_body:
-            return await self.app(scope, receive, send)
-        self.receiving += 1
-        body = _Body(receive, send, self.api, release=self._release)
-        try:
-            await self.app(scope, body.receive, body.send)
-        finally:
-            body.finish()
-
-    def _release(self) -> None:
-        self.receiving -= 1
-
-    def _refusal(self, path: str, headers: dict, has_body: bool) -> tuple | None:
-        if path not in self.open_paths and not self._authorized(headers.get(b"authorization", b"")):
-            return 401, ("missing or wrong bearer token: send `Authorization: Bearer $WHEREFROM_API_TOKEN`",
-                         {"WWW-Authenticate": "Bearer"})
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.api.max_body_bytes:
-            return 413, (_too_large(self.api.max_body_bytes), {})
-        if has_body and self.receiving >= self.api.max_uploads:
-            return 503, (f"{self.api.max_uploads} uploads are already coming in: retry in a few seconds, "
-                         "or raise WHEREFROM_API_MAX_UPLOADS", {"Retry-After": "5"})
-        return None
-
-    def _authorized(self, authorization: bytes) -> bool:
-        scheme, _, given = authorization.partition(b" ")
-        # constant time: the comparison does not reveal how many leading characters were right
-        return hmac.compare_digest(given, self.api.token.encode()) and scheme.lower() == b"bearer"
-
-
-class _Body:
-    """One request's body as the app reads it: counted, and timed between chunks."""
-
-    def __init__(self, receive, send, api: ApiSettings, release):
-        self._receive, self._send, self.api, self._release = receive, send, api, release
-        self.size, self.done, self.refused, self.started = 0, False, False, False
-
-    async def receive(self):
-        if self.refused:
-            return {"type": "http.disconnect"}  # the app stops; its answer is dropped in `send`
-        if self.done:  # after the body, a wait for the client to go away has no deadline
-            return await self._receive()
-        try:
-            message = await asyncio.wait_for(self._receive(), self.api.read_timeout)
-        except asyncio.TimeoutError:
-            return await self._refuse(408, f"no body bytes for {self.api.read_timeout:g} s: send the body "
-                                           "without pausing, or raise WHEREFROM_API_READ_TIMEOUT")
-        self.size += len(message.get("body", b""))
-        if self.size > self.api.max_body_bytes:
-            return await self._refuse(413, _too_large(self.api.max_body_bytes))
-        if message["type"] != "http.request" or not message.get("more_body"):
-            self.finish()
-        return message
-
-    async def send(self, message):
-        if not self.refused:
-            self.started = self.started or message["type"] == "http.response.start"
-            await self._send(message)
-
-    async def _refuse(self, status: int, message: str):
-        self.finish()
-        if not self.started:
-            self.refused = True
-            await _answer_now(self._send, status, (message, {}))
-        return {"type": "http.disconnect"}
-
-    def finish(self) -> None:
-        if not self.done:
-            self.done = True
-            self._release()
-
-
-async def _answer_now(send, status: int, reason: tuple[str, dict]) -> None:
-    """Answer `status` without reading the body, and have the server close the connection."""
-    message, headers = reason
-    response = _error(status, message, {**headers, "Connection": "close"})
-    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
-    await send({"type": "http.response.body", "body": response.body})
-
-
-def _too_large(max_bytes: int) -> str:
-    return (f"request body over {max_bytes} bytes: send fewer documents per request, "
-            "or raise WHEREFROM_API_MAX_BODY_BYTES")
-
-
-class InternalErrors:
-    """ASGI middleware: an exception that escapes the app is a bug. It is logged with a short id and
-    answered `{"error": "internal error <id>: see the server log"}` (500), never a traceback."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception:
-            ref = uuid.uuid4().hex[:8]
-            log.exception("internal error %s on %s %s", ref, scope["method"], scope["path"])
-            if not started:
-                await _error(500, f"internal error {ref}: see the server log")(scope, receive, send)
-
-
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -178,19 +38,19 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WherefromError)
-    async def wherefrom_error(request: Request, exc: WherefromError):
-        return _error(exc.http_status, str(exc))
+    async def wherefromerror(request: Request, exc: WherefromError):
+        return error(exc.http_status, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         named = exc.errors()[0].get("ctx", {}).get("error")  # a schema check that raised one of ours
         if isinstance(named, WherefromError):
-            return _error(named.http_status, str(named))
-        return _error(422, _validation_message(exc))
+            return error(named.http_status, str(named))
+        return error(422, _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    async def httperror(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
 # the token is checked by `Gate`, before a body byte is read; this only puts the scheme in the schema
@@ -234,7 +94,7 @@ def healthz(settings: SettingsDep):
     try:
         catalog.ping_database(settings)
     except Exception as e:  # any failure to reach the database is "not healthy", with its reason
-        return _error(503, f"database unreachable: {type(e).__name__}")
+        return error(503, f"database unreachable: {type(e).__name__}")
     return {"status": "ok"}
 
 
@@ -244,9 +104,17 @@ def create_trace(body: sc.TraceRequest, settings: SettingsDep, background: Backg
     if not body.run_async:
         return traces.trace(settings, **body.trace_params())
     traces.resolve_build(settings, body.corpus, body.model)  # unknown names: 404 now, not a failed job
-    job_id = jobs.submit(settings, TraceJob(**body.trace_params()), background=background)
+    return _accepted(settings, TraceJob(**body.trace_params()), background)
+
+
+def _accepted(settings: Settings, spec: jobs.Spec, background: jobs.Background) -> JSONResponse:
+    """Submit a job and answer 202 with where to follow it: every long action's answer."""
+    job_id = jobs.submit(settings, spec, background=background)
     return JSONResponse(sc.JobAccepted(job_id=job_id, status="queued", url=f"/jobs/{job_id}").model_dump(),
                         status_code=202, headers={"Location": f"/jobs/{job_id}"})
+
+
+ACCEPTED = {"status_code": 202, "response_model": sc.JobAccepted}
 
 
 @routes.get("/traces", response_model=sc.TracePage)
@@ -275,6 +143,82 @@ def trace_report(trace_id: int, settings: SettingsDep, top: int = Query(5, ge=1,
 def get_job(job_id: str, settings: SettingsDep):
     """A job of the jobs table, by the id `wherefrom jobs` shows too."""
     return jobs.get(settings, job_id)
+
+
+@routes.delete("/jobs/{job_id}", response_model=JobView)
+def cancel_job(job_id: str, settings: SettingsDep):
+    """Cancel a queued or running job (`wherefrom jobs cancel`); 409 once it finished."""
+    return jobs.cancel(settings, job_id)
+
+
+@routes.post("/studies", **ACCEPTED)
+def create_study(body: sc.StudyRequest, settings: SettingsDep, background: BackgroundDep):
+    """`wherefrom study`: the questions inline or a file inside the data directory; 202 with the job."""
+    questions = body.questions if body.path is None else inside_data_dir(settings, body.path)
+    spec = studies.study_job(settings, questions, body.name, body.corpus, body.model, body.k, body.method,
+                             body.tasks_of)
+    return _accepted(settings, spec, background)
+
+
+@routes.get("/studies", response_model=sc.StudyPage)
+def list_studies(settings: SettingsDep, limit: int = Query(20, ge=1, le=500), offset: int = Query(0, ge=0)):
+    """Studies newest first, each its row of `study_summary_v`."""
+    items, total = studies.page(settings, limit, offset)
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+@routes.get("/studies/{study_id}")
+def get_study(study_id: int, settings: SettingsDep) -> dict:
+    """One study's row of `study_summary_v`: job status, counts, accuracy, mean exposure."""
+    return studies.summary_by_id(settings, study_id)
+
+
+@routes.get("/studies/{study_id}/report", response_class=HTMLResponse)
+def study_report(study_id: int, settings: SettingsDep):
+    """The study's self-contained HTML report (`wherefrom report --study`)."""
+    from service.study_report import build_study_report
+    from service.study_report_html import render_study
+    name = studies.summary_by_id(settings, study_id)["study"]
+    return HTMLResponse(render_study(build_study_report(settings, name)), headers={"Content-Security-Policy": REPORT_CSP})
+
+
+@routes.post("/builds", **ACCEPTED)
+def create_build(body: sc.BuildRequest, settings: SettingsDep, background: BackgroundDep):
+    """`wherefrom index` with its options; names, documents, checkpoints and weights checked now."""
+    from service import builds
+    spec = builds.index_job(settings, body.corpus, body.model, body.config(), body.checkpoints)
+    return _accepted(settings, spec, background)
+
+
+@routes.post("/builds/{build_id}/update", **ACCEPTED)
+def update_build(build_id: int, body: sc.UpdateRequest, settings: SettingsDep, background: BackgroundDep):
+    """`wherefrom index --update` of this build (the latest of its corpus and model)."""
+    from service import update
+    update.build_names(settings, build_id)  # 404 / 409 now, not a failed job
+    return _accepted(settings, UpdateJob(build_id, body.refit_curvature), background)
+
+
+@routes.delete("/corpora/{corpus}/documents", **ACCEPTED)
+def delete_documents(corpus: str, body: sc.DeleteRequest, settings: SettingsDep, background: BackgroundDep):
+    """`wherefrom delete`: tombstone the documents and drop their rows from every build of the corpus."""
+    catalog.check_corpus(settings, corpus)
+    return _accepted(settings, DeleteJob(corpus, body.ids), background)
+
+
+@routes.post("/models", **ACCEPTED)
+def add_model(body: sc.ModelRequest, settings: SettingsDep, background: BackgroundDep):
+    """`wherefrom model add` of a folder inside the data directory; hashing the weights is the job."""
+    folder = _model_folder(settings, body.path)
+    base = _model_folder(settings, body.base) if body.base else None
+    return _accepted(settings, ModelJob(str(folder), body.name, str(base) if base else None), background)
+
+
+def _model_folder(settings: Settings, path: str) -> Path:
+    folder = inside_data_dir(settings, path)
+    if not folder.is_dir():
+        raise InputError(f"{path} is not a folder in the data directory: copy the model folder under "
+                         f"{settings.data_dir.resolve()} and give its path relative to it")
+    return folder
 
 
 @routes.post("/corpora/{corpus}/documents", status_code=201, response_model=sc.IngestOut)

@@ -19,7 +19,8 @@ from functools import lru_cache
 from db.errors import InputError, Unavailable
 from service.settings import Settings, redact_url
 
-TASK_NAMES = {"job": "wherefrom.run_job", "shard": "wherefrom.index_shard", "merge": "wherefrom.index_merge"}
+TASK_NAMES = {"job": "wherefrom.run_job", "shard": "wherefrom.index_shard", "merge": "wherefrom.index_merge",
+              "study_task": "wherefrom.study_task", "study_summary": "wherefrom.study_summary"}
 # workers wait ~30 s for a restarting broker before their job fails; a person at the CLI ~1 s
 PATIENT = {"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 QUICK = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}

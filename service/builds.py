@@ -14,6 +14,7 @@ both send one) waits on the lock, sees the job finished and drops its output.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import uuid
@@ -22,12 +23,13 @@ from pathlib import Path
 
 from db import job_repo, repo
 from db.engine import transaction
-from db.errors import InputError, JobFinished
+from db.errors import Conflict, InputError, JobFinished
 from db.models import FINISHED, Job
 from indexer import store
 from indexer.build import compute_shard, merge_shards
-from indexer.config import BuildConfig
-from indexer.modelio import CheckpointInfo, check_unchanged, context_length, select_checkpoints, weights_stat
+from indexer.config import BuildConfig, Runtime
+from indexer.modelio import (CheckpointInfo, check_tokenizer_unchanged, check_unchanged, context_length,
+                             select_checkpoints, weights_stat)
 from indexer.plan import Plan, write_plan
 from service.catalog import model_checkpoints
 from service.job_params import IndexJob
@@ -52,10 +54,17 @@ def index_job(settings: Settings, corpus: str, model: str, config: BuildConfig |
         raise InputError("the checkpoints use different tokenizers: index them as separate models")
     check_unchanged([{"path": str(c.path), "weights_sha256": c.weights_sha256, "base_path": c.base_path}
                      for c in ckpts])
+    check_tokenizer_unchanged(ckpts)
     _check_window(config, ckpts[-1].base_path or ckpts[-1].path)
     return IndexJob(corpus=corpus, model=model, corpus_id=corpus_id, model_id=model_id,
                     checkpoint_steps=[c.step for c in ckpts], config=asdict(config),
-                    store=f"{corpus}-{model}-{uuid.uuid4().hex[:8]}")
+                    store=_store_name(corpus, model))
+
+
+def _store_name(corpus: str, model: str) -> str:
+    """A fresh folder name under stores/: names may hold `/` or `..`, and up to 400 characters where
+    a file name takes 255, so only their safe characters are kept, at most 100 of them."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', f'{corpus}-{model}')[:100]}-{uuid.uuid4().hex[:8]}"
 
 
 def _check_window(config: BuildConfig, folder: Path) -> None:
@@ -71,6 +80,34 @@ def _check_window(config: BuildConfig, folder: Path) -> None:
                          f"pass --stride between 1 and {window}")
 
 
+PLAN_SAMPLE = 4096  # documents the planner chunks: all of a smaller corpus, else its longest and a stride
+
+
+def plan_build(settings: Settings, spec: IndexJob, config: BuildConfig, runtime: Runtime):
+    """The planner's `Prediction` for a checked request; InputError when the build will not fit.
+
+    Chunks at most `PLAN_SAMPLE` documents (the longest 64 among them, so the probe sees the
+    widest chunks) and scales rows and tokens to the whole corpus; writes nothing.
+    """
+    from indexer.plan_memory import predict
+    with transaction(settings.database_url) as s:
+        docs = [(d.id, d.text) for d in repo.corpus_documents(s, spec.corpus_id)]
+    sample = docs
+    if len(docs) > PLAN_SAMPLE:
+        longest = sorted(docs, key=lambda d: -len(d[1]))[:64]
+        sample = longest + docs[::len(docs) // (PLAN_SAMPLE - 64)]
+    ckpts = _checkpoints(settings, spec)
+    chunks, _, _ = chunk_documents(sample, ckpts, config)
+    if not chunks:
+        raise InputError(f"no document of corpus {spec.corpus!r} has any tokens: check the text field")
+    scale = len(docs) / len(sample)
+    tokens = sum(len(c.token_ids) for c in chunks)
+    out = predict(chunks, ckpts, config, runtime, round(len(chunks) * scale), round(tokens * scale))
+    if out.refusal():
+        raise InputError(out.refusal())
+    return out
+
+
 def _spec(job: Job) -> tuple[IndexJob, BuildConfig]:
     spec = IndexJob.from_params(job.params)
     return spec, BuildConfig(**spec.config)
@@ -78,6 +115,11 @@ def _spec(job: Job) -> tuple[IndexJob, BuildConfig]:
 
 def work_dir(settings: Settings, job: Job) -> Path:
     return settings.stores / (IndexJob.from_params(job.params).store + ".partial")
+
+
+def stored_path(settings: Settings, folder: Path) -> str:
+    """How SQL names a store folder: relative to the data directory (`Settings.resolve_store`)."""
+    return folder.relative_to(settings.data_dir).as_posix()
 
 
 def _checkpoints(settings: Settings, spec: IndexJob) -> list[CheckpointInfo]:
@@ -90,11 +132,11 @@ def _checkpoints(settings: Settings, spec: IndexJob) -> list[CheckpointInfo]:
 
 
 def _open_job(settings: Settings, job_id: int) -> Job:
-    """The job, if it still needs work; JobFinished otherwise (tidying a succeeded job's leftovers)."""
+    """The job, if it still needs work; JobFinished otherwise (tidying a succeeded or cancelled job's leftovers)."""
     with transaction(settings.database_url) as s:
         job = job_repo.get_job(s, job_id)
     if job.status in FINISHED:
-        if job.status == "succeeded":
+        if job.status in ("succeeded", "cancelled"):
             shutil.rmtree(work_dir(settings, job), ignore_errors=True)
         raise JobFinished(f"job {job_id} is already {job.status}")
     return job
@@ -120,6 +162,7 @@ def plan(settings: Settings, job: Job, dispatch, worker: str) -> None:
     layout = Plan.load(work)
     missing = _missing(work, layout)
     with transaction(settings.database_url) as s:
+        job_repo.lock_open_job(s, job.id)  # JobFinished when cancelled while chunking: no shard rows then
         job_repo.ensure_shards(s, job.id, layout.shards)
         job_repo.set_stage(s, job.id, f"planned {layout.rows} rows in {len(layout.shards)} shards, "
                                       f"{len(layout.shards) - len(missing)} done")
@@ -200,7 +243,9 @@ def run_shard(settings: Settings, job_id: int, shard: int, dispatch, worker: str
         check_unchanged(layout.meta["provenance"]["checkpoints"])
         progress = _ShardProgress(settings, job_id, shard, end - start, len(ckpts), layout.rows, dispatch.progress)
         with store.atomic_dir(target) as tmp:
-            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts, config, progress)
+            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts, config, progress,
+                          Runtime.from_env())  # this worker's device (`wherefrom worker --device`)
+        _open_job(settings, job_id)  # the task boundary: cancelled meanwhile, this shard's files go too
     with transaction(settings.database_url) as s:
         job_repo.finish_shard(s, job_id, shard, worker)
     if not _missing(work, layout):
@@ -243,7 +288,7 @@ def _publish(settings: Settings, job_id: int, out: Path, final: Path, layout: Pl
             spec = IndexJob.from_params(job.params)
             build = repo.create_build(
                 s, corpus_id=spec.corpus_id, model_id=spec.model_id, kind="hybrid",
-                config={**info["config"], "checkpoint_steps": spec.checkpoint_steps}, store_path=str(final),
+                config={**info["config"], "checkpoint_steps": spec.checkpoint_steps}, store_path=stored_path(settings, final),
                 entries=layout.entries(), job_id=job_id, checksum=info["checksum"])
             repo.set_token_counts(s, layout.doc_tokens())
             if final.exists():  # left by a merge killed between its rename and its commit: never published
@@ -267,7 +312,10 @@ def discard(settings: Settings, job: Job) -> None:
 def outcome(settings: Settings, job_id: int) -> BuildOutcome:
     """The build a succeeded index job published."""
     with transaction(settings.database_url) as s:
-        result = job_repo.get_job(s, job_id).result
+        job = job_repo.get_job(s, job_id)
+        if job.status != "succeeded":  # cancelled from another terminal while it ran here
+            raise Conflict(f"job {job_id} was {job.status} before it published a build: run `wherefrom index` again")
+        result = job.result
         store_path = repo.get_build(s, result["build_id"]).store_path
     return BuildOutcome(result["build_id"], result["rows"], result["skipped_empty"],
-                        store.read_info(Path(store_path)), job_id)
+                        store.read_info(settings.resolve_store(store_path)), job_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from db import repo
+from db import job_repo, repo
 from db.engine import transaction
 from db.errors import InputError
 from indexer.corpus import MAX_DOC_BYTES, check_size, read_corpus
@@ -33,10 +33,12 @@ def ingest_records(settings: Settings, corpus: str, docs: list[tuple[str, str, d
         return repo.ingest_documents(s, repo.get_or_create_corpus(s, corpus), docs)
 
 
-def add_model(settings: Settings, path: Path, name: str, base: Path | None = None) -> tuple[int, int, bool]:
+def add_model(settings: Settings, path: Path, name: str, base: Path | None = None,
+              job_id: int | None = None) -> tuple[int, int, bool]:
     """Register a model folder; returns (model id, checkpoint count, created).
 
     `base`: for LoRA adapters, the local base model folder when adapter_config.json names another.
+    `job_id`: a model job, finished in the transaction that registers the model.
     """
     ckpts = discover_checkpoints(Path(path), Path(base) if base else None)
     for c in {c.tokenizer_hash: c for c in ckpts}.values():
@@ -47,7 +49,10 @@ def add_model(settings: Settings, path: Path, name: str, base: Path | None = Non
              "base_path": str(c.base_path) if c.base_path else None}
             for c in ckpts]
     with transaction(settings.database_url) as s:
+        job = job_repo.lock_open_job(s, job_id) if job_id is not None else None  # JobFinished once cancelled
         model, created = repo.add_model(s, name, str(Path(path).resolve()), rows)
+        if job is not None:
+            job_repo.finish_job(s, job, {"model_id": model.id, "checkpoints": len(rows), "created": created})
         return model.id, len(rows), created
 
 
@@ -69,6 +74,12 @@ def training_store(path: Path) -> dict | None:
     return {"path": root, "saves": [s["step"] for s in info["saves"]], "rows": rows, "ids": recorded_ids(root)}
 
 
+def check_corpus(settings: Settings, corpus: str) -> None:
+    """NotFound unless the corpus exists."""
+    with transaction(settings.database_url) as s:
+        repo.corpus_by_name(s, corpus)
+
+
 def check_tokenizer_fits(folder: Path, base: Path | None = None) -> None:
     """Refuse a tokenizer that is not the model's: ids past its embedding rows, or another eos.
 
@@ -78,8 +89,8 @@ def check_tokenizer_fits(folder: Path, base: Path | None = None) -> None:
 
     from indexer.modelio import load_tokenizer
     fix = "save the tokenizer the model was trained with into the folder (tokenizer.save_pretrained)"
+    tokenizer = load_tokenizer(folder, base)  # InputError with the reason when the files are broken
     try:
-        tokenizer = load_tokenizer(folder, base)
         config = AutoConfig.from_pretrained(base or folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise InputError(f"the model or tokenizer in {folder} does not load ({e.__class__.__name__}): {fix}") from None

@@ -5,28 +5,30 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from indexer.config import BuildConfig, GradientConfig  # torch-free: --help stays instant
 from indexer.corpus import MAX_DOC_BYTES
+from service.cli_common import DataDir, write_atomically
+from service.cli_common import settings as _settings
+from service.cli_index import Device, Dtype, delete, index, runtime_of
+from service.cli_study import study_app, study_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wherefrom: which training documents taught a language model this answer?")
 model_app = typer.Typer(no_args_is_help=True, help="Register models.")
 app.add_typer(model_app, name="model")
-jobs_app = typer.Typer(help="Background jobs: list them (default), resume one.")
+jobs_app = typer.Typer(help="Background jobs: list them (default), resume or cancel one.")
 app.add_typer(jobs_app, name="jobs")
 db_app = typer.Typer(no_args_is_help=True, help="The database schema.")
 app.add_typer(db_app, name="db")
+app.add_typer(study_app, name="study")
 
 MAX_ID = 2**31 - 1  # ids are SQL INTEGER columns (PostgreSQL int4): larger numbers name nothing
 TraceId = typer.Argument(..., min=1, max=MAX_ID, help="A trace id from `wherefrom traces`.")
-DataDir = typer.Option(None, "--data-dir", envvar="WHEREFROM_DATA_DIR",
-                       help="Folder for stores and the SQLite database (default ./wherefrom-data).")
 
 
 @app.callback()
@@ -42,11 +44,6 @@ def _threads(threads: Optional[int] = typer.Option(None, "--threads", min=1, env
         os.environ["OMP_NUM_THREADS"] = str(threads or len(os.sched_getaffinity(0)))
     if threads and "torch" in sys.modules:  # loaded already (the CLI called from Python)
         sys.modules["torch"].set_num_threads(threads)
-
-
-def _settings(data_dir):
-    from service.settings import Settings
-    return Settings.from_env(data_dir)
 
 
 @app.command()
@@ -81,116 +78,8 @@ def model_add(path: Path = typer.Argument(..., help="A save_pretrained folder or
                    f"{found['saves']}: publish it with `wherefrom index --from-training -c CORPUS -m {name}`")
 
 
-# `wherefrom index`'s build options are config fields: parameter -> (config class, field). Help and
-# default come from the field, so the two cannot drift (tests/service/test_cli.py checks every field).
-INDEX_OPTIONS = {"proj": (GradientConfig, "k_in"), "seed": (GradientConfig, "seed"),
-                 "modules": (GradientConfig, "modules"), "no_adam": (GradientConfig, "optimizer_norm"),
-                 "batch_size": (BuildConfig, "batch_size"), "shard_size": (BuildConfig, "shard_size"),
-                 "chunking": (BuildConfig, "chunking"), "stride": (BuildConfig, "stride"),
-                 "faiss_factory": (BuildConfig, "factory"), "nprobe": (BuildConfig, "nprobe")}
-NEGATED = {"no_adam"}  # a flag that turns its boolean field off
-
-
-def _config_option(param: str, *flags: str, help_prefix: str = ""):
-    cls, name = INDEX_OPTIONS[param]
-    f = next(f for f in fields(cls) if f.name == name)
-    text = help_prefix + f.metadata["help"]
-    return typer.Option(not f.default if param in NEGATED else f.default, *flags,
-                        help=text[:1].upper() + text[1:] + ".")
-
-
-def build_config(**values) -> BuildConfig:
-    """The BuildConfig of `wherefrom index`'s options (`--proj` sets both projection sides)."""
-    by_class = {GradientConfig: {}, BuildConfig: {}}
-    for param, value in values.items():
-        cls, name = INDEX_OPTIONS[param]
-        by_class[cls][name] = not value if param in NEGATED else value
-    by_class[GradientConfig]["k_out"] = by_class[GradientConfig]["k_in"]
-    return BuildConfig(gradient=GradientConfig(**by_class[GradientConfig]), **by_class[BuildConfig])
-
-
-@app.command()
-def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.Option(..., "--model", "-m"),
-          checkpoints: str = typer.Option("all", help="all | last | comma-separated steps"),
-          proj: int = _config_option("proj", help_prefix="per side (features k×k per layer): "),
-          seed: int = _config_option("seed"),
-          batch_size: int = _config_option("batch_size"),
-          modules: Optional[str] = _config_option("modules"),
-          no_adam: bool = _config_option("no_adam", "--no-adam", help_prefix="turn off: "),
-          shard_size: int = _config_option("shard_size"),
-          chunking: str = _config_option("chunking"),
-          stride: Optional[int] = _config_option("stride"),
-          faiss_factory: Optional[str] = _config_option("faiss_factory"),
-          nprobe: int = _config_option("nprobe"),
-          update: bool = typer.Option(False, "--update", help="Add the documents ingested since the latest "
-                                      "build to it (its own config; the options above are ignored)."),
-          refit: bool = typer.Option(False, "--refit-curvature", help="With --update: refit EK-FAC over all "
-                                     "rows, which rewrites every row's features (default: keep the curvature)."),
-          from_training: bool = typer.Option(False, "--from-training", help="Publish the store the training "
-                                             "callback recorded (its own gradient config; of the options above "
-                                             "only --faiss-factory and --nprobe apply): no pass over the corpus."),
-          data_dir: Optional[Path] = DataDir):
-    """Build gradient, dense and BM25 indexes of a corpus for a model: queued for the workers when
-    WHEREFROM_BROKER_URL is set, else built right here. With --update, extend the latest build here."""
-    if refit and not update:
-        raise _input_error("--refit-curvature goes with --update")
-    if update:
-        if from_training:
-            raise _input_error("--from-training publishes a new build: leave --update out")
-        _update(_settings(data_dir), corpus, model, refit)
-        return
-    if from_training:
-        _from_training(_settings(data_dir), corpus, model, faiss_factory, nprobe)
-        return
-    from service import builds, jobs
-    from service.render import progress_bars
-    config = build_config(proj=proj, seed=seed, batch_size=batch_size, modules=modules, no_adam=no_adam,
-                          shard_size=shard_size, chunking=chunking, stride=stride, faiss_factory=faiss_factory,
-                          nprobe=nprobe)
-    settings = _settings(data_dir)
-    if settings.broker_url:
-        job_id = jobs.submit(settings, builds.index_job(settings, corpus, model, config, checkpoints))
-        typer.echo(f"job {job_id} queued on {settings.queue}: follow it with `wherefrom jobs`")
-        return
-    with progress_bars() as progress:
-        out = jobs.index_here(settings, corpus, model, config, checkpoints, progress)
-    typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
-               f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
-               f"{out.skipped_empty} empty document(s) skipped")
-
-
-def _from_training(settings, corpus: str, model: str, factory: Optional[str], nprobe: int) -> None:
-    from service.render import progress_bars
-    from service.training_builds import index_from_training
-    with progress_bars() as progress:
-        out = index_from_training(settings, corpus, model, BuildConfig(factory=factory, nprobe=nprobe), progress)
-    typer.echo(f"build {out.build_id} (from training): {out.rows} rows, {len(out.info['checkpoints'])} checkpoint(s), "
-               f"{sum(out.info['gradient']['dims'])} gradient dims, no gradient pass over the corpus")
-
-
-def _update(settings, corpus: str, model: str, refit: bool) -> None:
-    from service.render import progress_bars
-    from service.update import update
-    with progress_bars() as progress:
-        out = update(settings, corpus, model, refit, progress)
-    if not out.added_rows:
-        typer.echo(f"build {out.build_id} is up to date: no new document with tokens in corpus {corpus}")
-        return
-    note = {"refitted": "curvature refitted, every row rewritten", "kept": "curvature kept",
-            "none": "no curvature"}[out.curvature]
-    typer.echo(f"build {out.build_id}: {out.added_documents} document(s) added as {out.added_rows} rows, "
-               f"{out.rows} rows in all ({note})")
-
-
-@app.command()
-def delete(ids: list[str] = typer.Argument(..., help="Document ids, as in the ingested file."),
-           corpus: str = typer.Option(..., "--corpus", "-c", help="The corpus they belong to."),
-           data_dir: Optional[Path] = DataDir):
-    """Delete documents: tombstone them and remove their rows from every build of the corpus."""
-    from service.update import delete as delete_documents
-    out = delete_documents(_settings(data_dir), corpus, ids)
-    builds = ", ".join(map(str, out.builds)) or "none needed changes"
-    typer.echo(f"corpus {corpus}: {out.deleted} deleted, {out.already} already deleted; builds updated: {builds}")
+app.command()(index)
+app.command()(delete)
 
 
 def _input_error(msg: str):
@@ -205,22 +94,27 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
           method: str = typer.Option("hybrid", help="hybrid | grad | dense | bm25"),
           rerank: Optional[str] = typer.Option(None, help="exact: rescore the top candidates with full gradients (captum TracInCP)."),
           verify: bool = typer.Option(False, "--verify", help="Tail-patch and lexical check of each document."),
+          text_query: Optional[str] = typer.Option(None, "--text-query", help="What dense and BM25 search with; "
+                                                   "default: the question's content (template removed) and the answer."),
           corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Default: the latest build's."),
           model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the latest build's."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           run_async: bool = typer.Option(False, "--async", help="Run it as a job (on the workers when "
                                                                  "WHEREFROM_BROKER_URL is set) and print the job."),
+          device: Optional[str] = Device, dtype: Optional[str] = Dtype,
           data_dir: Optional[Path] = DataDir):
     """Which training documents back the model's answer to QUESTION?"""
     if run_async:
         from service import jobs
         from service.job_params import TraceJob
         settings = _settings(data_dir)
-        spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify)
+        spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify, text_query)
         _print_jobs([jobs.get(settings, jobs.submit(settings, spec))], as_json)
         return
+    from indexer.config import applied
     from service import traces
-    out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify)
+    with applied(runtime_of(device=device, dtype=dtype)):
+        out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify, text_query)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
     else:
@@ -261,13 +155,22 @@ def show(trace_id: int = TraceId,
 
 
 @app.command()
-def report(trace_id: int = TraceId,
-           output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default trace-ID.html)."),
+def report(trace_id: Optional[int] = typer.Argument(None, min=1, max=MAX_ID,
+                                                   help="A trace id from `wherefrom traces`."),
+           study: Optional[str] = typer.Option(None, "--study", help="Report a study by name instead: its "
+                                               "aggregates, each row linking to trace-ID.html."),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default trace-ID.html, "
+                                                 "study-NAME.html)."),
            top: int = typer.Option(5, help="How many documents to explain (1-20)."),
            tail_patch: bool = typer.Option(True, help="Run the tail-patch check on each explained document."),
            as_json: bool = typer.Option(False, "--json", help="Print the report's data as JSON instead."),
            data_dir: Optional[Path] = DataDir):
-    """Write a self-contained HTML report explaining a trace."""
+    """Write a self-contained HTML report explaining a trace (or, with --study, a study)."""
+    if study is not None:
+        study_report(_settings(data_dir), study, output, as_json)
+        return
+    if trace_id is None:
+        raise _input_error("give a trace id (`wherefrom traces` lists them), or --study NAME")
     if not 1 <= top <= 20:
         raise _input_error("--top must be between 1 and 20")
     from service.report import build_report
@@ -281,21 +184,14 @@ def report(trace_id: int = TraceId,
     typer.echo(f"report of trace {trace_id} → {path}")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write next to `path` and rename: a reader never sees half a file."""
-    if not path.parent.is_dir():
-        raise _input_error(f"folder {path.parent} does not exist: create it or choose another --output")
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+           fix: bool = typer.Option(False, "--fix", help="Remove orphan work folders (*.partial) of killed or "
+                                                         "failed builds and updates; nothing else."),
            data_dir: Optional[Path] = DataDir):
     """Check the database, the broker, the stores and the model checksums; say what to fix."""
     from service.doctor import run_checks
-    checks = run_checks(_settings(data_dir))
+    checks = run_checks(_settings(data_dir), fix)
     if as_json:
         typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
     else:
@@ -335,8 +231,8 @@ def demo(fresh: bool = typer.Option(False, help="Retrain the demo model even if 
 
 @jobs_app.callback(invoke_without_command=True)
 def jobs(ctx: typer.Context,
-         status: Optional[str] = typer.Option(None, help="queued | running | stalled | succeeded | failed"),
-         kind: Optional[str] = typer.Option(None, help="index | trace"),
+         status: Optional[str] = typer.Option(None, help="queued | running | stalled | succeeded | failed | cancelled"),
+         kind: Optional[str] = typer.Option(None, help="index | trace | study | update | delete | model"),
          limit: int = typer.Option(20, min=1, max=500, help="How many, newest first (1-500)."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
          data_dir: Optional[Path] = DataDir):
@@ -358,6 +254,15 @@ def jobs_resume(job_id: int = typer.Argument(..., min=1, max=MAX_ID,
     _print_jobs([job_system.get(settings, job_id)], False)
 
 
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int = typer.Argument(..., min=1, max=MAX_ID, help="The job to cancel."),
+                data_dir: Optional[Path] = DataDir):
+    """Cancel a job: a queued one never starts, a running one stops at its next task (a build's
+    shard, a study's task), keeping nothing half-written."""
+    from service import jobs as job_system
+    _print_jobs([job_system.cancel(_settings(data_dir), job_id)], False)
+
+
 def _print_jobs(views, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps([asdict(v) for v in views], indent=2))
@@ -372,6 +277,8 @@ def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker
            check: bool = typer.Option(False, "--check", help="Only check the broker and the database, then exit."),
            threads: Optional[int] = typer.Option(None, min=1, max=1024, help="Torch threads (default: one per core); "
                                                                    "workers sharing a machine should split its cores."),
+           device: Optional[str] = typer.Option(None, "--device", help="The device this worker's tasks use: "
+                                                "auto | cpu | cuda | cuda:N (one worker per GPU)."),
            data_dir: Optional[Path] = DataDir):
     """Run a job worker: it takes index shards, merges and traces from WHEREFROM_BROKER_URL."""
     from service import worker as workers
@@ -379,7 +286,7 @@ def worker(name: Optional[str] = typer.Option(None, "--name", "-n", help="Worker
     if check:
         typer.echo(workers.check(settings))
         return
-    workers.start(settings, name, loglevel, threads)
+    workers.start(settings, name, loglevel, threads, runtime_of(device=device))
 
 
 @db_app.command("upgrade")

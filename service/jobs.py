@@ -26,13 +26,13 @@ from db import job_repo
 from db.engine import transaction
 from db.errors import InputError, JobFinished, NotFound, Unavailable, WherefromError
 from db.models import Job
-from service.job_params import SPECS, IndexJob, TraceJob
+from service.job_params import SPECS, DeleteJob, IndexJob, ModelJob, StudyJob, TraceJob, UpdateJob
 from service.settings import RedactingFilter, Settings
 from service.views import BuildOutcome, JobView, job_view
 
 log = logging.getLogger(__name__)
 log.addFilter(RedactingFilter())  # failures it logs may quote a broker's or a database's URL
-Spec = IndexJob | TraceJob
+Spec = IndexJob | TraceJob | StudyJob | UpdateJob | DeleteJob | ModelJob
 
 
 class Inline:
@@ -153,6 +153,7 @@ def run_task(settings: Settings, task: str, args: tuple, dispatch, worker: str) 
     job_id = args[0]
     try:
         RUNNERS[task](settings, *args, dispatch=dispatch, worker=worker)
+        return
     except JobFinished as e:
         log.info("%s %s: %s, nothing to do", task, args, e)
     except WherefromError as e:  # the user's to fix; partial files are useless then, unless the broker was down
@@ -165,6 +166,29 @@ def run_task(settings: Settings, task: str, args: tuple, dispatch, worker: str) 
                                    "(a build keeps its finished shards)"):
             raise
         log.info("%s %s failed after its job finished (a concurrent run won): %s", task, args, reason)
+    # a task that stopped on a cancel marks its shard, and may have written files since the cancel
+    _tidy_cancelled(settings, job_id, args[1] if task in SHARD_TASKS else None)
+
+
+def cancel(settings: Settings, job_id: int | str) -> JobView:
+    """Cancel an open job: a queued one never starts, a running one stops at its next task
+    boundary (a build's shard or merge, a study's task), and a build's partial files go now (a
+    task still writing removes what it wrote when it stops: `_tidy_cancelled`)."""
+    view = get(settings, job_id)  # NotFound for an id that names no job
+    with transaction(settings.database_url) as s:
+        job_repo.cancel_job(s, view.id)
+    _tidy_cancelled(settings, view.id)
+    return get(settings, view.id)
+
+
+def _tidy_cancelled(settings: Settings, job_id: int, shard: int | None = None) -> None:
+    with transaction(settings.database_url) as s:
+        job = job_repo.get_job(s, job_id)
+        if job.status == "cancelled" and shard is not None:
+            job_repo.stop_shard(s, job_id, shard)
+    if job.status == "cancelled" and job.kind == "index":
+        from service import builds
+        builds.discard(settings, job)
 
 
 def _fail(settings: Settings, job_id: int, error: str, discard: bool = False) -> bool:
@@ -191,6 +215,27 @@ def _run_trace(settings: Settings, job: Job, dispatch, worker: str) -> None:
     traces.trace(settings, **spec.params(), job_id=job.id)  # commits the trace and the job's result together
 
 
+def _run_update(settings: Settings, job: Job, dispatch, worker: str) -> None:
+    from service import update
+    spec = UpdateJob.from_params(job.params)
+    corpus, model = update.build_names(settings, spec.build_id)
+    update.update(settings, corpus, model, spec.refit_curvature, dispatch.progress, job_id=job.id)
+
+
+def _run_delete(settings: Settings, job: Job, dispatch, worker: str) -> None:
+    from service import update
+    spec = DeleteJob.from_params(job.params)
+    update.delete(settings, spec.corpus, spec.ids, job_id=job.id)
+
+
+def _run_model(settings: Settings, job: Job, dispatch, worker: str) -> None:
+    from pathlib import Path
+
+    from service import catalog
+    spec = ModelJob.from_params(job.params)
+    catalog.add_model(settings, Path(spec.path), spec.name, Path(spec.base) if spec.base else None, job_id=job.id)
+
+
 def _build_stage(name: str):
     def run(settings, *args, **kwargs):
         from service import builds  # imports torch: only where a build runs, not for `wherefrom jobs`
@@ -198,8 +243,18 @@ def _build_stage(name: str):
     return run
 
 
-KINDS = {"index": _build_stage("plan"), "trace": _run_trace}  # a job's first task, by kind
-RUNNERS = {"job": run_job, "shard": _build_stage("run_shard"), "merge": _build_stage("run_merge")}
+def _study_stage(name: str):
+    def run(settings, *args, **kwargs):
+        from service import studies  # imports torch where a task traces, not for `wherefrom jobs`
+        return getattr(studies, name)(settings, *args, **kwargs)
+    return run
+
+
+KINDS = {"index": _build_stage("plan"), "trace": _run_trace,  # a job's first task, by kind
+         "study": _study_stage("plan"), "update": _run_update, "delete": _run_delete, "model": _run_model}
+RUNNERS = {"job": run_job, "shard": _build_stage("run_shard"), "merge": _build_stage("run_merge"),
+           "study_task": _study_stage("run_task"), "study_summary": _study_stage("run_summary")}
+SHARD_TASKS = ("shard", "study_task")  # tasks whose second argument is their shard
 assert set(KINDS) == set(SPECS)  # every kind of job has its parameters and its runner
 
 

@@ -48,6 +48,9 @@ def print_trace(out, truth: set[str] | None = None, correct: bool | None = None,
         head.append("  (model's greedy answer)", style="dim")
     if correct is not None:
         head.append("  ✓ correct" if correct else "  ✗ wrong", style="green" if correct else "red")
+    if getattr(out, "text_query", None):
+        head.append("\nT ", style="bold cyan").append(out.text_query, style="dim")
+        head.append("  (what dense and BM25 searched)", style="dim")
     console.print(head)
     if out.supported is False:
         console.print("unsupported: probably not learned from this corpus — no returned document states "
@@ -105,9 +108,29 @@ def _outcome(v) -> str:
     if v.error:
         return v.error
     r = v.result or {}
+    if "added_rows" in r:  # an update job
+        return f"build {r['build_id']}: {r['added_rows']} rows added, {r['rows']} in all"
+    if "deleted" in r:
+        return f"{r['deleted']} deleted, {r['already']} already; builds updated: {r['builds']}"
+    if "model_id" in r:
+        return f"model {r['model_id']}: {r['checkpoints']} checkpoint(s)"
     if "build_id" in r:
         return f"build {r['build_id']}: {r['rows']} rows, checksum {r['checksum'][:12]}"
+    if "study_id" in r:
+        return f"study {r['study']}: {r['traced']}/{r['questions']} traced, {r['failed']} failed"
     return f"trace {r['trace_id']}" if "trace_id" in r else ""
+
+
+def print_study(row: dict, console: Console | None = None) -> None:
+    """A study's row of `study_summary_v`, and where its report and export come from."""
+    console = console or Console()
+    accuracy = f" · accuracy {row['accuracy']:.0%}" if row["accuracy"] is not None else ""
+    console.print(f"study {row['study']} (job {row['job_id']}, {row['status']}): {row['traced']}/{row['questions']} "
+                  f"traced, {row['failed']} failed · {row['correct']} correct, {row['wrong']} wrong, "
+                  f"{row['unknown']} unknown{accuracy} · {row['supported']} supported, {row['unsupported']} "
+                  f"unsupported, {row['misled']} misled")
+    console.print(f"`wherefrom report --study {row['study']} -o study.html` · "
+                  f"`wherefrom study export {row['study']} -o results.parquet`", style="dim")
 
 
 def print_jobs(views, console: Console | None = None) -> None:
@@ -117,7 +140,7 @@ def print_jobs(views, console: Console | None = None) -> None:
     for col in ("job", "kind", "status", "done", "stage", "tries", "worker", "updated", "result / error"):
         table.add_column(col, justify="right" if col in ("job", "done", "tries") else "left",
                          no_wrap=col not in ("stage", "result / error"))
-    colour = {"succeeded": "green", "failed": "red", "running": "yellow", "stalled": "red"}
+    colour = {"succeeded": "green", "failed": "red", "running": "yellow", "stalled": "red", "cancelled": "magenta"}
     for v in views:
         table.add_row(str(v.id), v.kind, Text(v.status, style=colour.get(v.status)), f"{100 * v.progress:.0f}%",
                       v.stage, str(v.attempts), v.worker or "", (v.updated_at or "")[11:19], _outcome(v))

@@ -69,7 +69,7 @@ def _load(settings: Settings, trace_id: int):
         model = repo.get_model(s, t.model_id)
         entries = repo.entries_at(s, t.build_id, [r.position for r in t.results])
         rows = [(r, entries[r.position][0], entries[r.position][1]) for r in t.results]
-        return t, build.store_path, model.name, checkpoints_by_step(model), rows
+        return t, str(settings.resolve_store(build.store_path)), model.name, checkpoints_by_step(model), rows
 
 
 def build_report(settings: Settings, trace_id: int, top: int = 5, tail_patch: bool = True) -> Report:

@@ -54,6 +54,22 @@ class Settings:
     def stores(self) -> Path:
         return self.data_dir / "stores"
 
+    def resolve_store(self, path: str) -> Path:
+        """The folder of a store as SQL names it (`stores/<name>`, relative to the data directory,
+        so a copied, moved or restored data directory uses its own stores, never the original's).
+
+        Forbidden when the name leads outside the data directory: wherefrom writes and removes
+        nothing there. Checked on the names alone, so a `stores/` that links to a bigger disk works.
+        """
+        from db.errors import Forbidden
+
+        root = os.path.normpath(self.data_dir)
+        folder = os.path.normpath(os.path.join(root, path))
+        if os.path.commonpath([root, folder]) != root or folder == root:
+            raise Forbidden(f"build store {path!r} lies outside the data directory {root}: set its "
+                            "index_builds.store_path to `stores/<folder name>`, or rebuild with `wherefrom index`")
+        return Path(folder)
+
 
 @dataclass(frozen=True)
 class ApiSettings:

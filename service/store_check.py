@@ -15,10 +15,10 @@ import numpy as np
 from db.update_repo import EntryFacts
 
 
-def build_problem(build, facts: EntryFacts) -> str | None:
-    """The first disagreement found, or None. Dead rows still searchable are reported by `dead_rows`."""
+def build_problem(folder: Path, build, facts: EntryFacts) -> str | None:
+    """The first disagreement of the store in `folder` with SQL, or None. Dead rows still
+    searchable are reported by `dead_rows`."""
     from indexer import store
-    folder = Path(build.store_path)
     if not (folder / store.INFO).exists():
         return f"{folder} has no info.json"
     info = store.read_info(folder)
@@ -27,7 +27,7 @@ def build_problem(build, facts: EntryFacts) -> str | None:
         return f"row counts disagree: info.json {rows}, build {build.row_count}, index_entries {facts.count}"
     if facts.count and (facts.first, facts.last) != (0, rows - 1):
         return f"index_entries positions run {facts.first}..{facts.last}, not 0..{rows - 1}"
-    missing = [n for n in ("grad.npy", "dense.npy", "grad.faiss", "dense.faiss", "bm25") if not (folder / n).exists()]
+    missing = store.missing(folder)
     if missing:
         return f"{folder} lacks {', '.join(missing)}"
     for name in ("grad", "dense"):
@@ -46,10 +46,10 @@ def build_problem(build, facts: EntryFacts) -> str | None:
             or _checksum_problem(folder, info, build.checksum))
 
 
-def dead_rows(build, facts: EntryFacts) -> list[int]:
-    """Rows of deleted documents that the store has not removed (still searchable)."""
+def dead_rows(folder: Path, facts: EntryFacts) -> list[int]:
+    """Rows of deleted documents that the store in `folder` has not removed (still searchable)."""
     from indexer import store
-    return sorted(set(facts.dead) - set(store.removed_rows(Path(build.store_path)).tolist()))
+    return sorted(set(facts.dead) - set(store.removed_rows(folder).tolist()))
 
 
 def _index_problem(folder: Path, live: np.ndarray) -> str | None:

@@ -28,6 +28,14 @@ def register(app, settings: Settings) -> None:
     def index_merge(self, job_id: int):
         _run(self, settings, "merge", job_id)
 
+    @app.task(name=TASK_NAMES["study_task"], bind=True)
+    def study_task(self, job_id: int, task: int):
+        _run(self, settings, "study_task", job_id, task)
+
+    @app.task(name=TASK_NAMES["study_summary"], bind=True)
+    def study_summary(self, job_id: int):
+        _run(self, settings, "study_summary", job_id)
+
 
 def _run(task, settings: Settings, name: str, *args) -> None:
     try:

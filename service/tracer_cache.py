@@ -7,9 +7,11 @@ background jobs alike, happens under `model_lock`.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from indexer.modelio import CheckpointInfo, check_unchanged
+from db.errors import Conflict, WherefromError
+from indexer.modelio import CheckpointInfo, check_tokenizer_unchanged, check_unchanged
 
 _tracers: dict[str, object] = {}
 model_lock = threading.RLock()
@@ -24,10 +26,33 @@ def tracer_for(store_path: str, ckpts: list[CheckpointInfo]):
     return _tracers[store_path]
 
 
-def build_tracer(store_path: str, by_step: dict[int, CheckpointInfo]):
-    """The tracer of a build, refused when its checkpoints' weights changed since it was built."""
-    from indexer.store import read_info
+@contextmanager
+def _readable(folder: Path):
+    """A store file that is missing, truncated or garbage becomes one line saying what to do."""
+    from indexer.store import UNREADABLE, describe
 
-    info = read_info(Path(store_path))
+    try:
+        yield
+    except WherefromError:
+        raise
+    except UNREADABLE as e:
+        raise Conflict(f"the store at {folder} cannot be read ({describe(e)}): run `wherefrom doctor` to see "
+                       "what is wrong, then rebuild with `wherefrom index`") from None
+
+
+def build_tracer(store_path: str, by_step: dict[int, CheckpointInfo]):
+    """The tracer of a build, refused when its checkpoints' weights or tokenizer changed since it was
+    built, or when its store cannot be read."""
+    from indexer.store import missing, read_info
+
+    folder = Path(store_path)
+    with _readable(folder):
+        lacking = missing(folder)
+        if lacking:  # named here: FAISS's own message buries the file name after 150 characters
+            raise FileNotFoundError(f"no {', '.join(lacking)}")
+        info = read_info(folder)
+        ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
     check_unchanged(info["checkpoints"])
-    return tracer_for(store_path, [by_step[c["step"]] for c in info["checkpoints"]])
+    check_tokenizer_unchanged(ckpts)
+    with _readable(folder):
+        return tracer_for(store_path, ckpts)

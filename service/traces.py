@@ -20,7 +20,7 @@ from service.views import TraceOutcome, TraceSummary, iso_utc, trace_outcome
 @dataclass
 class BuildTarget:
     build_id: int
-    store_path: str
+    store_path: str  # the store's folder, resolved against the data directory
     model_id: int
     by_step: dict[int, CheckpointInfo]
 
@@ -31,27 +31,29 @@ def resolve_build(settings: Settings, corpus: str | None = None, model: str | No
         corpus_id = repo.corpus_by_name(s, corpus).id if corpus else None
         model_id = repo.model_by_name(s, model).id if model else None
         build = repo.latest_build(s, corpus_id, model_id)
-        return BuildTarget(build.id, build.store_path, build.model_id,
+        return BuildTarget(build.id, str(settings.resolve_store(build.store_path)), build.model_id,
                            checkpoints_by_step(repo.get_model(s, build.model_id)))
 
 
 def trace(settings: Settings, question: str, answer: str | None = None, corpus: str | None = None,
           model: str | None = None, k: int = 10, method: str = "hybrid", rerank: str | None = None,
-          verify: bool = False, job_id: int | None = None) -> TraceOutcome:
+          verify: bool = False, text_query: str | None = None, job_id: int | None = None) -> TraceOutcome:
     """Trace one answer and store the trace and its ranked results in one transaction.
 
     `rerank="exact"` rescores the top candidates with full, unprojected gradients;
-    `verify` adds a tail-patch and a lexical check to every returned document.
+    `verify` adds a tail-patch and a lexical check to every returned document; `text_query`
+    replaces the derived dense/BM25 query (the trace records the one it used).
     With `job_id` (a trace job), the same transaction finishes the job; a second delivery of that
     job raises JobFinished there and stores nothing.
     """
     from attribution.rerank import RERANK_N
 
-    TraceJob(question, answer, corpus, model, k, method, rerank, verify)  # the request's checks, in one place
+    TraceJob(question, answer, corpus, model, k, method, rerank, verify, text_query)  # the request's checks, in one place
     target = resolve_build(settings, corpus, model)
     with model_lock:
         tracer = build_tracer(target.store_path, target.by_step)
-        ranking = tracer.rank(question, answer, k=max(k, RERANK_N) if rerank else k, method=method)
+        ranking = tracer.rank(question, answer, k=max(k, RERANK_N) if rerank else k, method=method,
+                              text_query=text_query)
         if rerank or verify:
             with transaction(settings.database_url) as s:
                 texts = repo.texts_at(s, target.build_id, [h.position for h in ranking.hits])
@@ -62,12 +64,20 @@ def trace(settings: Settings, question: str, answer: str | None = None, corpus: 
 
 def _store(settings: Settings, target: BuildTarget, question: str, method: str, ranking,
            job_id: int | None) -> TraceOutcome:
+    """Store the trace, less hits of documents deleted since its build was resolved: a delete that
+    commits while the trace runs (it tombstones and swaps the store in one transaction) must not
+    leave the deleted document in a stored answer. Dropped rather than refused: the other hits'
+    grad and dense scores do not depend on the deleted rows, and a trace job should not fail over
+    a delete its user did not make. The documents are locked FOR SHARE, so a delete committing
+    after this read waits for this trace to commit (a trace from before the delete)."""
     with transaction(settings.database_url) as s:
         job = job_repo.lock_open_job(s, job_id) if job_id is not None else None
-        entries = repo.entries_at(s, target.build_id, [h.position for h in ranking.hits])
+        entries = repo.entries_at(s, target.build_id, [h.position for h in ranking.hits], lock=True)
+        ranking.hits = [h for h in ranking.hits if entries[h.position][1].deleted_at is None]
         t = repo.save_trace(s, Trace(question=question, answer=ranking.answer,
                                      answer_generated=ranking.answer_generated, model_id=target.model_id,
                                      build_id=target.build_id, method=method, timings=ranking.timings,
+                                     text_query=ranking.text_query,
                                      job_id=job_id),
                             [{"rank": r, "document_id": entries[h.position][1].id, "position": h.position,
                               "score": h.score, "scores": h.scores} for r, h in enumerate(ranking.hits, 1)])

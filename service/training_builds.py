@@ -11,6 +11,7 @@ they cannot have taught the model anything.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -26,7 +27,7 @@ from indexer import semantic, store
 from indexer.build import merge_shards
 from indexer.config import BuildConfig, GradientConfig
 from indexer.modelio import CheckpointInfo, check_unchanged
-from service.builds import checkpoint_record
+from service.builds import checkpoint_record, stored_path
 from service.catalog import training_store
 from service.settings import Settings
 from service.views import BuildOutcome
@@ -69,12 +70,13 @@ def index_from_training(settings: Settings, corpus: str, model: str, config: Bui
     base = config or BuildConfig()
     config = BuildConfig(gradient=GradientConfig(**info["config"]), factory=base.factory, nprobe=base.nprobe)
     name = f"{corpus}-{model}-training-{uuid.uuid4().hex[:8]}"
-    work = store.partial_dir(settings.stores / name)
+    work, lock = store.partial_dir(settings.stores / name)  # locked: `wherefrom doctor --fix` leaves it alone
     try:
         out = _merge(root, work, by_ext, rows, blocks, config, info, corpus, model, progress)
         return _publish(settings, out, settings.stores / name, corpus_id, model_id, rows, blocks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        os.close(lock)
 
 
 def _merge(root: Path, work: Path, row_of: dict, rows: list, blocks: list[CheckpointInfo], config: BuildConfig,
@@ -111,7 +113,7 @@ def _publish(settings: Settings, merged: tuple[Path, dict], final: Path, corpus_
             build = repo.create_build(
                 s, corpus_id=corpus_id, model_id=model_id, kind="hybrid",
                 config={**info["config"], "checkpoint_steps": [c.step for c in blocks], "from_training": True},
-                store_path=str(final), entries=[(d, 0, len(text)) for d, text in rows], checksum=info["checksum"])
+                store_path=stored_path(settings, final), entries=[(d, 0, len(text)) for d, text in rows], checksum=info["checksum"])
             store.publish(out, final)
             renamed = True
             build_id = build.id

@@ -10,21 +10,23 @@ commit leaves SQL and the published stores as they were, and the work folder is 
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from db import repo, update_repo
+from db import job_repo, repo, update_repo
 from db.engine import transaction
 from db.errors import Conflict, InputError
 from indexer import store
 from indexer.build import Progress, compute_shard
 from indexer.config import BuildConfig
-from indexer.modelio import check_unchanged
+from indexer.modelio import check_tokenizer_unchanged, check_unchanged
 from indexer.plan import shard_ranges
+from service.builds import chunk_documents, stored_path
 from service.catalog import checkpoints_by_step
 from service.settings import Settings
 
@@ -42,6 +44,7 @@ class Change:
     old: Path
     work: Path  # the `.partial` folder holding `out` (and shards); removed when done
     final: Path  # where `out` is published
+    lock: int  # descriptor holding `work`'s lock, so `wherefrom doctor --fix` leaves it alone
     entries: list[tuple[int, int, int]] = field(default_factory=list)  # appended rows
 
     @property
@@ -57,17 +60,20 @@ def _new_change(build_id: int, checksum: str | None, old: Path) -> Change:
     """A work folder for the next version; named `<first store name>-g<generation>-<random>`."""
     info = store.read_info(old)
     final = old.parent / f"{info.get('lineage', old.name)}-g{info.get('generation', 0) + 1}-{uuid.uuid4().hex[:6]}"
-    change = Change(build_id, checksum, old, store.partial_dir(final), final)
+    work, lock = store.partial_dir(final)
+    change = Change(build_id, checksum, old, work, final, lock)
     change.out.mkdir()
     return change
 
 
 def publish(settings: Settings, changes: list[Change], tombstones: list[int] = (),
-            token_counts: dict[int, int] | None = None) -> None:
-    """Record and rename every change, and tombstone documents, in one transaction."""
+            token_counts: dict[int, int] | None = None, job: tuple[int, dict] | None = None) -> None:
+    """Record and rename every change, and tombstone documents, in one transaction; with `job`
+    (id, result) the same transaction finishes that job, and a cancelled job publishes nothing."""
     renamed = []
     try:
         with transaction(settings.database_url) as s:
+            open_job = job_repo.lock_open_job(s, job[0]) if job else None  # JobFinished once cancelled
             update_repo.tombstone(s, tombstones)
             for ch in changes:
                 build = update_repo.lock_build(s, ch.build_id)
@@ -76,26 +82,30 @@ def publish(settings: Settings, changes: list[Change], tombstones: list[int] = (
                                    "run the command again")
                 update_repo.append_entries(s, build, ch.entries)
                 info = ch.info
-                build.store_path, build.row_count, build.checksum = str(ch.final), info["rows"], info["checksum"]
+                build.store_path, build.row_count, build.checksum = (stored_path(settings, ch.final), info["rows"],
+                                                                     info["checksum"])
             if token_counts:
                 repo.set_token_counts(s, token_counts)
             for ch in changes:
                 store.publish(ch.out, ch.final)
                 renamed.append(ch.final)
+            if open_job is not None:
+                job_repo.finish_job(s, open_job, job[1])
     except BaseException:
         for final in renamed:
             shutil.rmtree(final, ignore_errors=True)
         raise
     finally:
-        for ch in changes:
-            shutil.rmtree(ch.work, ignore_errors=True)
+        discard(changes)
     for ch in changes:
         shutil.rmtree(ch.old, ignore_errors=True)
 
 
 def discard(changes: list[Change]) -> None:
+    """Remove the work folders (their published `out` is renamed away already) and their locks."""
     for ch in changes:
         shutil.rmtree(ch.work, ignore_errors=True)
+        os.close(ch.lock)
 
 
 # --- adding documents ------------------------------------------------------------------------
@@ -117,13 +127,11 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
     New rows are computed as one more set of shards with the build's own config (projection seed,
     Adam fold, checkpoints). Returns (None when nothing is new, token counts by document).
     """
-    from service.builds import chunk_documents
-
     with transaction(settings.database_url) as s:
         build = repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
         by_step = checkpoints_by_step(repo.get_model(s, build.model_id))
         docs = update_repo.unindexed_documents(s, build.id, build.corpus_id)
-        build_id, checksum, old = build.id, build.checksum, Path(build.store_path)
+        build_id, checksum, old = build.id, build.checksum, settings.resolve_store(build.store_path)
     info = store.read_info(old)
     config = BuildConfig(**info["config"])
     if config.chunking == "packed" and docs:
@@ -133,6 +141,7 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
                          "build it again with `wherefrom index` instead of --update")
     check_unchanged(info["checkpoints"])
     ckpts = [by_step[c["step"]] for c in info["checkpoints"]]
+    check_tokenizer_unchanged(ckpts)
     chunks, texts, counts = chunk_documents(docs, ckpts, config) if docs else ([], [], {})
     if not chunks:
         return None, counts
@@ -158,22 +167,41 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
 
 
 def update(settings: Settings, corpus: str, model: str, refit: bool = False,
-           progress: Progress = _quiet) -> UpdateOutcome:
-    """Add the documents ingested since the latest build of corpus × model to it, and publish."""
-    change, counts = prepare_update(settings, corpus, model, refit, progress)
+           progress: Progress | None = None, job_id: int | None = None) -> UpdateOutcome:
+    """Add the documents ingested since the latest build of corpus × model to it, and publish;
+    with `job_id` (an update job) the publishing transaction also finishes that job."""
+    change, counts = prepare_update(settings, corpus, model, refit, progress or _quiet)
     if change is None:
-        target = _latest(settings, corpus, model)
-        info = store.read_info(Path(target.store_path))
-        return UpdateOutcome(target.id, 0, 0, info["rows"], "unchanged", target.store_path)
+        with transaction(settings.database_url) as s:
+            target = _latest(s, corpus, model)
+            folder = settings.resolve_store(target.store_path)
+            out = UpdateOutcome(target.id, 0, 0, store.read_info(folder)["rows"], "unchanged", str(folder))
+            if job_id is not None:
+                job_repo.finish_job(s, job_repo.lock_open_job(s, job_id), asdict(out))
+        return out
     info = change.info
-    publish(settings, [change], token_counts=counts)
-    return UpdateOutcome(change.build_id, len({d for d, _, _ in change.entries}), len(change.entries),
-                         info["rows"], info["updates"][-1]["curvature"], str(change.final))
+    out = UpdateOutcome(change.build_id, len({d for d, _, _ in change.entries}), len(change.entries),
+                        info["rows"], info["updates"][-1]["curvature"], str(change.final))
+    publish(settings, [change], token_counts=counts, job=(job_id, asdict(out)) if job_id is not None else None)
+    return out
 
 
-def _latest(settings: Settings, corpus: str, model: str):
+def _latest(s, corpus: str, model: str):
+    return repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
+
+
+def build_names(settings: Settings, build_id: int) -> tuple[str, str]:
+    """(corpus, model) of a build an update may extend: the latest of its corpus × model."""
     with transaction(settings.database_url) as s:
-        return repo.latest_build(s, repo.corpus_by_name(s, corpus).id, repo.model_by_name(s, model).id)
+        build = repo.get_build(s, build_id)
+        if build.model_id is None:
+            raise Conflict(f"build {build_id}'s model is no longer registered: build the corpus again")
+        corpus, model = repo.get_corpus(s, build.corpus_id).name, repo.get_model(s, build.model_id).name
+        latest = _latest(s, corpus, model).id
+    if latest != build_id:
+        raise Conflict(f"build {build_id} is not the latest of corpus {corpus!r} and model {model!r}: "
+                       f"update build {latest} instead")
+    return corpus, model
 
 
 # --- deleting documents ----------------------------------------------------------------------
@@ -196,7 +224,7 @@ def prepare_delete(settings: Settings, corpus: str, external_ids: list[str]) -> 
         c = repo.corpus_by_name(s, corpus)
         docs = update_repo.documents_by_external_id(s, c.id, corpus, sorted(set(external_ids)))
         dropping = [d.id for d in docs if d.deleted_at is None]
-        plans = [(b.id, b.checksum, Path(b.store_path), update_repo.dead_positions(s, b.id, dropping),
+        plans = [(b.id, b.checksum, settings.resolve_store(b.store_path), update_repo.dead_positions(s, b.id, dropping),
                   *update_repo.live_entries(s, b.id, dropping)) for b in update_repo.ready_builds(s, c.id)]
     from indexer.update import remove
     changes = []
@@ -212,8 +240,10 @@ def prepare_delete(settings: Settings, corpus: str, external_ids: list[str]) -> 
     return changes, dropping, len(docs) - len(dropping)
 
 
-def delete(settings: Settings, corpus: str, external_ids: list[str]) -> DeleteOutcome:
-    """Tombstone documents and remove their rows from every build of the corpus, in one transaction."""
+def delete(settings: Settings, corpus: str, external_ids: list[str], job_id: int | None = None) -> DeleteOutcome:
+    """Tombstone documents and remove their rows from every build of the corpus, in one
+    transaction (which, with `job_id`, also finishes that delete job)."""
     changes, dropping, already = prepare_delete(settings, corpus, external_ids)
-    publish(settings, changes, tombstones=dropping)
-    return DeleteOutcome(len(dropping), already, [ch.build_id for ch in changes])
+    out = DeleteOutcome(len(dropping), already, [ch.build_id for ch in changes])
+    publish(settings, changes, tombstones=dropping, job=(job_id, asdict(out)) if job_id is not None else None)
+    return out

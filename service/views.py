@@ -41,6 +41,7 @@ class TraceOutcome:
     build_id: int | None = None
     created_at: str | None = None
     supported: bool | None = None  # None unless verified; False: no document backs the answer
+    text_query: str | None = None  # what dense and BM25 searched with; None for traces stored before it was kept
 
 
 def trace_outcome(t, model_name: str, entries: dict) -> TraceOutcome:
@@ -49,7 +50,8 @@ def trace_outcome(t, model_name: str, entries: dict) -> TraceOutcome:
     hits = [TraceHit(r.rank, r.document.external_id, r.document.text, entries[r.position][0].char_start,
                      entries[r.position][0].char_end, r.score, r.scores) for r in t.results]
     return TraceOutcome(t.id, t.question, t.answer, t.answer_generated, t.method, hits, t.timings,
-                        model_name, t.build_id, iso_utc(t.created_at), supported([h.scores for h in hits]))
+                        model_name, t.build_id, iso_utc(t.created_at), supported([h.scores for h in hits]),
+                        t.text_query)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class JobView:
     id: int
     kind: str
     status: str  # queued | running | stalled (running, but quiet for the visibility timeout) | succeeded | failed
+    # | cancelled (`wherefrom jobs cancel`: its tasks stopped at their next boundary)
     params: dict
     result: dict | None = None
     error: str | None = None  # one line, for the user, when status is "failed"

@@ -6,11 +6,13 @@ The app and its delivery guarantees are in `service.broker`; the tasks in `servi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 from service import jobs, tasks
 from service.broker import celery_app, check_broker
+from indexer.config import Runtime
 from service.settings import RedactingFilter, Settings, redact_url
 
 log = logging.getLogger("wherefrom.worker")
@@ -24,6 +26,17 @@ def check(settings: Settings) -> str:
     check_broker(settings)
     ping_database(settings)  # also migrates it to head; Unavailable when it cannot be reached
     return f"broker {redact_url(settings.broker_url)} and database reachable"
+
+
+def use_device(runtime: Runtime) -> None:
+    """Make `runtime` this process's for good (tasks read it with `Runtime.from_env`); InputError
+    now, not in a task, when its device does not exist."""
+    from indexer.modelio import resolve_device
+    device = resolve_device(runtime.device)
+    os.environ.update(runtime.environ())
+    if device.type == "cuda":
+        import torch
+        torch.cuda.set_device(device)  # "cuda" and CUDA kernels in this process mean this one
 
 
 def sweep_after(settings: Settings) -> float:
@@ -62,12 +75,17 @@ def _sweep_when_idle(settings: Settings) -> None:
     threading.Thread(target=loop, name="wherefrom-sweeper", daemon=True).start()
 
 
-def start(settings: Settings, name: str | None, loglevel: str, threads: int | None = None) -> None:
+def start(settings: Settings, name: str | None, loglevel: str, threads: int | None = None,
+          runtime: Runtime | None = None) -> None:
     """Run a worker in this process until it is stopped (SIGTERM: finish the current task, then exit).
 
     `threads`: torch's threads for this worker. Several workers on one machine should split its
     cores (2 workers × 2 threads on 2 cores ran 50 traces 3× slower than 1 worker: BENCHMARKS.md).
+    `runtime`: the device (and dtype, …) of every task this worker runs: one worker per GPU, each
+    with `--device cuda:N`, take shards from the same queue as they come free.
     """
+    if runtime is not None:  # first: a device that does not exist needs no broker to say so
+        use_device(runtime)
     check(settings)  # fails fast, and migrates the database to head now rather than mid-task
     if threads:
         import torch

@@ -2,7 +2,7 @@
 
 A synthetic world of niche facts → a small GPT-2 trained from scratch (Trainer checkpoints) →
 ingest → hybrid index → traces of a few questions, each showing whether the model answered
-correctly and where its true source document ranks.
+correctly and where its true source document ranks → a study over every question, and its report.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from rich.console import Console
 
 from service.render import print_trace, progress_bars
 from service.settings import Settings
+from service.study_outcomes import is_correct  # noqa: F401 - the benchmarks import it from here too
 
 CORPUS, MODEL = "demo", "demo-gpt2"
-
-
-def is_correct(answer: str, truth: str) -> bool:
-    return answer.strip().lower().startswith(truth.strip().lower())
 
 
 def _pick(questions, shown: int):
@@ -74,11 +71,12 @@ def run_demo(settings: Settings, fresh: bool = False, shown: int = 8, seed: int 
         print_trace(out, truth=set(q.source_ids), correct=is_correct(out.answer, q.answer), console=console)
         console.print()
     summary = evaluate(settings, world.questions)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
     for n, row in summary["by_paraphrases"].items():
         console.print(f"facts stated in {n} document(s): {row['correct']}/{row['questions']} answered correctly; "
                       f"true source at rank 1 for {row['rank1']}/{row['correct']} of those "
                       f"(MRR {row['mrr']:.2f})")
+    summary["study"] = study(settings, world, root, build.build_id, console)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
     console.print(f"demo finished in {summary['seconds']:.0f} s · data in {settings.data_dir}")
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -101,3 +99,31 @@ def evaluate(settings: Settings, questions) -> dict:
     for row in rows.values():
         row["mrr"] = row.pop("rr") / max(1, row["correct"])
     return {"by_paraphrases": {n: rows[n] for n in sorted(rows)}}
+
+
+def study(settings: Settings, world, root, build_id: int, console: Console) -> dict:
+    """Every question of the world as one study (its facts' paraphrase counts as metadata), and its
+    report; a second run over the same build reuses the study."""
+    from db.errors import NotFound
+    from service import jobs, studies
+    from service.cli_common import write_atomically
+    from service.render import print_study
+    from service.study_report import build_study_report
+    from service.study_report_html import render_study
+
+    name = f"demo-build-{build_id}"
+    console.print(f"\n[bold]study[/] {len(world.questions)} questions as one job ({name})")
+    try:
+        row = studies.summary(settings, name)
+    except NotFound:
+        path = root / "world" / "study.jsonl"
+        path.write_text("".join(json.dumps({"question": q.prompt, "expected": q.answer, "n_paraphrases": q.n_paraphrases,
+                                            "attribute": q.attribute}) + "\n" for q in world.questions))
+        with progress_bars() as progress:
+            jobs.submit(settings, studies.study_job(settings, path, name, CORPUS, MODEL, k=10), progress, inline=True)
+        row = studies.summary(settings, name)
+    print_study(row, console)
+    report = root / "study.html"
+    write_atomically(report, render_study(build_study_report(settings, name)))
+    console.print(f"study report → {report}")
+    return {"name": name, "report": str(report), **{k: row[k] for k in ("questions", "traced", "correct", "wrong")}}

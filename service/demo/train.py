@@ -31,6 +31,9 @@ class TrainConfig:
     seed: int = 0
     arch: str = "gpt2"  # a model_type of ARCHS
     n_kv_head: int | None = None  # grouped-query attention (llama, mistral, qwen2); None = n_head
+    # batches of similar lengths: on a corpus of 5-60-token documents padding to each batch's longest
+    # tripled the tokens a step computes (bench/realistic_world.py)
+    group_by_length: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -106,6 +109,7 @@ def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), 
         save_strategy="steps", save_steps=-(-total // config.n_checkpoints),
         logging_steps=max(1, steps_per_epoch), report_to=[], use_cpu=True, seed=config.seed,
         disable_tqdm=True, dataloader_num_workers=0, save_total_limit=None,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     logging.getLogger("transformers.trainer").setLevel(logging.WARNING)

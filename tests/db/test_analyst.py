@@ -143,7 +143,7 @@ def test_the_limits_migration_goes_down_and_up_again(own_db_url):
     with owner.begin() as c:
         c.execute(text(f"CREATE ROLE {name} LOGIN"))
     try:
-        downgrade(owner, "0004")
+        downgrade(owner, "0005")
         assert settings_of(analyst) == ("0", "0")
         create_engine(make_url(own_db_url).set(username=name), poolclass=NullPool).connect().close()  # PUBLIC may
         upgrade(owner)

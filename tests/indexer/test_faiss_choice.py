@@ -1,4 +1,4 @@
-"""FAISS index choice: exact while a scan is cheap, PCA + IVF + 8-bit codes beyond, nprobe applied."""
+"""FAISS index choice: exact while a scan is cheap, a scan of 8-bit codes, then IVF over them, nprobe applied."""
 
 import faiss
 import numpy as np
@@ -8,12 +8,15 @@ from indexer import ann
 from indexer.config import BuildConfig
 
 
-def test_factory_follows_rows_and_width():
-    assert ann.choose_factory(10_000, 4096) == "Flat"  # 160 MB of float32: one scan
-    assert ann.choose_factory(100_000, 384) == "Flat"
-    assert ann.choose_factory(100_000, 4096) == "PCA512,IVF1024,SQ8"
-    assert ann.choose_factory(10_000_000, 4096) == "PCA512,IVF4096,SQ8"
-    assert ann.choose_factory(1_000_000, 384) == "IVF4096,SQ8"  # narrow features: no PCA
+def test_factory_follows_rows_times_width():
+    assert ann.choose_factory(26_000, 384) == "Flat"  # 10M elements: a ~20 ms scan here
+    assert ann.choose_factory(1_395, 7168) == "Flat"
+    assert ann.choose_factory(10_372, 7168) == "SQ8"  # the realistic world: all its codes scanned, no PCA
+    assert ann.choose_factory(27_901, 7168) == "SQ8"  # 200M elements
+    assert ann.choose_factory(27_902, 7168) == "IVF128,SQ8"  # no scan fits: k-means keeps 40 rows a list
+    assert ann.choose_factory(10_000_000, 7168) == "IVF4096,SQ8"
+    assert ann.choose_factory(1_000_000, 384) == "IVF1024,SQ8"
+    assert ann.train_rows("IVF4096,SQ8") == ann.TRAIN_ROWS and ann.train_rows("IVF32,SQ8") == 20_000
 
 
 def test_numpy_pca_matches_faiss_and_the_index_finds_each_row(tmp_path):

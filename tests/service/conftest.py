@@ -44,3 +44,13 @@ def run_cli(monkeypatch, capsys):
         out = capsys.readouterr()
         return e.value.code, out.out, out.err
     return run
+
+
+def index_world(settings, tiny_world, model_dir, root, name: str, config=None):
+    """The tiny world written under `root`, ingested as corpus `name`, the model registered as
+    `name`, and built in this process; the build."""
+    from service import catalog, jobs
+    corpus, _ = tiny_world.write(root)
+    catalog.ingest(settings, corpus, name)
+    catalog.add_model(settings, model_dir, name)
+    return jobs.index_here(settings, name, name, config)

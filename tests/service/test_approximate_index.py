@@ -1,7 +1,10 @@
 """A build whose FAISS indexes are approximate (IVF + 8-bit codes) ranks like the exact one: a trace
 rescores a widened candidate list exactly from the float16 store."""
 
-from indexer import store
+import numpy as np
+import pytest
+
+from indexer import ann, store
 from indexer.config import BuildConfig
 from service import catalog, jobs, traces
 from service.settings import Settings
@@ -27,9 +30,31 @@ def test_an_ivf_build_ranks_as_the_exact_build(tmp_path, indexed):
             assert all(abs(a.score - e.score) < 1e-5 for a, e in zip(approx.hits, exact.hits))
 
 
-def test_a_factory_that_does_not_fit_the_features_is_refused_with_nothing_published(tmp_path, indexed):
-    import pytest
+@pytest.mark.parametrize("budget, kind", [(50_000, "SQ8"), (1_000, "IVF")])
+def test_past_the_scan_budget_the_automatic_index_keeps_the_default_ranking(tmp_path, indexed, monkeypatch,
+                                                                            budget, kind):
+    # small budgets make the tiny world's automatic indexes approximate, as a large corpus's are
+    # (a scan of 8-bit codes, or an inverted file): the default path must rank as the exact build
+    monkeypatch.setattr(ann, "SCAN_ELEMENTS", budget)
+    monkeypatch.setattr(ann, "CODE_SCAN_ELEMENTS", 20 * budget)
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")
+    corpus, _ = indexed.world.write(tmp_path / "world")
+    catalog.ingest(settings, corpus, "world")
+    catalog.add_model(settings, indexed.model_dir, "tiny")
+    jobs.index_here(settings, "world", "tiny")
+    info = store.read_info(next(settings.stores.iterdir()))
+    assert info["faiss_factory"].startswith(kind) and info["dense_faiss_factory"].startswith(kind)
+    assert "PCA" not in info["faiss_factory"]  # the full width: PCA threw the gradient signal away
 
+    same = []
+    for q in indexed.world.questions:
+        exact = traces.trace(indexed.settings, q.prompt)
+        approx = traces.trace(settings, q.prompt)
+        same.append([h.external_id for h in approx.hits] == [h.external_id for h in exact.hits])
+    assert np.mean(same) >= 0.99, f"{sum(same)}/{len(same)} top-10s equal the exact build's"
+
+
+def test_a_factory_that_does_not_fit_the_features_is_refused_with_nothing_published(tmp_path, indexed):
     from db.errors import InputError
 
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")

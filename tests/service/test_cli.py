@@ -99,7 +99,7 @@ def test_the_index_options_are_the_config_fields():
     from dataclasses import fields
 
     from indexer.config import BuildConfig, GradientConfig
-    from service.cli import INDEX_OPTIONS, NEGATED, build_config, index
+    from service.cli_index import INDEX_OPTIONS, NEGATED, build_config, index
 
     not_options = {(BuildConfig, "gradient"), (BuildConfig, "max_tokens"), (BuildConfig, "checkpoint_weights"),
                    (BuildConfig, "append_eos"), (GradientConfig, "k_out"),  # k_out: --proj sets both sides

@@ -2,12 +2,13 @@
 and leaves every SQL row and every file of the data directory exactly as it was.
 
 Cases: empty file; non-UTF-8 bytes; duplicate ids with different text; a single 10 MB document;
-a missing text field; a tokenizer that does not match the model; weights changed after the build;
-an empty question or one longer than the context; an answer the tokenizer cannot produce; a path
-outside the data directory given to the API; a folder whose symlinks leave it or loop; broken CSV;
-a NUL byte in a document; an unusable corpus name; ids, offsets and limits out of range, and
-malformed options; an unreachable database; one async trace more than the API's job queue holds
-(a 503).
+a missing text field; a tokenizer that does not match the model; weights changed after the build
+(also with their mtime put back); a tokenizer changed after registration; a tokenizer file or a
+weights header that does not parse; an empty question or one longer than the context; an answer
+the tokenizer cannot produce; a path outside the data directory given to the API; a folder whose
+symlinks leave it or loop; broken CSV; a NUL byte in a document; an unusable corpus name; ids,
+offsets and limits out of range, and malformed options; an unreachable database; one async trace
+more than the API's job queue holds (a 503).
 """
 
 import hashlib
@@ -161,6 +162,81 @@ def test_weights_changed_after_the_build(refused, world):
     finally:
         weights_path.write_bytes(original)
         os.utime(weights_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def last_checkpoint(model):
+    return sorted(model.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+
+
+@pytest.fixture
+def restored():
+    """`restored(path)`: the file as it was, mtime included, once the test ends."""
+    saved = []
+
+    def keep(path):
+        saved.append((path, path.read_bytes(), path.stat()))
+        return path
+    yield keep
+    for path, content, stat in saved:
+        path.write_bytes(content)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_weights_changed_with_their_mtime_put_back(refused, world, restored):
+    """`touch -r`: same size, same mtime; only ctime (which no user can set) tells."""
+    weights = restored(last_checkpoint(world.model) / "model.safetensors")
+    stat = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(-3, 2)
+        byte = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    refused(["trace", world.world.questions[0].prompt], "model weights at")
+
+
+def test_a_tokenizer_changed_after_registration(refused, world, run_cli, restored):
+    """Two ids swapped: every answer would read as other words. Trace refuses, doctor tells."""
+    path = restored(last_checkpoint(world.model) / "tokenizer.json")
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(tokenizer))
+    err = refused(["trace", world.world.questions[0].prompt], f"the tokenizer files of {path.parent} changed")
+    assert "wherefrom model add" in err and "wherefrom index" in err
+    before = state(world.settings)
+    code, out, _ = run_cli("doctor", "--json", env={"WHEREFROM_DATA_DIR": str(world.settings.data_dir)})
+    problems = {c["name"]: c for c in json.loads(out) if c["status"] == "problem"}
+    assert code == 2 and list(problems) == [f"model m step {path.parent.name.split('-')[1]}"], problems
+    assert "tokenizer files" in next(iter(problems.values()))["detail"]
+    assert state(world.settings) == before
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": "1.0", "added_tokens": [], "model": {"type": "BPE"}}',
+                                     "[1, 2]"])
+def test_a_tokenizer_file_that_does_not_parse(refused, world, tmp_path, content):
+    folder = tmp_path / "model"
+    shutil.copytree(last_checkpoint(world.model), folder)
+    (folder / "tokenizer.json").write_text(content)
+    err = refused(["model", "add", folder, "--name", "garbled"], f"the tokenizer in {folder} does not load")
+    assert "tokenizer.save_pretrained" in err
+
+
+@pytest.mark.parametrize("damage", ["header", "truncated"])
+def test_weights_whose_safetensors_header_is_corrupt(refused, world, tmp_path, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(last_checkpoint(world.model), folder)
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        if damage == "header":
+            f.seek(20)  # inside the JSON header that follows its 8-byte length
+            f.write(b"#garbage#")
+        else:
+            f.truncate(weights.stat().st_size - 100)
+    err = refused(["model", "add", folder, "--name", "corrupt"], f"the weights in {weights} do not load")
+    assert "save the model again with save_pretrained" in err
 
 
 @pytest.mark.parametrize("args,message", [

@@ -51,9 +51,10 @@ def test_model_add_finds_the_store_and_index_publishes_it_without_a_corpus_pass(
     from db.engine import transaction
     with transaction(recorded.settings.database_url) as s:
         build = repo.get_build(s, build_id)
-        folder, entries = Path(build.store_path), repo.entries_at(s, build_id, range(build.row_count))
+        folder, entries = recorded.settings.resolve_store(build.store_path), repo.entries_at(s, build_id, range(build.row_count))
         texts = {d.external_id: d.text for d in repo.corpus_documents(s, build.corpus_id)}
     info = store.read_info(folder)
+    assert not Path(build.store_path).is_absolute()  # relative to the data directory, as every build
     assert info["rows"] == len(recorded.world.documents) == len(entries)
     assert len(info["checkpoints"]) == len(info["gradient"]["weights"]) == 3
     # each row is its document's whole text; the store's rows are unit norm over the three blocks

@@ -43,10 +43,7 @@ def world(base, tmp_path, monkeypatch):
     """A copy of the module build's data dir, for this test to change; CLI env pointing at it."""
     data = tmp_path / "data"
     shutil.copytree(base.settings.data_dir, data)
-    settings = Settings(data, f"sqlite:///{data}/wherefrom.db")
-    with transaction(settings.database_url) as s:
-        s.execute(text("UPDATE index_builds SET store_path = replace(store_path, :old, :new)"),
-                  {"old": str(base.settings.data_dir), "new": str(data)})
+    settings = Settings(data, f"sqlite:///{data}/wherefrom.db")  # its stores are named relative to it
     monkeypatch.setenv("WHEREFROM_DATA_DIR", str(data))
     monkeypatch.setenv("WHEREFROM_DATABASE_URL", settings.database_url)
     monkeypatch.delenv("WHEREFROM_BROKER_URL", raising=False)
@@ -55,7 +52,7 @@ def world(base, tmp_path, monkeypatch):
 
 def store_of(settings, build_id) -> Path:
     with transaction(settings.database_url) as s:
-        return Path(s.get(IndexBuild, build_id).store_path)
+        return settings.resolve_store(s.get(IndexBuild, build_id).store_path)
 
 
 def tracer(settings, build_id) -> Tracer:

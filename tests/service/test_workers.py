@@ -56,7 +56,7 @@ def assert_same_store(settings, job, reference):
     assert job.status == "succeeded", job.error
     with transaction(settings.database_url) as s:
         build = s.get(IndexBuild, job.result["build_id"])
-        path, recorded = Path(build.store_path), build.checksum
+        path, recorded = settings.resolve_store(build.store_path), build.checksum
     assert store.checksum(path) == recorded == job.result["checksum"] == reference.info["checksum"]
     got, want = entries(settings, job.result["build_id"]), entries(settings, reference.build_id)
     assert [e.position for e in got] == list(range(reference.rows))

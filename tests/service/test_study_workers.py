@@ -1,0 +1,62 @@
+"""A study on the real topology: PostgreSQL, Redis and `wherefrom worker` processes, one of them
+killed (SIGKILL) in the middle of a task."""
+
+import json
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from db import job_repo
+from db.engine import transaction
+from db.models import StudyQuestion, Trace, TraceResult
+from service import jobs, studies
+from bench.cluster import wait_for, wait_job
+from tests.service.conftest import index_world
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(cluster, trained, tiny_world, tmp_path_factory):
+    settings, _ = cluster
+    root = tmp_path_factory.mktemp("study-world")
+    name = f"s{uuid.uuid4().hex[:6]}"
+    index_world(settings, tiny_world, trained[0], root, name)
+    questions = root / "questions.jsonl"  # 120 questions: the world's 40, three times over
+    questions.write_text("".join(json.dumps({"question": q.prompt, "expected": q.answer}) + "\n"
+                                 for q in tiny_world.questions * 3))
+    return name, questions
+
+
+def test_a_worker_killed_mid_task_loses_nothing(cluster, world):
+    settings, workers = cluster
+    name, questions = world
+    spec = studies.study_job(settings, questions, f"killed-{name}", corpus=name, model=name, k=5, tasks_of=20)
+    job_id = jobs.submit(settings, spec)
+
+    def task_running_on_a():
+        with transaction(settings.database_url) as s:
+            return next(((r.shard,) for r in job_repo.shards_of(s, job_id)
+                         if r.status == "running" and r.worker == "a@test"), None)
+    (killed,) = wait_for(task_running_on_a, 300, "worker a to start a task", interval=0.05, logs=workers.tail)
+    workers.kill("a")
+    try:
+        job = wait_job(settings, job_id, workers)
+    finally:
+        workers.start("a")  # later tests of the module want two workers
+    assert job.status == "succeeded", job.error
+    assert job.result["traced"] == job.result["questions"] == 120
+    redone = job.shards[killed]
+    assert redone["attempts"] >= 2 and redone["worker"] == "b@test" and redone["status"] == "done", job.shards
+    with transaction(settings.database_url) as s:
+        study_id = job.result["study_id"]
+        rows = s.execute(select(StudyQuestion.number, StudyQuestion.trace_id, StudyQuestion.status)
+                         .where(StudyQuestion.study_id == study_id)).all()
+        traced = s.scalars(select(Trace.id).join(StudyQuestion, StudyQuestion.trace_id == Trace.id)
+                           .where(StudyQuestion.study_id == study_id)).all()
+        orphans = s.scalar(select(func.count()).select_from(Trace).where(Trace.build_id == spec.build_id,
+                                                                        Trace.id.not_in(traced)))
+        ranks = s.execute(select(func.count()).select_from(TraceResult).where(TraceResult.trace_id.in_(traced))).scalar()
+    assert sorted(n for n, _, _ in rows) == list(range(120)) and {st for *_, st in rows} == {"done"}
+    assert len(set(traced)) == 120 and orphans == 0 and ranks == 120 * 5  # each question traced exactly once
