@@ -37,36 +37,49 @@ class Featurizer:
 
     def __init__(self, model: nn.Module, config: GradientConfig, second_moments: dict | None = None):
         self.model, self.config = model, config
-        # projections run in each layer's compute dtype on its device; the Adam fold below is done
-        # in float32 first, and everything summed over tokens (features, K-FAC) in float32
-        first = next(model.parameters())
-        self.device, self.dtype = first.device, first.dtype
         self.layers = tracked_layers(model, config.modules)
+        self._gaussians: dict[tuple, torch.Tensor] = {}
         if not self.layers:
             raise InputError(f"no linear layer matches --modules {config.modules!r}: "
                              "pass a regex that matches module names such as 'attn|mlp'")
+        # projections run in each layer's compute dtype on its device; the Adam fold is done in
+        # float32 first, and everything summed over tokens (features, K-FAC) in float32
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.fold(second_moments)
+        self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
+        self._x: dict[str, torch.Tensor] = {}
+        self._g: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None  # (B,) per-example factor on δ (training: undoes the batch mean)
+        self._per_token = False
+        self.stats: Stats | None = None  # set to a Stats() to accumulate K-FAC factor sums
+
+    def fold(self, second_moments: dict | None = None) -> None:
+        """(Re)build the projections, Adam's √v folded in where `second_moments` has a layer's weight.
+
+        The offline build folds a checkpoint's optimizer.pt; `indexer.callback` refolds every step
+        with the live optimizer's moments. The fold runs in float32 on the device the layer's weight
+        lives on; the result is cast to that weight's dtype (a LoRA layer may keep float32 beside a
+        bfloat16 base).
+        """
+        config = self.config
         self.p_in, self.p_out, self.normalised = {}, {}, []
         for layer in self.layers:
-            p_out = self._projection(config.k_out, layer.out_features, f"{layer.name}:out")
-            p_in = self._projection(config.k_in, layer.in_features, f"{layer.name}:in")
+            weight = layer.module.weight
+            device = weight.device
+            p_out = self._projection(config.k_out, layer.out_features, f"{layer.name}:out").to(device)
+            p_in = self._projection(config.k_in, layer.in_features, f"{layer.name}:in").to(device)
             v = (second_moments or {}).get(layer.name + ".weight") if config.optimizer_norm else None
             if v is not None:
-                v = v.float().cpu()
-                v = v.T if layer.transposed else v  # (out, in)
+                v = (v.T if layer.transposed else v).to(device, torch.float32)  # (out, in)
                 row, col = v.mean(1), v.mean(0)
                 scale = v.mean().clamp_min(config.eps).sqrt()
                 p_out = p_out * (row + config.eps).rsqrt()[None, :] * scale
                 p_in = p_in * (col + config.eps).rsqrt()[None, :]
                 self.normalised.append(layer.name)
-            weight = layer.module.weight  # a LoRA layer may keep float32 beside a bfloat16 base
-            self.p_out[layer.name] = p_out.to(weight.device, weight.dtype)
-            self.p_in[layer.name] = p_in.to(weight.device, weight.dtype)
-        self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
-        self._x: dict[str, torch.Tensor] = {}
-        self._g: dict[str, torch.Tensor] = {}
-        self._mask: torch.Tensor | None = None
-        self._per_token = False
-        self.stats: Stats | None = None  # set to a Stats() to accumulate K-FAC factor sums
+            self.p_out[layer.name] = p_out.to(device, weight.dtype)
+            self.p_in[layer.name] = p_in.to(device, weight.dtype)
 
     def shapes(self) -> list[tuple[int, int]]:
         """(k_out, k_in) of each layer's block, in feature order."""
@@ -75,7 +88,9 @@ class Featurizer:
     def _projection(self, k: int | None, n: int, name: str) -> torch.Tensor:
         if k is None:
             return torch.eye(n)
-        return _gaussian(k, n, self.config.seed, name)
+        if (name, k, n) not in self._gaussians:  # refolded during training: draw each matrix once
+            self._gaussians[(name, k, n)] = _gaussian(k, n, self.config.seed, name)
+        return self._gaussians[(name, k, n)]
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
@@ -83,23 +98,29 @@ class Featurizer:
                 # the no-grad first pass of activation checkpointing: its recomputation in backward
                 # runs this hook again with gradients, and only that pass may count
                 return
-            # project first, then zero the padding: the mask multiplies k_in columns, not in_features
-            x = (inputs[0].detach() @ self.p_in[name].T) * self._mask[..., None]  # (B, T, k_in), float32
+            # project first, then zero the padding: the mask multiplies k_in columns, not in_features.
+            # The input is projected in the projection's dtype; the float32 mask makes x float32
+            p_in = self.p_in[name]
+            x = (inputs[0].detach().to(p_in.dtype) @ p_in.T) * self._mask[..., None]  # (B, T, k_in), float32
             self._x[name] = x
             if self.stats is not None:
-                self._layer_stats(name).a_sum += torch.einsum("btk,btj->kj", x, x).double().cpu().numpy()
+                self._layer_stats(name).a_sum += _gram(x)
                 self._layer_stats(name).tokens += float(self._mask.sum())
             output.register_hook(self._backward_hook(name))
         return hook
 
     def _backward_hook(self, name: str):
         def hook(grad):
-            d = (grad.detach() @ self.p_out[name].T) * self._mask[..., None]  # (B, T, k_out), float32
+            p_out = self.p_out[name]
+            d = (grad.detach().to(p_out.dtype) @ p_out.T) * self._mask[..., None]  # (B, T, k_out), float32
+            if self._scale is not None:
+                d = d * self._scale[:, None, None]
             if self.stats is not None:
-                self._layer_stats(name).s_sum += torch.einsum("btk,btj->kj", d, d).double().cpu().numpy()
-            # per token, the report keeps each (P_out δ_t)(P_in x_t)ᵀ term; their sum is the feature
-            spec = "btk,btj->btkj" if self._per_token else "btk,btj->bkj"
-            self._g[name] = torch.einsum(spec, d, self._x.pop(name))  # (B, [T,] k_out, k_in)
+                self._layer_stats(name).s_sum += _gram(d)
+            x = self._x.pop(name)
+            # per token, the report keeps each (P_out δ_t)(P_in x_t)ᵀ term; their sum is the feature.
+            # bmm, not einsum: einsum's parsing is a third of these hooks' time on a 1M-parameter model
+            self._g[name] = torch.einsum("btk,btj->btkj", d, x) if self._per_token else d.transpose(1, 2) @ x
         return hook
 
     def _layer_stats(self, name: str) -> LayerStats:
@@ -116,8 +137,8 @@ class Featurizer:
                  labels: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         """Per-example gradients of each example's mean token loss over `labels` != -100.
 
-        Returns (B, D) float32 in layer order, not normalised; with `per_token`, (B, T, D): each
-        position's term of the sum over positions, which sums to the (B, D) feature.
+        Returns (B, D) float32 on the CPU in layer order, not normalised; with `per_token`,
+        (B, T, D): each position's term of the sum over positions, which sums to the (B, D) feature.
         """
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         labels = labels.to(self.device)
@@ -125,7 +146,7 @@ class Featurizer:
         self._per_token = per_token
         self._x.clear(); self._g.clear()
         handles = [self.model.get_input_embeddings().register_forward_hook(self._embedding_requires_grad)]
-        handles += [l.module.register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
+        handles += self.register()
         flags = [p.requires_grad for p in self.model.parameters()]
         try:
             for p in self.model.parameters():
@@ -139,11 +160,27 @@ class Featurizer:
                 h.remove()
             for p, f in zip(self.model.parameters(), flags):
                 p.requires_grad_(f)
+        return self.collect().cpu()
+
+    def register(self) -> list:
+        """Forward hooks on the tracked layers (their backward hooks follow); the caller removes them."""
+        return [l.module.register_forward_hook(self._forward_hook(l.name)) for l in self.layers]
+
+    def collect(self) -> torch.Tensor:
+        """The features of the batch whose backward pass just ran: (B, D), or (B, T, D) per token,
+        float32 on the device of the layers (`features` moves them to the CPU)."""
         missing = [l.name for l in self.layers if l.name not in self._g]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[0]}: is it used by the forward pass?")
-        feats = [self._g.pop(l.name).flatten(2 if per_token else 1) for l in self.layers]
-        return torch.cat(feats, dim=-1).cpu()
+        feats = [self._g.pop(l.name).float().flatten(2 if self._per_token else 1) for l in self.layers]
+        return torch.cat([f.to(feats[0].device) for f in feats], dim=-1)
+
+
+def _gram(x: torch.Tensor) -> np.ndarray:
+    """Σ over batch and positions of x xᵀ, (k, k) float64: a K-FAC factor's share of one batch,
+    summed in float32 (on x's device) and returned on the CPU."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    return (flat.T @ flat).double().cpu().numpy()
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

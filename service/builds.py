@@ -185,6 +185,12 @@ def chunk_documents(docs: list[tuple[int, str]], ckpts, config: BuildConfig):
     return chunks, [by_id[c.document_id][c.char_start:c.char_end] for c in chunks], counts
 
 
+def checkpoint_record(c: CheckpointInfo) -> dict:
+    """What a build's info.json records of a checkpoint: traces refuse it once its weights change."""
+    return {"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256, "learning_rate": c.learning_rate,
+            **weights_stat(c.path, c.base_path), **({"base_path": str(c.base_path)} if c.base_path else {})}
+
+
 def _write_plan(settings: Settings, job: Job, work: Path) -> None:
     spec, config = _spec(job)
     with transaction(settings.database_url) as s:
@@ -195,9 +201,7 @@ def _write_plan(settings: Settings, job: Job, work: Path) -> None:
         raise InputError(f"no document of corpus {spec.corpus!r} has any tokens: check the text field")
     provenance = {"corpus": spec.corpus, "model": spec.model, "job_id": job.id,
                   "tokenizer_hash": ckpts[0].tokenizer_hash,
-                  "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
-                                   "learning_rate": c.learning_rate, **weights_stat(c.path, c.base_path),
-                                   **({"base_path": str(c.base_path)} if c.base_path else {})} for c in ckpts]}
+                  "checkpoints": [checkpoint_record(c) for c in ckpts]}
     (work / "shards").mkdir(parents=True, exist_ok=True)
     write_plan(work, chunks, texts, counts, config.shard_size,
                {"provenance": provenance, "skipped_empty": sum(1 for n in counts.values() if n == 0)})

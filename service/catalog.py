@@ -56,6 +56,24 @@ def add_model(settings: Settings, path: Path, name: str, base: Path | None = Non
         return model.id, len(rows), created
 
 
+def training_store(path: Path) -> dict | None:
+    """The store a `WherefromCallback` recorded into a Trainer output folder: {"path", "saves", "rows",
+    "ids"}; None when there is none. Which saves are registered checkpoints is checked when it is indexed."""
+    import json
+
+    from indexer.callback import STORE, recorded_ids, written_units
+    from indexer.store import read_info
+    root = Path(path) / STORE
+    if not (root / "info.json").exists():
+        return None
+    info = read_info(root)
+    units = written_units(root)
+    if not units:
+        raise InputError(f"the training store {root} holds no rows yet: it is written at each save of the run")
+    rows = sum(json.loads((u / "unit.json").read_text())["rows"] for u in units)
+    return {"path": root, "saves": [s["step"] for s in info["saves"]], "rows": rows, "ids": recorded_ids(root)}
+
+
 def check_corpus(settings: Settings, corpus: str) -> None:
     """NotFound unless the corpus exists."""
     with transaction(settings.database_url) as s:

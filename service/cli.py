@@ -72,6 +72,10 @@ def model_add(path: Path = typer.Argument(..., help="A save_pretrained folder or
     from service import catalog
     model_id, n, created = catalog.add_model(_settings(data_dir), path, name, base)
     typer.echo(f"model {name} (id {model_id}): {n} checkpoint(s){'' if created else ', already registered'}")
+    found = catalog.training_store(path)
+    if found:
+        typer.echo(f"training store: {found['rows']} rows of {len(found['ids'])} documents recorded over saves "
+                   f"{found['saves']}: publish it with `wherefrom index --from-training -c CORPUS -m {name}`")
 
 
 app.command()(index)

@@ -73,6 +73,9 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                                       "build to it (its own config; the options above are ignored)."),
           refit: bool = typer.Option(False, "--refit-curvature", help="With --update: refit EK-FAC over all "
                                      "rows, which rewrites every row's features (default: keep the curvature)."),
+          from_training: bool = typer.Option(False, "--from-training", help="Publish the store the training "
+                                             "callback recorded (its own gradient config; of the options above "
+                                             "only --faiss-factory and --nprobe apply): no pass over the corpus."),
           device: Optional[str] = Device, dtype: Optional[str] = Dtype,
           max_tokens_per_batch: Optional[int] = _runtime_option("max_tokens_per_batch", "--max-tokens-per-batch"),
           checkpointing: bool = _runtime_option("checkpointing", "--checkpointing"),
@@ -85,7 +88,17 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
         from db.errors import InputError
         raise InputError("--refit-curvature goes with --update")
     if update:
+        if from_training:
+            from db.errors import InputError
+            raise InputError("--from-training publishes a new build: leave --update out")
         _update(_settings(data_dir), corpus, model, refit)
+        return
+    if from_training:
+        if plan:
+            from db.errors import InputError
+            raise InputError("--plan predicts a gradient pass over the corpus, which --from-training skips: "
+                             "leave --plan out")
+        _from_training(_settings(data_dir), corpus, model, faiss_factory, nprobe)
         return
     from service import builds, jobs
     from service.render import progress_bars
@@ -110,6 +123,15 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
     typer.echo(f"build {out.build_id} (job {out.job_id}): {out.rows} rows, {len(out.info['checkpoints'])} "
                f"checkpoint(s), {sum(out.info['gradient']['dims'])} gradient dims, "
                f"{out.skipped_empty} empty document(s) skipped")
+
+
+def _from_training(settings, corpus: str, model: str, factory: Optional[str], nprobe: int) -> None:
+    from service.render import progress_bars
+    from service.training_builds import index_from_training
+    with progress_bars() as progress:
+        out = index_from_training(settings, corpus, model, BuildConfig(factory=factory, nprobe=nprobe), progress)
+    typer.echo(f"build {out.build_id} (from training): {out.rows} rows, {len(out.info['checkpoints'])} checkpoint(s), "
+               f"{sum(out.info['gradient']['dims'])} gradient dims, no gradient pass over the corpus")
 
 
 def _update(settings, corpus: str, model: str, refit: bool) -> None:

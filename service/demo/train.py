@@ -77,12 +77,13 @@ def tiny_model(config: TrainConfig, tokenizer):
 
 
 def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), progress=None,
-          tokenizer=None, model=None):
+          tokenizer=None, model=None, callback=None):
     """Train on `texts` (one document per example, eos appended), save checkpoints to `out_dir`,
     and return the Trainer (its in-memory optimizer lets tests check what was saved).
 
     `tokenizer`: default, one fitted on `texts`; `model`: default, `tiny_model(config)` (pass a
     PEFT model to train a LoRA adapter). `progress(stage, n, total)` is called after every step.
+    `callback`: an `indexer.callback.WherefromCallback` to record the gradient store while training.
     """
     import torch
     from transformers import (DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments,
@@ -121,5 +122,7 @@ def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), 
             def on_step_end(self, args, state, control, **kw):
                 progress("training", 1, state.max_steps)
         trainer.add_callback(Steps())
+    if callback is not None:
+        callback.attach(trainer)
     trainer.train()
     return trainer

@@ -80,11 +80,12 @@ def test_a_build_that_will_not_fit_is_refused_in_one_line_with_nothing_written(w
 def test_a_worker_takes_its_device_or_says_in_one_line_why_not(run_cli, monkeypatch):
     code, _, err = run_cli("worker", "--device", "cuda:3")
     assert code == 2 and err.count("\n") == 1 and "CUDA device" in err and "--device cpu" in err
-    for key in Runtime().environ():
-        monkeypatch.setenv(key, "")  # recorded, so that what use_device sets below is undone after the test
+    runtime = Runtime(device="cpu", dtype="bfloat16")
+    for key in runtime.environ():  # setenv first: delenv of an unset key records nothing to restore,
+        monkeypatch.setenv(key, "")  # and use_device's WHEREFROM_DTYPE would outlive this test
         monkeypatch.delenv(key)
-    use_device(Runtime(device="cpu", dtype="bfloat16"))
-    assert Runtime.from_env() == Runtime(device="cpu", dtype="bfloat16")  # what its tasks read
+    use_device(runtime)
+    assert Runtime.from_env() == runtime  # what its tasks read
 
 
 def test_trace_runs_on_the_device_and_dtype_asked_for(indexed, run_cli, monkeypatch):
