@@ -16,25 +16,19 @@ log = logging.getLogger("wherefrom.worker")
 
 
 def register(app, settings: Settings) -> None:
-    @app.task(name=TASK_NAMES["job"], bind=True)
-    def run_job(self, job_id: int):
-        _run(self, settings, "job", job_id)
+    """One Celery task per entry of `TASK_NAMES`; each takes what `Broker.send` sent: a job id, and
+    a shard number for the shard tasks."""
+    if set(TASK_NAMES) != set(jobs.RUNNERS):  # a task the broker can send but no worker would run
+        raise RuntimeError(f"broker task names {sorted(TASK_NAMES)} differ from runners {sorted(jobs.RUNNERS)}")
+    for name, celery_name in TASK_NAMES.items():
+        app.task(name=celery_name, bind=True)(_actor(settings, name))
 
-    @app.task(name=TASK_NAMES["shard"], bind=True)
-    def index_shard(self, job_id: int, shard: int):
-        _run(self, settings, "shard", job_id, shard)
 
-    @app.task(name=TASK_NAMES["merge"], bind=True)
-    def index_merge(self, job_id: int):
-        _run(self, settings, "merge", job_id)
-
-    @app.task(name=TASK_NAMES["study_task"], bind=True)
-    def study_task(self, job_id: int, task: int):
-        _run(self, settings, "study_task", job_id, task)
-
-    @app.task(name=TASK_NAMES["study_summary"], bind=True)
-    def study_summary(self, job_id: int):
-        _run(self, settings, "study_summary", job_id)
+def _actor(settings: Settings, name: str):
+    def actor(task, *args):
+        _run(task, settings, name, *args)
+    actor.__name__ = actor.__qualname__ = f"wherefrom_{name}"
+    return actor
 
 
 def _run(task, settings: Settings, name: str, *args) -> None:
