@@ -17,8 +17,9 @@ import pytest
 from db import job_repo
 from db.engine import transaction
 from db.errors import InputError, NotFound, Unavailable
-from service import catalog, jobs
+from service import jobs
 from service.job_params import TraceJob
+from tests.service.conftest import index_world
 from tests.service.test_api import TOKEN, free_port
 
 
@@ -109,11 +110,8 @@ def test_without_a_broker_submit_runs_the_job_here(settings, kinds):
 def brokered_api(cluster, trained, tiny_world, tmp_path_factory):
     """`wherefrom serve` with the cluster's broker and PostgreSQL, over a build of the tiny world."""
     settings, workers = cluster
-    corpus_path, _ = tiny_world.write(tmp_path_factory.mktemp("api-world"))
     name = f"api{uuid.uuid4().hex[:6]}"
-    catalog.ingest(settings, corpus_path, name)
-    catalog.add_model(settings, trained[0], name)
-    jobs.index_here(settings, name, name)
+    index_world(settings, tiny_world, trained[0], tmp_path_factory.mktemp("api-world"), name)
     port, log = free_port(), tmp_path_factory.mktemp("api-log") / "server.log"
     env = {**os.environ, "WHEREFROM_DATA_DIR": str(settings.data_dir), "WHEREFROM_DATABASE_URL": settings.database_url,
            "WHEREFROM_BROKER_URL": settings.broker_url, "WHEREFROM_QUEUE": settings.queue,

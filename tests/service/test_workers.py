@@ -18,9 +18,10 @@ from db.engine import transaction
 from db.models import IndexBuild, IndexEntry, Trace, TraceResult
 from indexer import store
 from indexer.config import BuildConfig
-from service import builds, catalog, jobs
+from service import builds, jobs
 from service.job_params import TraceJob
 from bench.cluster import Workers, forget_queue, wait_for, wait_job
+from tests.service.conftest import index_world
 
 CONFIG = BuildConfig(shard_size=40)  # the tiny world's 197 documents in 5 shards
 SHARDS = 5
@@ -32,12 +33,8 @@ pytestmark = pytest.mark.slow
 def world(cluster, trained, tiny_world, tmp_path_factory):
     """The tiny world ingested, its model registered, and the in-process reference build."""
     settings, _ = cluster
-    corpus_path, _ = tiny_world.write(tmp_path_factory.mktemp("world"))
     name = f"w{uuid.uuid4().hex[:6]}"
-    catalog.ingest(settings, corpus_path, name)
-    catalog.add_model(settings, trained[0], name)
-    reference = jobs.index_here(settings, name, name, CONFIG)
-    return name, reference
+    return name, index_world(settings, tiny_world, trained[0], tmp_path_factory.mktemp("world"), name, CONFIG)
 
 
 def submit_build(settings, name) -> int:
