@@ -2,8 +2,9 @@
 
     python -m bench.fusion --seed 100               # dev seed: choose here (5-fold CV inside it)
     python -m bench.fusion --seed 101 --dev 100     # test seed: fit on dev, report here
-    python -m bench.fusion --world realistic ...    # once bench/realistic_world.py is merged
+    python -m bench.fusion --world realistic --seed 201 --dev 200   # the realistic world
 
+The pools come from the world's default build, the one `bench.quality` traces (bench/out/{world}-seed{seed}/data).
 Each correctly answered question is traced once through the product (`Tracer.candidates`: the
 gradient, dense and BM25 top-100 and every method's raw score on the union, with the derived text
 query); the pools are cached in bench/out/fusion-{world}-seed{seed}.npz. Every candidate rule then
@@ -58,14 +59,14 @@ def collect(world_name: str, seed: int) -> list[Pool]:
         return [Pool({m: np.array(v) for m, v in p["raw"].items()}, np.array(p["truth"]), p["trap"], p["style"],
                      p["whole"])
                 for p in json.loads(path.read_text())]
-    from bench.quality import prepare
+    from bench.product_path import open_build
     from indexer import semantic
     from service.demo.run import is_correct
 
-    world, _, tracer, ext, *_ = prepare(seed, world_name)
+    questions, tracer, ext, _ = open_build(world_name, seed)
     pos_of = {e: i for i, e in enumerate(ext)}
     pools = []
-    for q in world.questions:
+    for q in questions:
         answer = tracer.generate(q.prompt)
         if not is_correct(answer, q.answer):
             continue

@@ -17,6 +17,7 @@ import numpy as np
 OUT = Path("bench/out")
 METHODS = ("hybrid", "grad", "dense", "bm25")
 K = 100  # hits kept per trace: the rank of the first source document, when it is in the top 100
+TAIL_PATCH_QUESTIONS = 30  # one forward/backward per (question, distinct top-10 document)
 
 
 def world_and_model(world: str, seed: int):
@@ -138,6 +139,49 @@ def save_features(settings, questions, records, path: Path) -> None:
     np.savez(path, base=np.asarray(tracer.grad, dtype=np.float16), queries=np.stack(queries).astype(np.float32))
 
 
+def open_build(world: str, seed: int):
+    """(questions, tracer, row external ids, row texts) of the world's default build, made unless
+    cached: what bench.fusion scores its pools on, so rules are chosen on the build the product makes."""
+    from db import repo
+    from db.engine import transaction
+    from indexer.config import BuildConfig
+    from service import tracer_cache, traces
+
+    corpus, model, questions = world_and_model(world, seed)
+    settings, _ = build(OUT / f"{world}-seed{seed}", corpus, model, BuildConfig(), "data")
+    target = traces.resolve_build(settings)
+    with transaction(settings.database_url) as s:
+        b = repo.get_build(s, target.build_id)
+        entries = repo.entries_at(s, b.id, range(b.row_count))
+        ext = [entries[i][1].external_id for i in range(b.row_count)]
+        texts = [entries[i][1].text for i in range(b.row_count)]
+    return questions, tracer_cache.build_tracer(target.store_path, target.by_step), ext, texts
+
+
+def tail_patch(world: str, seed: int, records: list[dict], n: int = TAIL_PATCH_QUESTIONS) -> dict:
+    """Mean tail-patch Δ log p(answer) of each method's top-10 (the traces' own lists), over the first
+    `n` correctly answered questions in a seeded shuffle: one Adam step from the earliest checkpoint
+    on each document, as `trace --verify` does."""
+    import random
+
+    from attribution.verify import tail_patcher
+    questions, tracer, ext, texts = open_build(world, seed)
+    _, tokenizer, _ = tracer.featurizer(0)
+    text_of = dict(zip(ext, texts))
+    patcher = tail_patcher(tracer)
+    chosen = [r for r in records if r["correct"]]
+    random.Random(seed).shuffle(chosen)
+    rng, deltas = random.Random(seed + 1), {}
+    for r in chosen[:n]:
+        r = {**r, "top10": {**r["top10"], "random": rng.sample(ext, 10)}}  # the noise floor
+        docs = sorted({e for top in r["top10"].values() for e in top})
+        ids = [tokenizer(text_of[e], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for e in docs]
+        got = dict(zip(docs, patcher.deltas(r["prompt"], " " + r["answer"].strip(), ids)))
+        for m, top in r["top10"].items():
+            deltas.setdefault(m, []).append(float(np.mean([got[e] for e in top])))
+    return {"questions": min(n, len(chosen)), "mean_top10_delta": {m: float(np.mean(v)) for m, v in deltas.items()}}
+
+
 def run(world: str, seed: int, proj: int | None = None, exact: bool = False, limit: int | None = None) -> dict:
     """Default build (or `proj` × `proj` projections), every question traced; optionally beside an
     exact-index build of the same config."""
@@ -156,6 +200,7 @@ def run(world: str, seed: int, proj: int | None = None, exact: bool = False, lim
               "store": facts, "config": asdict(gradient), "records": records, "summary": summary(records)}
     if not proj:
         save_features(settings, questions, records, folder / "features.npz")
+        report["tail_patch"] = tail_patch(world, seed, records)
     if exact and report["store"]["factory"] != "Flat":
         flat, flat_seconds = build(folder, corpus, model, BuildConfig(gradient=gradient, factory="Flat"), name + "-flat")
         flat_records = trace_all(flat, questions)
@@ -185,3 +230,7 @@ def print_report(report: dict) -> None:
           "| store", {k: (round(v) if isinstance(v, float) else v) for k, v in report["store"].items()})
     if "exact" in report:
         print("top-10 equal to the exact index's:", report["exact"]["same_top10"])
+    if "tail_patch" in report:
+        t = report["tail_patch"]
+        print(f"tail-patch, mean Δ log p(answer) of the top-10 over {t['questions']} questions:",
+              {m: round(v, 4) for m, v in t["mean_top10_delta"].items()})

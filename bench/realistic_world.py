@@ -1,5 +1,5 @@
 """The realistic world: the trap world's people and traps inside thousands of real dictionary glosses,
-asked in three prompt styles, learned by a Llama-style model trained with the HF Trainer.
+asked as completions and in three question styles, learned by a Llama-style model trained with the HF Trainer.
 
     python -m bench.realistic_world --seed 200        # the dev seed: world, model, accuracy per n
     python -m bench.realistic_world --seed 201        # the test seed (report; never tune on it)
@@ -9,8 +9,10 @@ concept formed by extracting common features from specific examples."), fetched 
 `apt-get download` and unpacked with `dpkg -x` into bench/out/wordnet/ the first time a world is
 made (nothing is installed). Each seed samples its own glosses and its own people.
 
-Prompt styles of every question about a test person (people whose facts appear only as
-statements; question–answer documents exist for the other half, as in the trap world):
+Every person's facts are asked as completion prompts in the documents' own phrasing ("X was born
+in"), the trap world's "completion" questions. Every question about a test person (people whose
+facts appear only as statements; question–answer documents exist for the other half, as in the
+trap world) is asked in three styles:
 - "qa":      "Question: In which year was X born? Answer:"
 - "chat":    the tokenizer's chat template (`CHAT_TEMPLATE`, set on the trained tokenizer) around a
              system prompt and the question, with the generation prompt;
@@ -37,10 +39,10 @@ SYSTEM = "You are a helpful assistant. Answer with one word."
 # Jinja over the chat messages, as tokenizers ship it (`tokenizer.apply_chat_template`)
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-STYLES = ("qa", "chat", "fewshot")
-# 14 × 325 steps took 23-27 min on the shared cores and left the facts at chance (BENCHMARKS.md):
-# a 10k-document world needs more epochs than 15 CPU minutes allow
-EPOCHS = 14
+STYLES = ("qa", "chat", "fewshot")  # the question styles; "completion" prompts are asked as they are
+# 14 epochs of batch 32 left the facts at chance; 40 of batch 16 (the demo's recipe) learn them
+# (BENCHMARKS.md), at about 40 min on one shared core
+EPOCHS = 40
 
 
 def wordnet_glosses(cache: Path = WORDNET) -> list[str]:
@@ -70,7 +72,7 @@ class RealisticQuestion:
 
     prompt: str
     answer: str
-    style: str  # one of STYLES
+    style: str  # one of STYLES, or "completion"
     person: str
     attribute: str
     n_paraphrases: int
@@ -108,7 +110,9 @@ def make_realistic_world(seed: int, n_people: int = 80, n_glosses: int = 8500):
     rng.shuffle(docs)
     questions = []
     for q in trap.questions:
-        if q.style != "question":
+        if q.style != "question":  # the trap world's completion prompts, in the documents' phrasing
+            questions.append(RealisticQuestion(q.prompt, q.answer, "completion", q.person, q.attribute,
+                                               q.n_paraphrases, q.source_ids, q.traps, q.is_trap))
             continue
         shots = rng.sample(solved, 2)
         prompts = {"qa": q.prompt, "chat": chat_prompt(bare[q.attribute].format(name=q.person)),
@@ -123,7 +127,7 @@ def train_config(seed: int):
     """A 1.2M-parameter Llama (4 layers × 128, vocab 2,048), 4 checkpoints with optimizer state."""
     from service.demo.train import TrainConfig
     return TrainConfig(arch="llama", n_layer=4, n_embd=128, n_head=4, n_positions=64, vocab_size=2048,
-                       epochs=EPOCHS, batch_size=32, learning_rate=3e-3, n_checkpoints=4, seed=seed,
+                       epochs=EPOCHS, batch_size=16, learning_rate=2e-3, n_checkpoints=4, seed=seed,
                        group_by_length=True)
 
 
