@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import uuid
@@ -52,6 +53,28 @@ def baseline(settings, prompts: list[str]) -> dict:
     return {"questions": len(prompts), "seconds": round(seconds, 2), "per_s": round(len(prompts) / seconds, 2)}
 
 
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process, summed by kind: the workers, PostgreSQL,
+    Redis, this bench and the rest. Read from /proc, so a run can say where the cores went."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        kind = ("worker" if "wherefrom" in cmd and " worker" in cmd else "postgres" if "postgres" in cmd
+                else "redis" if "redis" in cmd else "bench" if int(stat.parent.name) == os.getpid() else "other")
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per kind since `before` (processes that ended in between are not counted)."""
+    now = cpu_by_process()
+    return {k: round(now.get(k, 0.0) - before.get(k, 0.0), 1) for k in sorted(set(now) | set(before))}
+
+
 def study_on_workers(settings, root: Path, path: Path, n_workers: int, tasks_of: int) -> dict:
     from service import jobs, studies
 
@@ -64,7 +87,9 @@ def study_on_workers(settings, root: Path, path: Path, n_workers: int, tasks_of:
         spec = studies.study_job(settings, path, f"bench-{n_workers}-{uuid.uuid4().hex[:6]}", "demo", "demo",
                                  tasks_of=tasks_of)
         job_id = jobs.submit(settings, spec)
+        before = cpu_by_process()
         wait_job(settings, job_id, workers, timeout=3600)
+        cpu = cpu_since(before)  # before the workers stop: their CPU is counted while they live
     finally:
         workers.stop()
     from db import job_repo
@@ -75,7 +100,7 @@ def study_on_workers(settings, root: Path, path: Path, n_workers: int, tasks_of:
         result = job.result
     n = result["questions"]
     return {"workers": n_workers, "questions": n, "failed": result["failed"], "seconds": round(seconds, 2),
-            "per_s": round(n / seconds, 2)}
+            "per_s": round(n / seconds, 2), "cpu_seconds": cpu}
 
 
 def run(model_dir: Path, n: int, n_baseline: int, worker_counts: list[int], tasks_of: int) -> dict:
