@@ -2,8 +2,9 @@
 trace every question with the default method, then the same answers through `traces.trace` with
 each `--method`. Ranks are read from the stored traces' hits (k=100), so nothing here re-ranks.
 
-Used by `bench.quality --world realistic|trap`; `--proj N` builds with N × N projections (and traces
-the default and `--method grad` only), `--exact` adds a second build forced to an exact FAISS index.
+Used by `bench.quality --world realistic|trap`; `--proj N` builds with N × N projections and an exact
+index (and traces the default and `--method grad` on the default run's correct answers), `--exact`
+adds a second build forced to an exact FAISS index.
 """
 
 from __future__ import annotations
@@ -183,18 +184,28 @@ def tail_patch(world: str, seed: int, records: list[dict], n: int = TAIL_PATCH_Q
 
 
 def run(world: str, seed: int, proj: int | None = None, exact: bool = False, limit: int | None = None) -> dict:
-    """Default build (or `proj` × `proj` projections), every question traced; optionally beside an
-    exact-index build of the same config."""
+    """Default build, every question traced; optionally beside an exact-index build of the same config.
+
+    With `proj`, a build of `proj` × `proj` projections and an exact index (a projection sweep
+    compares projections, not indexes), traced on the questions the default run answered correctly
+    (bench/out/quality-{world}-seed{seed}.json, so that run comes first): default and `--method grad`.
+    """
+    import json
+
     from indexer.config import BuildConfig, GradientConfig
 
     corpus, model, questions = world_and_model(world, seed)
     questions = questions[:limit] if limit else questions
     folder = OUT / f"{world}-seed{seed}"
+    if proj:
+        main = json.loads((OUT / f"quality-{world}-seed{seed}.json").read_text())["records"]
+        questions = [q for q, r in zip(questions, main) if r["correct"]]
     gradient = GradientConfig(k_in=proj, k_out=proj) if proj else GradientConfig()
     name = f"data-proj{proj}" if proj else "data"
-    settings, seconds = build(folder, corpus, model, BuildConfig(gradient=gradient), name)
+    config = BuildConfig(gradient=gradient, factory="Flat") if proj else BuildConfig(gradient=gradient)
+    settings, seconds = build(folder, corpus, model, config, name)
     facts, started = store_facts(settings), time.perf_counter()
-    records = trace_all(settings, questions, ("grad",) if proj else METHODS)  # a projection sweep needs grad only
+    records = trace_all(settings, questions, ("grad",) if proj else METHODS)
     report = {"world": world, "seed": seed, "proj": proj or gradient.k_in, "questions": len(questions),
               "build_seconds": seconds, "trace_seconds": time.perf_counter() - started,
               "store": facts, "config": asdict(gradient), "records": records, "summary": summary(records)}
@@ -203,7 +214,7 @@ def run(world: str, seed: int, proj: int | None = None, exact: bool = False, lim
         report["tail_patch"] = tail_patch(world, seed, records)
     if exact and report["store"]["factory"] != "Flat":
         flat, flat_seconds = build(folder, corpus, model, BuildConfig(gradient=gradient, factory="Flat"), name + "-flat")
-        flat_records = trace_all(flat, questions)
+        flat_records = trace_all(flat, questions, ("grad",))  # the exact index's grad beside the default
         report["exact"] = {"build_seconds": flat_seconds, "summary": summary(flat_records),
                            "same_top10": {m: same_top10(records, flat_records, m) for m in ("default", "grad")}}
     return report
