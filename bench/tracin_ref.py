@@ -167,10 +167,12 @@ def tracin_scores(ref: Reference, prompts: list[str], answers: list[str], query_
     return out
 
 
-def first_rank(scores: np.ndarray, truth: set[int]) -> int:
-    """1-based rank of the best-ranked truth row (ties by row, as the product's pools sort)."""
+def first_rank(scores: np.ndarray, truth: set[int]) -> int | None:
+    """1-based rank of the best-ranked truth row (ties by row, as the product's pools sort); None
+    when no row of the build is a source."""
     order = np.argsort(-scores, kind="stable")
-    return int(np.flatnonzero(np.isin(order, list(truth)))[0]) + 1
+    hits = np.flatnonzero(np.isin(order, list(truth)))
+    return int(hits[0]) + 1 if len(hits) else None
 
 
 def world_questions(world: str, seed: int, out_dir: Path) -> list:
@@ -178,11 +180,10 @@ def world_questions(world: str, seed: int, out_dir: Path) -> list:
     if world == "trap":
         from bench.trap_world import make_trap_world
         return make_trap_world(seed).questions
-    import functools
-
     from bench import realistic_world
     if (out_dir / "wordnet").exists():  # the glosses cache lives beside the data dir read, not in cwd
-        realistic_world.wordnet_glosses = functools.partial(realistic_world.wordnet_glosses, out_dir / "wordnet")
+        glosses = realistic_world.wordnet_glosses
+        realistic_world.wordnet_glosses = lambda cache=out_dir / "wordnet": glosses(cache)
     return realistic_world.make_realistic_world(seed)[1]
 
 
@@ -222,9 +223,9 @@ def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, me
         pos_of.setdefault(e, set()).add(i)
     out = []
     for (r, q), s in zip(pairs, scores):
-        full = first_rank(s, set().union(*(pos_of[i] for i in q.source_ids)))
+        full = first_rank(s, set().union(*(pos_of.get(i, set()) for i in q.source_ids)))
         top10 = [ref.ext[i] for i in np.argsort(-s, kind="stable")[:10]]
-        out.append({**r, "ranks": {"tracincp": full if full <= K else None, **r["ranks"]}, "tracincp_rank": full,
+        out.append({**r, "ranks": {"tracincp": full if full and full <= K else None, **r["ranks"]}, "tracincp_rank": full,
                     "top10": {"tracincp": top10, **r["top10"]}, "source_ids": list(q.source_ids)})
     return {"world": world, "seed": seed, "captum": captum.__version__, "torch": torch.__version__,
             "rows": len(ref.tokens), "parameters": sum(p.numel() for p in ref.model.parameters()),
