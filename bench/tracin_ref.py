@@ -167,6 +167,37 @@ def tracin_scores(ref: Reference, prompts: list[str], answers: list[str], query_
     return out
 
 
+def cosine_scores(ref: Reference, prompts: list[str], answers: list[str], query_batch: int = 32,
+                  train_batch: int = 8) -> np.ndarray:
+    """Σ_c (lr_c/Σlr) cos(g_q,c, g_d,c) with full, unprojected gradients of the product's tracked
+    layers (no embeddings, no output head) and no Adam or EK-FAC: the product's `--rerank exact`
+    score (attribution.rerank), on every row. Beside raw TracInCP it separates what unit norm does
+    from what the optimizer and curvature terms do. (Q, rows) float64; not captum: its hooks batch."""
+    from attribution.tracer import encode_qa
+    from indexer.config import BuildConfig, GradientConfig
+    from indexer.gradients import Featurizer, collate
+
+    modules = BuildConfig(**ref.info["config"]).gradient.modules
+    config = GradientConfig(k_in=None, k_out=None, modules=modules, optimizer_norm=False, curvature="none")
+    pad, out = ref.tokenizer.pad_token_id, np.zeros((len(prompts), len(ref.tokens)))
+    encoded = [encode_qa(ref.tokenizer, p, a) for p, a in zip(prompts, answers)]
+    loader, order = train_loader(ref, train_batch)
+    for path, w in zip(ref.paths, ref.weights):
+        ref.load(ref.model, path)
+        feat = Featurizer(ref.model.lm, config)
+        for start in range(0, len(encoded), query_batch):  # the query batch's gradients: the memory bound
+            part = encoded[start:start + query_batch]
+            q = torch.cat([feat.features(*collate([ids], pad, label_from=[f])) for ids, f in part])
+            q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            col = 0
+            for batch in loader:
+                d = feat.features(*batch)
+                cos = (q @ d.T) / d.norm(dim=1).clamp_min(1e-30)
+                out[start:start + len(part), order[col:col + len(d)]] += w * cos.double().numpy()
+                col += len(d)
+    return out
+
+
 def first_rank(scores: np.ndarray, truth: set[int]) -> int | None:
     """1-based rank of the best-ranked truth row (ties by row, as the product's pools sort); None
     when no row of the build is a source."""
@@ -199,7 +230,7 @@ def scored_records(records: list[dict], questions: list, limit: int | None) -> l
 
 
 def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, memory_gb: float = 2.0,
-        train_batch: int = 4) -> dict:
+        train_batch: int = 4, cosine: bool = False) -> dict:
     import captum
 
     from bench import product_path
@@ -217,16 +248,25 @@ def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, me
     memory.reset_peak()
     rss_before, t = memory.rss(), time.perf_counter()
     scores = tracin_scores(ref, [q.prompt for _, q in pairs], [r["answer"] for r, _ in pairs], q_batch, train_batch)
-    score_s = time.perf_counter() - t
+    score_s, rss_peak = time.perf_counter() - t, memory.peak_rss()
+    extra, cosine_s = {}, None
+    if cosine:
+        t = time.perf_counter()
+        extra["tracin-cosine"] = cosine_scores(ref, [q.prompt for _, q in pairs], [r["answer"] for r, _ in pairs], q_batch)
+        cosine_s = round(time.perf_counter() - t, 1)
     pos_of = {}
     for i, e in enumerate(ref.ext):
         pos_of.setdefault(e, set()).add(i)
     out = []
-    for (r, q), s in zip(pairs, scores):
-        full = first_rank(s, set().union(*(pos_of.get(i, set()) for i in q.source_ids)))
-        top10 = [ref.ext[i] for i in np.argsort(-s, kind="stable")[:10]]
-        out.append({**r, "ranks": {"tracincp": full if full and full <= K else None, **r["ranks"]}, "tracincp_rank": full,
-                    "top10": {"tracincp": top10, **r["top10"]}, "source_ids": list(q.source_ids)})
+    for j, ((r, q), s) in enumerate(zip(pairs, scores)):
+        truth = set().union(*(pos_of.get(i, set()) for i in q.source_ids))
+        full = first_rank(s, truth)
+        ranks = {"tracincp": full, **{m: first_rank(v[j], truth) for m, v in extra.items()}}
+        ranks = {m: x if x and x <= K else None for m, x in ranks.items()}  # as the product's 100 hits
+        top10 = {m: [ref.ext[i] for i in np.argsort(-v, kind="stable")[:10]] for m, v in [("tracincp", s)] +
+                 [(m, v[j]) for m, v in extra.items()]}
+        out.append({**r, "ranks": {**ranks, **r["ranks"]}, "tracincp_rank": full,
+                    "top10": {**top10, **r["top10"]}, "source_ids": list(q.source_ids)})
     return {"world": world, "seed": seed, "captum": captum.__version__, "torch": torch.__version__,
             "rows": len(ref.tokens), "parameters": sum(p.numel() for p in ref.model.parameters()),
             "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
@@ -234,8 +274,8 @@ def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, me
                             for c, w in zip(ref.ckpts, ref.weights)],
             "build_factory": ref.info.get("faiss_factory"), "query_batch": q_batch, "train_batch": train_batch,
             "seconds": {"load": round(load_s, 1), "score": round(score_s, 1),
-                        "per_question": round(score_s / max(len(pairs), 1), 2)},
-            "rss_gib": {"before": rss_before / 2**30, "peak": memory.peak_rss() / 2**30},
+                        "per_question": round(score_s / max(len(pairs), 1), 2), "cosine": cosine_s},
+            "rss_gib": {"before": rss_before / 2**30, "peak": rss_peak / 2**30},
             "records": out, "summary": product_path.summary(out)}
 
 
@@ -249,8 +289,8 @@ def print_report(report: dict) -> None:
     table.add_column("method")
     for c, n in s["n"].items():
         table.add_column(f"{c} ({n})", justify="right")
-    for m, row in sorted(s["mrr"].items(), key=lambda kv: (kv[0] != "tracincp", kv[0])):
-        table.add_row(m if m == "tracincp" else f"product {m}", *("—" if v is None else f"{v:.3f}" for v in row.values()))
+    for m, row in sorted(s["mrr"].items(), key=lambda kv: (not kv[0].startswith("tracin"), kv[0])):
+        table.add_row(m if m.startswith("tracin") else f"product {m}", *("—" if v is None else f"{v:.3f}" for v in row.values()))
     Console(width=220).print(table)
     print(f"scoring {report['seconds']['score']:.0f} s ({report['seconds']['per_question']} s/question), "
           f"peak RSS {report['rss_gib']['peak']:.2f} GiB (before scoring {report['rss_gib']['before']:.2f} GiB)")
@@ -265,9 +305,11 @@ def main():
     ap.add_argument("--memory-gb", type=float, default=2.0, help="budget for the query batch's full jacobians")
     ap.add_argument("--train-batch", type=int, default=4,
                     help="training rows per forward pass (captum backpropagates each through the batch's graph: 4 was fastest here)")
+    ap.add_argument("--cosine", action="store_true",
+                    help="also full-gradient TracIn cosines of the tracked layers (the product's exact rerank score)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the bench shares 2 cores: one process, one thread
-    report = run(args.world, args.seed, args.out_dir, args.limit, args.memory_gb, args.train_batch)
+    report = run(args.world, args.seed, args.out_dir, args.limit, args.memory_gb, args.train_batch, args.cosine)
     print_report(report)
     OUT.mkdir(parents=True, exist_ok=True)
     suffix = f"-limit{args.limit}" if args.limit else ""

@@ -1,10 +1,11 @@
 """bench/tracin_ref.py on a real build: captum's TracInCP score is the hand-computed full-gradient
-TracIn sum, and the product's `--method grad` top-1 agrees with it on single-fact questions."""
+TracIn sum, the product's `--method grad` top-1 agrees with it on single-fact questions, and its
+cosine column is the product's `--rerank exact` score."""
 
 import numpy as np
 import torch
 
-from bench.tracin_ref import open_reference, tracin_scores
+from bench.tracin_ref import cosine_scores, open_reference, tracin_scores
 from indexer.gradients import collate, per_example_loss
 from indexer.modelio import load_model
 
@@ -56,3 +57,18 @@ def test_captum_tracincp_matches_hand_sum_and_product_grad(indexed):
     # projected, Adam-normalised, EK-FAC cosines against raw gradient dot products: not identical
     # rankings, but on a single stated fact both should put the same document first
     assert sum(agree) > len(agree) / 2, agree
+
+
+def test_cosine_column_is_the_products_exact_rerank_score(indexed):
+    from attribution.rerank import exact_scores
+    from service import traces
+    from service.tracer_cache import build_tracer
+
+    ref = open_reference(indexed.settings)
+    q = next(q for q in indexed.world.questions if q.n_paraphrases == 1)
+    ours = cosine_scores(ref, [q.prompt], [" " + q.answer], train_batch=3)[0]
+    target = traces.resolve_build(indexed.settings)
+    rows = [0, 1, 2, len(ref.tokens) - 1]
+    theirs = exact_scores(build_tracer(target.store_path, target.by_step), q.prompt, " " + q.answer,
+                          [ref.tokens[i] for i in rows])
+    np.testing.assert_allclose(ours[rows], theirs, rtol=1e-4, atol=1e-6)
