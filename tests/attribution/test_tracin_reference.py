@@ -35,6 +35,8 @@ def test_captum_tracincp_matches_hand_sum_and_product_grad(indexed):
     from service.tracer_cache import build_tracer
 
     ref = open_reference(indexed.settings)
+    lrs = [c.learning_rate for c in ref.ckpts]
+    np.testing.assert_allclose(ref.weights, [lr / sum(lrs) for lr in lrs], rtol=1e-9)  # TracIn's lr_c, normalised as the build's
     single = [q for q in indexed.world.questions if q.n_paraphrases == 1]
     answers = [" " + q.answer for q in single]
     # two captum calls (query batch 3 of 5), training batches of 4: both batchings are exercised
