@@ -139,8 +139,9 @@ def query_batch_size(ref: Reference, memory_gb: float) -> int:
 
 
 def tracin_scores(ref: Reference, prompts: list[str], answers: list[str], query_batch: int = 32,
-                  train_batch: int = 4, log=print) -> np.ndarray:
-    """captum TracInCP influence of every row on each (prompt, answer): (Q, rows) float64."""
+                  train_batch: int = 4, log=print, layers: list[str] | None = None) -> np.ndarray:
+    """captum TracInCP influence of every row on each (prompt, answer): (Q, rows) float64.
+    `layers`: captum's module names (under `lm.`) to track; None, every parameter."""
     from captum.influence import TracInCP
     from torch.utils.data import DataLoader
 
@@ -151,7 +152,7 @@ def tracin_scores(ref: Reference, prompts: list[str], answers: list[str], query_
     # per_example_loss has no `reduction`: captum warns that it then assumes a per-example loss, which it is
     warnings.filterwarnings("ignore", message="Since `loss_fn` has no", category=UserWarning)
     tracin = TracInCP(ref.model, loader, ref.paths, checkpoints_load_func=ref.load, loss_fn=per_example_loss,
-                      sample_wise_grads_per_batch=False)
+                      sample_wise_grads_per_batch=False, layers=layers)
     out = np.zeros((len(prompts), len(ref.tokens)))
     for start in range(0, len(prompts), query_batch):
         t = time.perf_counter()
@@ -198,6 +199,13 @@ def cosine_scores(ref: Reference, prompts: list[str], answers: list[str], query_
     return out
 
 
+def tracked_names(ref: Reference) -> list[str]:
+    """captum names of the layers the product's features track (its build's `--modules`)."""
+    from indexer.adapter import tracked_layers
+    from indexer.config import BuildConfig
+    return ["lm." + l.name for l in tracked_layers(ref.model.lm, BuildConfig(**ref.info["config"]).gradient.modules)]
+
+
 def first_rank(scores: np.ndarray, truth: set[int]) -> int | None:
     """1-based rank of the best-ranked truth row (ties by row, as the product's pools sort); None
     when no row of the build is a source."""
@@ -230,7 +238,7 @@ def scored_records(records: list[dict], questions: list, limit: int | None) -> l
 
 
 def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, memory_gb: float = 2.0,
-        train_batch: int = 4, cosine: bool = False) -> dict:
+        train_batch: int = 4, cosine: bool = False, tracked: bool = False) -> dict:
     import captum
 
     from bench import product_path
@@ -242,12 +250,14 @@ def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, me
     pairs = scored_records(records, world_questions(world, seed, out_dir), limit)
     load_s = time.perf_counter() - t
     q_batch = query_batch_size(ref, memory_gb)
+    layers = tracked_names(ref) if tracked else None
     print(f"{len(ref.tokens)} rows, {len(ref.ckpts)} checkpoints, "
           f"{sum(p.numel() for p in ref.model.parameters())} parameters, {len(pairs)} questions, "
           f"{q_batch} per captum call, training batch {train_batch}")
     memory.reset_peak()
     rss_before, t = memory.rss(), time.perf_counter()
-    scores = tracin_scores(ref, [q.prompt for _, q in pairs], [r["answer"] for r, _ in pairs], q_batch, train_batch)
+    scores = tracin_scores(ref, [q.prompt for _, q in pairs], [r["answer"] for r, _ in pairs], q_batch, train_batch,
+                           layers=layers)
     score_s, rss_peak = time.perf_counter() - t, memory.peak_rss()
     extra, cosine_s = {}, None
     if cosine:
@@ -272,7 +282,7 @@ def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, me
             "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,
                              "learning_rate": c.learning_rate, "tracin_weight": w}
                             for c, w in zip(ref.ckpts, ref.weights)],
-            "build_factory": ref.info.get("faiss_factory"), "query_batch": q_batch, "train_batch": train_batch,
+            "layers": layers or "every parameter", "build_factory": ref.info.get("faiss_factory"), "query_batch": q_batch, "train_batch": train_batch,
             "seconds": {"load": round(load_s, 1), "score": round(score_s, 1),
                         "per_question": round(score_s / max(len(pairs), 1), 2), "cosine": cosine_s},
             "rss_gib": {"before": rss_before / 2**30, "peak": rss_peak / 2**30},
@@ -307,12 +317,14 @@ def main():
                     help="training rows per forward pass (captum backpropagates each through the batch's graph: 4 was fastest here)")
     ap.add_argument("--cosine", action="store_true",
                     help="also full-gradient TracIn cosines of the tracked layers (the product's exact rerank score)")
+    ap.add_argument("--tracked", action="store_true",
+                    help="TracInCP on the product's tracked layers only (no embeddings, norms or output head): an ablation")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the bench shares 2 cores: one process, one thread
-    report = run(args.world, args.seed, args.out_dir, args.limit, args.memory_gb, args.train_batch, args.cosine)
+    report = run(args.world, args.seed, args.out_dir, args.limit, args.memory_gb, args.train_batch, args.cosine, args.tracked)
     print_report(report)
     OUT.mkdir(parents=True, exist_ok=True)
-    suffix = f"-limit{args.limit}" if args.limit else ""
+    suffix = (f"-limit{args.limit}" if args.limit else "") + ("-tracked" if args.tracked else "")
     (OUT / f"tracin-{args.world}-seed{args.seed}{suffix}.json").write_text(json.dumps(report, indent=1))
 
 
