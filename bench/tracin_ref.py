@@ -1,7 +1,9 @@
 """Reference: captum's TracInCP with full, unprojected gradients, on a product build.
 
     python -m bench.tracin_ref --world trap --seed 101 [--limit Q]
-    python -m bench.tracin_ref --world realistic --seed 200 --out-dir /work/main/bench/out
+    python -m bench.tracin_ref --world realistic --seed 200 --out-dir /work/main/bench/out --memory-gb 6
+    python -m bench.tracin_ref --world trap --seed 101 --cosine     # + the product's exact-rerank cosine
+    python -m bench.tracin_ref --world trap --seed 101 --tracked    # TracInCP on the tracked layers only
 
 Reads what `bench.product_path.run` left under `--out-dir` (default bench/out): the data dir
 {world}-seed{seed}/data (SQLite db + the build) and quality-{world}-seed{seed}.json (the
@@ -18,7 +20,11 @@ Every parameter is tracked (embeddings, norms, attention, MLP). captum's sample-
 (`sample_wise_grads_per_batch=True`) handle nn.Linear and nn.Conv2d only, not GPT-2's Conv1D, the
 embeddings or the norms, so the per-example loop (`False`) is used: one autograd.grad per training
 example. Memory: captum holds the query batch's jacobians (Q × checkpoints × parameters floats) and
-one training batch's, never the corpus's; the query batch is sized from `--memory-gb`.
+one training batch's, never the corpus's; the query batch is sized from `--memory-gb`. Cost: every
+captum call recomputes every row's gradient at every checkpoint, and each row's dot products read
+the whole query batch's jacobians, so time ≈ calls × rows × checkpoints × (a backward + Q × params
+reads). Trap world seed 101 (1,113 rows, 0.93M parameters, 178 questions, 2 calls): 218-254 s on the
+shared cores, peak RSS 2.97 GiB (0.75 GiB with 16 questions: it follows the query batch, not the rows).
 """
 
 from __future__ import annotations
