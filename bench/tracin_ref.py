@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -232,15 +233,20 @@ def world_questions(world: str, seed: int, out_dir: Path) -> list:
     return realistic_world.make_realistic_world(seed)[1]
 
 
-def scored_records(records: list[dict], questions: list, limit: int | None) -> list[tuple[dict, object]]:
-    """(record, question) of the correctly answered questions (the first `limit`), checked by prompt."""
+def scored_records(records: list[dict], questions: list, limit: int | None, seed: int = 0) -> list[tuple[dict, object]]:
+    """(record, question) of the correctly answered questions, checked by prompt; with `limit`, a
+    seeded sample of that many in their order (the records list styles in blocks: the first N would
+    be completions only)."""
     pairs = []
     for r, q in zip(records, questions):
         if r["prompt"] != q.prompt:
             raise SystemExit("the records' prompts are not this world's questions: a different world or seed?")
         if r["correct"]:
             pairs.append((r, q))
-    return pairs[:limit] if limit else pairs
+    if not limit or limit >= len(pairs):
+        return pairs
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
+    return [pairs[i] for i in keep]
 
 
 def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, memory_gb: float = 2.0,
@@ -253,7 +259,7 @@ def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, me
     records = json.loads((out_dir / f"quality-{world}-seed{seed}.json").read_text())["records"]
     t = time.perf_counter()
     ref = open_reference(settings_of(out_dir, world, seed))
-    pairs = scored_records(records, world_questions(world, seed, out_dir), limit)
+    pairs = scored_records(records, world_questions(world, seed, out_dir), limit, seed)
     load_s = time.perf_counter() - t
     q_batch = query_batch_size(ref, memory_gb)
     layers = tracked_names(ref) if tracked else None
@@ -316,7 +322,7 @@ def main():
     ap = argparse.ArgumentParser(description="captum TracInCP (full gradients) on a product build, beside the product's MRRs")
     ap.add_argument("--world", choices=("trap", "realistic"), default="trap")
     ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--limit", type=int, default=None, help="the first Q correctly answered questions only")
+    ap.add_argument("--limit", type=int, default=None, help="a seeded sample of Q correctly answered questions")
     ap.add_argument("--out-dir", type=Path, default=OUT, help="where bench.quality left its data dir and records (read only)")
     ap.add_argument("--memory-gb", type=float, default=2.0, help="budget for the query batch's full jacobians")
     ap.add_argument("--train-batch", type=int, default=4,
