@@ -131,7 +131,7 @@ class WherefromCallback(TrainerCallback):
         self.is_zero = state.is_world_process_zero
         self._restart(state.global_step)
         self.feat = Featurizer(model, self.config)
-        self.feat.stats = Stats()
+        self.feat.sums = self._zero_sums()
         self._names = [layer.name for layer in self.feat.layers]
         self._rows, self._step_stats, self.lrs, self._refold = [], [], {}, True
         self._handles = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
@@ -149,12 +149,11 @@ class WherefromCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
         self._collect()
         self.lrs[self.step] = float(lr_scheduler.get_last_lr()[0])  # the rate this step's update uses
-        # one flat float64 row per step (16 KB at 16 layers of 8×8): a list of Stats objects, ~100
-        # small arrays per step, fragmented the heap to +80 MB of RSS over a 410-step unit
-        st = self.feat.stats.layers
-        self._step_stats.append((self.step, np.concatenate(
-            [np.concatenate([st[n].a_sum.ravel(), st[n].s_sum.ravel(), [st[n].tokens]]) for n in self._names])))
-        self.feat.stats = Stats()
+        # one flat float64 row per step (16 KB at 16 layers of 8×8), summed on the device by the
+        # Featurizer: a list of Stats objects, ~100 small arrays per step, fragmented the heap to
+        # +80 MB of RSS over a 410-step unit, and per-hook float64 copies cost a host sync each
+        self._step_stats.append((self.step, self.feat.sums.cpu().numpy()))
+        self.feat.sums = self._zero_sums()
 
     def on_save(self, args, state, control, **kwargs):
         self._close_unit(state.global_step)
@@ -222,6 +221,9 @@ class WherefromCallback(TrainerCallback):
         folder.rename(self.rank_dir / f"unit-{end:08d}")
         (self.rank_dir / OPEN).mkdir()
         self._rows, self._step_stats = [], []
+
+    def _zero_sums(self) -> torch.Tensor:
+        return torch.zeros(self.feat.sums_width(), dtype=torch.float64, device=self.feat.device)
 
     def _restart(self, resumed_at: int) -> None:
         """Keep the units up to the step training (re)starts from; drop the rest and any open unit."""
