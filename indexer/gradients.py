@@ -46,6 +46,12 @@ class Featurizer:
         # float32 first, and everything summed over tokens (features, K-FAC) in float32
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        # layers that read one input tensor (a Llama block's q/k/v, gate/up) are projected by one
+        # stacked product: 3 products of 8 rows cost 2.3x one of 24. Found on the first batch
+        self._leads: dict[str, list[str]] | None = None  # first layer of such a set -> the set
+        self._lead_of: dict[str, str] = {}  # the other layers of a set -> its first
+        self._seen: list[tuple[str, torch.Tensor]] = []  # (layer, input) of the first batch
+        self._lead_input: dict[str, torch.Tensor] = {}  # the input each set's first layer projected
         self.fold(second_moments)
         self.dim = sum(self.p_out[l.name].shape[0] * self.p_in[l.name].shape[0] for l in self.layers)
         self._x: dict[str, torch.Tensor] = {}  # projected inputs of the batch, until `collect`
@@ -53,6 +59,8 @@ class Featurizer:
         self._mask: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None  # (B,) per-example factor on δ (training: undoes the batch mean)
         self._per_token = False
+        # hooks registered for a whole training run (indexer.callback) record only batches it marks
+        self.recording = True
         self.stats: Stats | None = None  # set to a Stats() to accumulate K-FAC factor sums
         # or to a float64 zeros(sums_width()) tensor: the same sums kept flat on the device (indexer.callback)
         self.sums: torch.Tensor | None = None
@@ -83,6 +91,7 @@ class Featurizer:
             self.p_out[layer.name] = p_out.to(device, weight.dtype)
             self.p_in[layer.name] = p_in.to(device, weight.dtype)
         self._groups = _groups(self.layers, self.p_out, self.p_in)
+        self._stack_leads()
 
     def shapes(self) -> list[tuple[int, int]]:
         """(k_out, k_in) of each layer's block, in feature order."""
@@ -99,14 +108,22 @@ class Featurizer:
         backward = self._backward_hook(name)
 
         def hook(module, inputs, output):
-            if not output.requires_grad:
+            if not (output.requires_grad and self.recording):
                 # the no-grad first pass of activation checkpointing: its recomputation in backward
                 # runs this hook again with gradients, and only that pass may count
                 return
             # one projection per hook and nothing else: masking, K-FAC sums and the per-example
             # products run once per batch in `collect`, stacked over layers (BENCHMARKS.md: 32
             # hooks of ~16 small ops each were most of the callback's overhead)
-            self._x[name] = _project(self.p_in[name], inputs[0])
+            x, lead = inputs[0], self._lead_of.get(name)
+            if name in self._p_lead:
+                p_in, names, sizes = self._p_lead[name]
+                self._x.update(zip(names, _project(p_in, x).split(sizes)))
+                self._lead_input[name] = x
+            elif lead is None or self._lead_input.get(lead) is not x:  # else: projected with its set
+                self._x[name] = _project(self.p_in[name], x)
+                if self._leads is None:
+                    self._seen.append((name, x))
             output.register_hook(backward)
         return hook
 
@@ -136,7 +153,9 @@ class Featurizer:
         labels = labels.to(self.device)
         self._mask = attention_mask.to(torch.float32)  # a float32 mask makes each projection float32
         self._per_token = per_token
-        self._x.clear(); self._d.clear()
+        self._x.clear(); self._d.clear(); self._lead_input.clear()
+        if self._leads is None:
+            self._seen = []  # a batch cut off by running out of memory
         handles = [self.model.get_input_embeddings().register_forward_hook(self._embedding_requires_grad)]
         handles += self.register()
         flags = [p.requires_grad for p in self.model.parameters()]
@@ -165,6 +184,9 @@ class Featurizer:
         missing = [l.name for l in self.layers if l.name not in self._d]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[0]}: is it used by the forward pass?")
+        if self._leads is None:
+            self._find_shared_inputs()
+        self._lead_input.clear()  # nothing of the batch's activations outlives it
         B, T = self._mask.shape
         mask = self._mask.reshape(1, 1, B * T)  # padding zeroed on k rows, not on in_features
         scaled = mask if self._scale is None else (self._mask * self._scale[:, None]).reshape(1, 1, B * T)
@@ -186,6 +208,23 @@ class Featurizer:
         if len(blocks) == 1:  # the default: one stack of all layers, in layer order
             return torch.movedim(blocks[0], 0, -2).flatten(-2)
         return self._in_layer_order(blocks, dim=-1)
+
+    def _find_shared_inputs(self) -> None:
+        """Sets of layers that read the same input tensor in the batch just run (same device and
+        dtype), each projected from then on by its first layer's hook."""
+        by_input: dict[int, list[str]] = {}
+        for name, x in self._seen:  # every input is alive in `_seen`: its id is unique
+            by_input.setdefault(id(x), []).append(name)
+        self._seen = []
+        self._leads = {names[0]: names for names in by_input.values()
+                       if len(names) > 1 and len({(self.p_in[n].device, self.p_in[n].dtype) for n in names}) == 1}
+        self._lead_of = {m: lead for lead, names in self._leads.items() for m in names[1:]}
+        self._stack_leads()
+
+    def _stack_leads(self) -> None:
+        """Each shared-input set's input projections stacked: (Σ k_in, in_features), its layers, their k_in."""
+        self._p_lead = {lead: (torch.cat([self.p_in[m] for m in names]), names, [self.p_in[m].shape[0] for m in names])
+                        for lead, names in (self._leads or {}).items()}
 
     def _in_layer_order(self, stacks: list[torch.Tensor], dim: int) -> torch.Tensor:
         """One tensor from per-group stacks (L_g, …), its layers in layer order along `dim`."""
