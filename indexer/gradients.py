@@ -68,8 +68,8 @@ class Featurizer:
     def fold(self, second_moments: dict | None = None) -> None:
         """(Re)build the projections, Adam's √v folded in where `second_moments` has a layer's weight.
 
-        The offline build folds a checkpoint's optimizer.pt; `indexer.callback` refolds every step
-        with the live optimizer's moments. The fold runs in float32 on the device the layer's weight
+        The offline build folds a checkpoint's optimizer.pt; `indexer.callback` refolds every
+        `refold_every` steps with the live optimizer's moments. The fold runs in float32 on the device the layer's weight
         lives on; the result is cast to that weight's dtype (a LoRA layer may keep float32 beside a
         bfloat16 base).
         """
