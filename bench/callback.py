@@ -1,7 +1,8 @@
 """Index while training: the callback's training overhead and its build's quality against the offline one.
 
     python -m bench.callback                      # the demo world, 3 runs each way
-    python -m bench.callback --world realistic    # bench/realistic_world.py, when it exists
+    python -m bench.callback --world realistic    # bench/realistic_world.py: its Llama and config
+    python -m bench.callback --world realistic --epochs 1 --runs 3 --timing-only   # the overhead only
 
 Trains the world's model with and without `WherefromCallback`, alternating, each run in its own
 process (wall time of `trainer.train()` and the process's peak RSS), and reports the same-run
@@ -22,20 +23,40 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 OUT = Path("bench/out")
 
 
-def make(world: str, seed: int):
+@dataclass
+class BenchWorld:
+    """What the bench needs of a world: its documents and questions, how its model is trained."""
+
+    documents: list[dict]  # {"id", "text"}
+    questions: list  # each with .prompt, .answer, .source_ids
+    config: object  # service.demo.train.TrainConfig
+    chat_template: str | None = None  # set on the trained tokenizer (the realistic world's chat prompts)
+
+    def write(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        corpus = folder / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps(d) + "\n" for d in self.documents))
+        return corpus
+
+
+def make(world: str, seed: int, epochs: int | None = None) -> BenchWorld:
+    """The world of `seed` and its training config (`epochs` to shorten a run for timing): the demo
+    trainer's defaults, or `bench.realistic_world.train_config(seed)` read as it stands in main."""
+    from service.demo.train import TrainConfig
+    shorter = {"epochs": epochs} if epochs else {}
     if world == "demo":
         from service.demo.world import make_world
-        return make_world(seed)
-    try:
-        from bench.realistic_world import make_realistic_world
-    except ImportError:
-        sys.exit("error: --world realistic needs bench/realistic_world.py (make_realistic_world), which is not here yet")
-    return make_realistic_world(seed)
+        w = make_world(seed)
+        return BenchWorld(w.documents, w.questions, TrainConfig(seed=seed, **shorter))
+    from bench.realistic_world import CHAT_TEMPLATE, make_realistic_world, train_config
+    docs, questions = make_realistic_world(seed)
+    return BenchWorld(docs, questions, replace(train_config(seed), **shorter), CHAT_TEMPLATE)
 
 
 def train_once(world: str, seed: int, out: Path, with_callback: bool, epochs: int | None) -> dict:
@@ -43,14 +64,18 @@ def train_once(world: str, seed: int, out: Path, with_callback: bool, epochs: in
 
     CPU seconds (user + system of this process) are what the ratio is read from on a shared box:
     wall time there follows the other tenants' load (1.6x apart between two plain runs at load 6-8).
+    The tokenizer is fitted before the clock starts, as `bench.realistic_world.prepare` does.
     """
     from indexer.callback import WherefromCallback
-    from service.demo.train import TrainConfig, train
-    w = make(world, seed)
-    config = TrainConfig(seed=seed, **({"epochs": epochs} if epochs else {}))
+    from service.demo.train import train, train_tokenizer
+    w = make(world, seed, epochs)
+    texts = [d["text"] for d in w.documents]
+    tokenizer = train_tokenizer(texts, w.config.vocab_size)
+    if w.chat_template:
+        tokenizer.chat_template = w.chat_template
     callback = WherefromCallback(row_ids=[d["id"] for d in w.documents]) if with_callback else None
     t, cpu = time.perf_counter(), _cpu()
-    train([d["text"] for d in w.documents], out, config, callback=callback)
+    train(texts, out, w.config, tokenizer=tokenizer, callback=callback)
     return {"seconds": time.perf_counter() - t, "cpu_seconds": _cpu() - cpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -69,8 +94,14 @@ def timed_runs(args) -> dict:
             cmd = [sys.executable, "-m", "bench.callback", "--world", args.world, "--seed", str(args.seed),
                    "--train-one", kind, "--out", str(out)] + (["--epochs", str(args.epochs)] if args.epochs else [])
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            result["load_1min"] = os.getloadavg()[0]  # the other tenants', as uptime says it
             runs[kind].append(result)
             print(kind, i, result, "load", os.getloadavg(), flush=True)
+    return summary(runs)
+
+
+def summary(runs: dict) -> dict:
+    """Ratios of medians and per pair (plain i, callback i) of the runs each way."""
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
     cpu = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
     rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
@@ -102,7 +133,7 @@ def quality(args) -> dict:
     settings = Settings(data_dir=base / "data", database_url=f"sqlite:///{(base / 'data').resolve()}/bench.db")
     shutil.rmtree(base / "data", ignore_errors=True)
     w = make(args.world, args.seed)
-    corpus, _ = w.write(base / "world")
+    corpus = w.write(base / "world")
     catalog.ingest(settings, corpus, "w")
     catalog.add_model(settings, base / "plain-0", "offline")
     catalog.add_model(settings, base / "callback-0", "training")
@@ -119,7 +150,7 @@ def quality(args) -> dict:
             build = repo.get_build(s, out.build_id)
             entries = repo.entries_at(s, build.id, range(build.row_count))
             ckpts = catalog.checkpoints_by_step(repo.model_by_name(s, model))
-            path = build.store_path
+            path = settings.resolve_store(build.store_path)  # SQL holds it relative to the data dir
         tracer = Tracer(Path(path), [ckpts[c["step"]] for c in out.info["checkpoints"]])
         tracer.ext = [entries[i][1].external_id for i in range(build.row_count)]
         tracers[name] = tracer
@@ -134,7 +165,9 @@ def main():
     ap.add_argument("--world", choices=("demo", "realistic"), default="demo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", type=int, default=3, help="training runs each way (the ratio is of medians)")
-    ap.add_argument("--epochs", type=int, help="default: the demo trainer's")
+    ap.add_argument("--epochs", type=int, help="default: the world's training config's")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="the training overhead only: no offline build, no quality comparison")
     ap.add_argument("--reuse", action="store_true", help="compare the builds of the last run's models only")
     ap.add_argument("--train-one", choices=("plain", "callback"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -143,12 +176,13 @@ def main():
         print(json.dumps(train_once(args.world, args.seed, args.out, args.train_one == "callback", args.epochs)))
         return
     make(args.world, args.seed)  # fail on a missing world before any training
-    path = OUT / f"callback-{args.world}.json"
+    path = OUT / f"callback-{args.world}{'-timing' if args.timing_only else ''}.json"
     report = json.loads(path.read_text()) if args.reuse else {"world": args.world, "seed": args.seed,
-                                                              "training": timed_runs(args)}
-    report["quality"] = quality(args)
+                                                              "epochs": args.epochs, "training": timed_runs(args)}
     report["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     OUT.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))  # the timings survive a failing build comparison
+    report["quality"] = None if args.timing_only else quality(args)
     path.write_text(json.dumps(report, indent=2))
     keys = ("median_s", "wall_ratio", "median_cpu_s", "overhead_ratio", "peak_rss_mb", "memory_ratio")
     print(json.dumps({k: report["training"][k] for k in keys}

@@ -103,7 +103,7 @@ class WherefromCallback(TrainerCallback):
         self.refold_every = refold_every
         self.store_dir = Path(store_dir) if store_dir else None
         self.feat: Featurizer | None = None
-        self._handles, self._layer_handles = [], []
+        self._handles = []
 
     def attach(self, trainer) -> WherefromCallback:
         """Add the callback to `trainer` and carry the id column from the dataset to the model.
@@ -131,10 +131,13 @@ class WherefromCallback(TrainerCallback):
         self.is_zero = state.is_world_process_zero
         self._restart(state.global_step)
         self.feat = Featurizer(model, self.config)
-        self.feat.stats = Stats()
+        self.feat.sums = self._zero_sums()
         self._names = [layer.name for layer in self.feat.layers]
         self._rows, self._step_stats, self.lrs, self._refold = [], [], {}, True
-        self._handles = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        # the layers' hooks stay for the run (16 registrations and removals a step cost 0.3 % of
+        # it) and record the batches `_pre_forward` marks
+        self.feat.recording = False
+        self._handles = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True), *self.feat.register()]
         self._raw = open(self.rank_dir / OPEN / "raw.f32", "wb")
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -149,12 +152,11 @@ class WherefromCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
         self._collect()
         self.lrs[self.step] = float(lr_scheduler.get_last_lr()[0])  # the rate this step's update uses
-        # one flat float64 row per step (16 KB at 16 layers of 8×8): a list of Stats objects, ~100
-        # small arrays per step, fragmented the heap to +80 MB of RSS over a 410-step unit
-        st = self.feat.stats.layers
-        self._step_stats.append((self.step, np.concatenate(
-            [np.concatenate([st[n].a_sum.ravel(), st[n].s_sum.ravel(), [st[n].tokens]]) for n in self._names])))
-        self.feat.stats = Stats()
+        # one flat float64 row per step (16 KB at 16 layers of 8×8), summed on the device by the
+        # Featurizer: a list of Stats objects, ~100 small arrays per step, fragmented the heap to
+        # +80 MB of RSS over a 410-step unit, and per-hook float64 copies cost a host sync each
+        self._step_stats.append((self.step, self.feat.sums.cpu().numpy()))
+        self.feat.sums = self._zero_sums()
 
     def on_save(self, args, state, control, **kwargs):
         self._close_unit(state.global_step)
@@ -197,13 +199,11 @@ class WherefromCallback(TrainerCallback):
         self.feat._mask = (mask if mask is not None else torch.ones_like(labels)).to(torch.float32)
         self.feat._scale = total.to(torch.float32) / counts.clamp_min(1).to(torch.float32)
         self._ids = ids
-        self._layer_handles = self.feat.register()
+        self.feat.recording = True
         return args, kwargs
 
     def _collect(self) -> None:
-        for h in self._layer_handles:
-            h.remove()
-        self._layer_handles = []
+        self.feat.recording = False
         rows = self.feat.collect().detach().to("cpu", torch.float32).numpy()  # (B, D)
         self._raw.write(np.ascontiguousarray(rows).tobytes())
         self._rows += [(i, self.step) for i in self._ids]
@@ -222,6 +222,9 @@ class WherefromCallback(TrainerCallback):
         folder.rename(self.rank_dir / f"unit-{end:08d}")
         (self.rank_dir / OPEN).mkdir()
         self._rows, self._step_stats = [], []
+
+    def _zero_sums(self) -> torch.Tensor:
+        return torch.zeros(self.feat.sums_width(), dtype=torch.float64, device=self.feat.device)
 
     def _restart(self, resumed_at: int) -> None:
         """Keep the units up to the step training (re)starts from; drop the rest and any open unit."""
