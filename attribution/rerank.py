@@ -2,11 +2,12 @@
 
 The filter-then-exact pattern of Grosse et al. (2023): projected features find candidates cheaply;
 then unprojected per-example gradients of every tracked layer at each checkpoint score them. The
-score is TracIn's learning-rate-weighted sum of per-checkpoint cosines — the quantity the index
-approximates, without projection error.
+score is TracIn's learning-rate-weighted sum of per-checkpoint cosines of the raw gradients: no
+projection error, but also no Adam normalisation or EK-FAC, so it is not the index's quantity
+(on the trap world it ranks below the index: bench/tracin_ref.py --cosine).
 
-The full gradients come from our featurizer with projection off, whose dot products equal captum's
-TracInCP to 1e-4 (tests/attribution/test_crosscheck_captum.py). captum itself took 89 s to rescore
+The full gradients come from our featurizer with projection off, whose per-checkpoint dot products
+equal captum's to 1e-4 (tests/attribution/test_crosscheck_captum.py). captum itself took 89 s to rescore
 20 candidates of the demo model over 4 checkpoints here (a backward pass per example and per
 influence/self-influence call); one batched pass takes well under a second.
 """

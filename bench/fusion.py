@@ -52,9 +52,9 @@ class Pool:
                     self.whole_prompt)
 
 
-def collect(world_name: str, seed: int) -> list[Pool]:
+def collect(world_name: str, seed: int, build: str = "data") -> list[Pool]:
     """One product pass per correctly answered question (cached)."""
-    path = OUT / f"fusion-{world_name}-seed{seed}.json"
+    path = OUT / f"fusion-{world_name}-seed{seed}{'' if build == 'data' else '-' + build}.json"
     if path.exists():
         return [Pool({m: np.array(v) for m, v in p["raw"].items()}, np.array(p["truth"]), p["trap"], p["style"],
                      p["whole"])
@@ -63,7 +63,7 @@ def collect(world_name: str, seed: int) -> list[Pool]:
     from indexer import semantic
     from service.demo.run import is_correct
 
-    questions, tracer, ext, _ = open_build(world_name, seed)
+    questions, tracer, ext, _ = open_build(world_name, seed, build)
     pos_of = {e: i for i, e in enumerate(ext)}
     pools = []
     for q in questions:
@@ -211,11 +211,11 @@ def text_query_table(pools: list[Pool]) -> dict:
     return out
 
 
-def report(world: str, seed: int, dev_seed: int) -> dict:
+def report(world: str, seed: int, dev_seed: int, build: str = "data") -> dict:
     """Every rule's dev MRR (in-sample and 5-fold CV, with and without grad) and, for a test
     `seed`, its MRR there when fitted on the whole dev seed; the chosen rule by `choose`."""
-    dev = collect(world, dev_seed)
-    test = None if seed == dev_seed else collect(world, seed)
+    dev = collect(world, dev_seed, build)
+    test = None if seed == dev_seed else collect(world, seed, build)
     no_grad = ("dense", "bm25")
     rows = {}
     for name, fit in {**SINGLE, **CANDIDATES}.items():
@@ -266,8 +266,9 @@ def main():
     ap.add_argument("--world", choices=("trap", "realistic"), default="trap")
     ap.add_argument("--seed", type=int, default=101, help="the seed to report (101: test)")
     ap.add_argument("--dev", type=int, default=100, help="the seed rules are fitted and chosen on")
+    ap.add_argument("--build", default="data", help="the data dir under bench/out/{world}-seed{seed}/ to score")
     args = ap.parse_args()
-    r = report(args.world, args.seed, args.dev)
+    r = report(args.world, args.seed, args.dev, args.build)
     print_report(r)
     (OUT / f"fusion-{args.world}-seed{args.seed}-report.json").write_text(json.dumps(r, indent=1, default=float))
 

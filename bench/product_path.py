@@ -140,7 +140,7 @@ def save_features(settings, questions, records, path: Path) -> None:
     np.savez(path, base=np.asarray(tracer.grad, dtype=np.float16), queries=np.stack(queries).astype(np.float32))
 
 
-def open_build(world: str, seed: int):
+def open_build(world: str, seed: int, name: str = "data"):
     """(questions, tracer, row external ids, row texts) of the world's default build, made unless
     cached: what bench.fusion scores its pools on, so rules are chosen on the build the product makes."""
     from db import repo
@@ -149,7 +149,7 @@ def open_build(world: str, seed: int):
     from service import tracer_cache, traces
 
     corpus, model, questions = world_and_model(world, seed)
-    settings, _ = build(OUT / f"{world}-seed{seed}", corpus, model, BuildConfig(), "data")
+    settings, _ = build(OUT / f"{world}-seed{seed}", corpus, model, BuildConfig(), name)
     target = traces.resolve_build(settings)
     with transaction(settings.database_url) as s:
         b = repo.get_build(s, target.build_id)

@@ -155,13 +155,22 @@ def tokenizer_hash(folder: Path, base: Path | None = None) -> str:
     return sha256_files(files)[:16]
 
 
-def _learning_rate(folder: Path, step: int) -> float | None:
-    """The learning rate logged closest to (and not after) this checkpoint's step."""
+def _learning_rate(folder: Path, step: int, after: int | None = None) -> float | None:
+    """The mean learning rate logged over the steps this checkpoint closes, (`after`, `step`]; else
+    the one logged closest to (and not after) `step`.
+
+    TracInCP sums η·g·g' over every training step; a checkpoint stands for the steps since the one
+    before it, so its weight is their mean rate. The rate logged at the step alone is 0 at the end of
+    a cosine or linear schedule, which would silence the last checkpoint's quarter of the store.
+    """
     state = folder / "trainer_state.json"
     if not state.exists():
         return None
     history = json.loads(state.read_text()).get("log_history", [])
     logged = [(h["step"], h["learning_rate"]) for h in history if "learning_rate" in h]
+    window = [lr for s, lr in logged if after < s <= step] if after is not None else []
+    if window:
+        return float(sum(window) / len(window))
     before = [lr for s, lr in logged if s <= step] or [lr for _, lr in logged]
     return float(before[-1]) if before else None
 
@@ -174,8 +183,9 @@ def train_batch_size(folder: Path) -> int | None:
     return json.loads(state.read_text()).get("train_batch_size")
 
 
-def read_checkpoint(folder: Path, step: int = 0, base: Path | None = None) -> CheckpointInfo:
-    """One model or adapter folder; `base` overrides an adapter's recorded base model path."""
+def read_checkpoint(folder: Path, step: int = 0, base: Path | None = None, after: int | None = None) -> CheckpointInfo:
+    """One model or adapter folder; `base` overrides an adapter's recorded base model path; `after`:
+    the step of the checkpoint before this one (its learning rate is the mean since then)."""
     described = (folder / "config.json").exists() or is_adapter(folder)
     if not described or not own_weights_files(folder):
         raise InputError(f"{folder} holds no model weights (config.json and model.safetensors, or a LoRA "
@@ -188,7 +198,7 @@ def read_checkpoint(folder: Path, step: int = 0, base: Path | None = None) -> Ch
     opt = folder / "optimizer.pt"
     return CheckpointInfo(
         path=folder.resolve(), step=step, weights_sha256=weights_digest(folder, base),
-        tokenizer_hash=tokenizer_hash(folder, base), learning_rate=_learning_rate(folder, step),
+        tokenizer_hash=tokenizer_hash(folder, base), learning_rate=_learning_rate(folder, step, after),
         optimizer_state_path=opt.resolve() if opt.exists() else None, base_path=base,
     )
 
@@ -219,13 +229,10 @@ def discover_checkpoints(path: Path, base: Path | None = None) -> list[Checkpoin
     if not path.is_dir():
         raise InputError(f"model folder {path} does not exist: give the folder written by "
                          "save_pretrained or by a Trainer run")
-    found = []
-    for sub in path.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", sub.name)
-        if m and sub.is_dir():
-            found.append(read_checkpoint(sub, int(m.group(1)), base))
-    if found:
-        return sorted(found, key=lambda c: c.step)
+    steps = sorted((int(m.group(1)), sub) for sub in path.iterdir()
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", sub.name)) and sub.is_dir())
+    if steps:  # the first checkpoint closes the steps from the start of training
+        return [read_checkpoint(sub, step, base, steps[i - 1][0] if i else 0) for i, (step, sub) in enumerate(steps)]
     return [read_checkpoint(path, 0, base)]
 
 

@@ -16,9 +16,13 @@ def test_trainer_folder_yields_every_checkpoint_with_its_learning_rate(trained):
     assert all(c.optimizer_state_path and c.optimizer_state_path.exists() for c in ckpts)
     assert len({c.weights_sha256 for c in ckpts}) == 3
     assert len({c.tokenizer_hash for c in ckpts}) == 1
-    history = json.loads((ckpts[0].path / "trainer_state.json").read_text())["log_history"]
-    logged = [h["learning_rate"] for h in history if "learning_rate" in h and h["step"] <= ckpts[0].step]
-    assert ckpts[0].learning_rate == logged[-1] > 0
+    history = json.loads((ckpts[-1].path / "trainer_state.json").read_text())["log_history"]
+    logged = [(h["step"], h["learning_rate"]) for h in history if "learning_rate" in h]
+    for before, c in zip([0] + [c.step for c in ckpts], ckpts):  # the mean rate of the steps it closes
+        window = [lr for s, lr in logged if before < s <= c.step]
+        assert window and abs(c.learning_rate - sum(window) / len(window)) < 1e-12
+    # the schedule ends at 0, so the rate logged at the last step would give the last checkpoint no weight
+    assert [lr for s, lr in logged if s <= ckpts[-1].step][-1] < 1e-6 < ckpts[-1].learning_rate
 
 
 def test_adam_moments_map_to_the_parameters_the_optimizer_held(trained):
