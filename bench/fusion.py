@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import minimize
 
-from attribution.tracer import DEFAULT_WEIGHTS, combine, fuse
+from attribution.tracer import FUSION, combine, fuse
 from bench.quality import OUT, first_rank
 
 METHODS = ("grad", "dense", "bm25")
@@ -133,6 +133,12 @@ def fit_learned(pools: list[Pool], methods, log_rr: bool) -> Rule:
     return rule
 
 
+def fixed_learned(coefficients: dict[str, dict[str, float]]) -> Rule:
+    """The product's rule shape with the given coefficients (z and log rr per method)."""
+    from attribution.tracer import rank_terms
+    return lambda p: combine(p.raw, coefficients["z"]) + rank_terms(p.raw, coefficients["log_rr"])
+
+
 def fit_calibrated(pools: list[Pool], methods, mixture: bool) -> Rule:
     """Per-method calibration: a temperature per method, fitted alone (softmax of its z-scores over
     the pool = P(source)); fused as a product of experts (Σ z/T) or a mixture (mean of P)."""
@@ -164,8 +170,10 @@ def grid(make, pools: list[Pool], methods, values=(0, 0.25, 0.5, 1, 2), **kw) ->
 
 # fewer fitted parameters first (`choose` prefers the earlier of two rules within 0.005)
 CANDIDATES: dict[str, Callable[[list[Pool], tuple], Rule]] = {
-    "z-sum grad 0.25 · dense 1 (the product's `fuse`)": lambda pools, ms: (
-        (lambda p: fuse(p.raw)) if "grad" in ms else zsum({m: DEFAULT_WEIGHTS[m] for m in ms})),
+    "z-sum grad 0.25 · dense 1 (the product's rule before FUSION)": lambda pools, ms: zsum(
+        {m: {"grad": 0.25, "dense": 1.0, "bm25": 0.0}[m] for m in ms}),
+    "the product's `fuse` (FUSION, fitted on both worlds' dev seeds)": lambda pools, ms: (
+        (lambda p: fuse(p.raw)) if "grad" in ms else fixed_learned({k: {m: v[m] for m in ms} for k, v in FUSION.items()})),
     "z-sum equal": lambda pools, ms: zsum({m: 1.0 for m in ms}),
     "RRF k=60 equal": lambda pools, ms: rrf({m: 1.0 for m in ms}),
     "z-sum, grid-fitted weights": lambda pools, ms: grid(zsum, pools, ms),
