@@ -12,10 +12,12 @@ def test_factory_follows_rows_times_width():
     assert ann.choose_factory(26_000, 384) == "Flat"  # 10M elements: a ~20 ms scan here
     assert ann.choose_factory(1_395, 7168) == "Flat"
     assert ann.choose_factory(10_372, 7168) == "SQ8"  # the realistic world: all its codes scanned, no PCA
-    assert ann.choose_factory(27_901, 7168) == "SQ8"  # 200M elements
-    assert ann.choose_factory(27_902, 7168) == "IVF128,SQ8"  # no scan fits: k-means keeps 40 rows a list
+    assert ann.choose_factory(100_000, 7168) == "SQ8"  # the IVF it replaced kept 0.66 of the top-10 here
+    assert ann.choose_factory(279_017, 7168) == "SQ8"  # 2G elements
+    assert ann.choose_factory(279_018, 7168) == "IVF512,SQ8"  # no scan fits: ≈ √n lists
     assert ann.choose_factory(10_000_000, 7168) == "IVF4096,SQ8"
-    assert ann.choose_factory(1_000_000, 384) == "IVF1024,SQ8"
+    assert ann.choose_factory(1_000_000, 384) == "SQ8"
+    assert ann.choose_factory(10_000_000, 384) == "IVF4096,SQ8"
     assert ann.train_rows("IVF4096,SQ8") == ann.TRAIN_ROWS and ann.train_rows("IVF32,SQ8") == 20_000
 
 
