@@ -233,19 +233,31 @@ class Tracer:
         return Ranking(pool.answer, pool.answer_generated, hits, pool.text_query, timings)
 
 
-def fuse(raw: dict[str, np.ndarray]) -> np.ndarray:
-    """The hybrid's score of every candidate."""
-    return combine(raw, FUSION["z"]) + rank_terms(raw, FUSION["log_rr"])
+def fuse(raw: dict[str, np.ndarray], coefficients: dict[str, dict[str, float]] = FUSION) -> np.ndarray:
+    """The hybrid's score of every candidate: per method, z-score and log reciprocal rank, weighted
+    by `coefficients` (the product's `FUSION`; bench/fusion.py scores others in the same shape)."""
+    return combine(raw, coefficients["z"]) + rank_terms(raw, coefficients["log_rr"])
+
+
+def pool_ranks(v: np.ndarray) -> np.ndarray:
+    """1-based rank of each candidate by score `v`, ties by position (the pool is in row order)."""
+    ranks = np.empty(len(v), dtype=np.int64)
+    ranks[np.argsort(-v, kind="stable")] = np.arange(1, len(v) + 1)
+    return ranks
+
+
+def zscores(v: np.ndarray) -> np.ndarray:
+    """`v` standardised over the candidate pool; zeros when every candidate scores the same."""
+    v = v.astype(np.float64)
+    sd = v.std()
+    return (v - v.mean()) / sd if sd > 0 else np.zeros_like(v)
 
 
 def rank_terms(raw: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """Weighted sum of each method's log reciprocal rank over the candidate pool (ties by position,
-    as every ranking here: the pool is in row order)."""
+    """Weighted sum of each method's log reciprocal rank over the candidate pool."""
     total = np.zeros_like(next(iter(raw.values())), dtype=np.float64)
     for m, w in weights.items():
-        ranks = np.empty(len(raw[m]), dtype=np.float64)
-        ranks[np.argsort(-raw[m], kind="stable")] = np.arange(1, len(ranks) + 1)
-        total -= w * np.log(ranks)
+        total -= w * np.log(pool_ranks(raw[m]))
     return total
 
 
@@ -253,7 +265,5 @@ def combine(raw: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray
     """Weighted sum of per-method z-scores over the candidate pool."""
     total = np.zeros_like(next(iter(raw.values())), dtype=np.float64)
     for m, w in weights.items():
-        v = raw[m].astype(np.float64)
-        sd = v.std()
-        total += w * ((v - v.mean()) / sd if sd > 0 else 0.0)
+        total += w * zscores(raw[m])
     return total

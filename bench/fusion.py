@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import minimize
 
-from attribution.tracer import FUSION, combine, fuse
+from attribution.tracer import FUSION, combine, fuse, pool_ranks, zscores
 from bench.quality import OUT, first_rank
 
 METHODS = ("grad", "dense", "bm25")
@@ -41,9 +41,7 @@ class Pool:
 
     def ranks(self, m: str) -> np.ndarray:
         """1-based rank of each candidate by method m (ties by row, as the product's stable sort)."""
-        r = np.empty(len(self.truth), dtype=np.int64)
-        r[np.argsort(-self.raw[m], kind="stable")] = np.arange(1, len(r) + 1)
-        return r
+        return pool_ranks(self.raw[m])
 
     def found_by(self, methods) -> "Pool":
         """The pool as only `methods` would have formed it (candidates in one of their top-K)."""
@@ -82,12 +80,6 @@ def collect(world_name: str, seed: int, build: str = "data") -> list[Pool]:
     path.write_text(json.dumps([{"raw": {m: v.tolist() for m, v in p.raw.items()}, "truth": p.truth.tolist(),
                                  "trap": p.trap, "style": p.style, "whole": p.whole_prompt} for p in pools]))
     return pools
-
-
-def zscores(v: np.ndarray) -> np.ndarray:
-    v = v.astype(np.float64)
-    sd = v.std()
-    return (v - v.mean()) / sd if sd > 0 else np.zeros_like(v)
 
 
 # Rules: fit(pools, methods) → score(pool) → (P,) scores. Fixed rules ignore the pools.
@@ -133,12 +125,6 @@ def fit_learned(pools: list[Pool], methods, log_rr: bool) -> Rule:
     return rule
 
 
-def fixed_learned(coefficients: dict[str, dict[str, float]]) -> Rule:
-    """The product's rule shape with the given coefficients (z and log rr per method)."""
-    from attribution.tracer import rank_terms
-    return lambda p: combine(p.raw, coefficients["z"]) + rank_terms(p.raw, coefficients["log_rr"])
-
-
 def fit_calibrated(pools: list[Pool], methods, mixture: bool) -> Rule:
     """Per-method calibration: a temperature per method, fitted alone (softmax of its z-scores over
     the pool = P(source)); fused as a product of experts (Σ z/T) or a mixture (mean of P)."""
@@ -173,7 +159,7 @@ CANDIDATES: dict[str, Callable[[list[Pool], tuple], Rule]] = {
     "z-sum grad 0.25 · dense 1 (the product's rule before FUSION)": lambda pools, ms: zsum(
         {m: {"grad": 0.25, "dense": 1.0, "bm25": 0.0}[m] for m in ms}),
     "the product's `fuse` (FUSION, fitted on both worlds' dev seeds)": lambda pools, ms: (
-        (lambda p: fuse(p.raw)) if "grad" in ms else fixed_learned({k: {m: v[m] for m in ms} for k, v in FUSION.items()})),
+        lambda p: fuse(p.raw, {k: {m: v[m] for m in ms} for k, v in FUSION.items()})),
     "z-sum equal": lambda pools, ms: zsum({m: 1.0 for m in ms}),
     "RRF k=60 equal": lambda pools, ms: rrf({m: 1.0 for m in ms}),
     "z-sum, grid-fitted weights": lambda pools, ms: grid(zsum, pools, ms),

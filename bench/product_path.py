@@ -143,30 +143,36 @@ def save_features(settings, questions, records, path: Path) -> None:
 def open_build(world: str, seed: int, name: str = "data"):
     """(questions, tracer, row external ids, row texts) of the world's default build, made unless
     cached: what bench.fusion scores its pools on, so rules are chosen on the build the product makes."""
-    from db import repo
-    from db.engine import transaction
     from indexer.config import BuildConfig
-    from service import tracer_cache, traces
 
     corpus, model, questions = world_and_model(world, seed)
     settings, _ = build(OUT / f"{world}-seed{seed}", corpus, model, BuildConfig(), name)
+    return (questions, *rows_of(settings))
+
+
+def rows_of(settings):
+    """(tracer, row external ids, row texts) of the data dir's latest build."""
+    from db import repo
+    from db.engine import transaction
+    from service import tracer_cache, traces
+
     target = traces.resolve_build(settings)
     with transaction(settings.database_url) as s:
         b = repo.get_build(s, target.build_id)
         entries = repo.entries_at(s, b.id, range(b.row_count))
         ext = [entries[i][1].external_id for i in range(b.row_count)]
         texts = [entries[i][1].text for i in range(b.row_count)]
-    return questions, tracer_cache.build_tracer(target.store_path, target.by_step), ext, texts
+    return tracer_cache.build_tracer(target.store_path, target.by_step), ext, texts
 
 
-def tail_patch(world: str, seed: int, records: list[dict], n: int = TAIL_PATCH_QUESTIONS) -> dict:
+def tail_patch(settings, seed: int, records: list[dict], n: int = TAIL_PATCH_QUESTIONS) -> dict:
     """Mean tail-patch Δ log p(answer) of each method's top-10 (the traces' own lists), over the first
     `n` correctly answered questions in a seeded shuffle: one Adam step from the earliest checkpoint
     on each document, as `trace --verify` does."""
     import random
 
     from attribution.verify import tail_patcher
-    questions, tracer, ext, texts = open_build(world, seed)
+    tracer, ext, texts = rows_of(settings)  # the build just traced: no second ingest or registration
     _, tokenizer, _ = tracer.featurizer(0)
     text_of = dict(zip(ext, texts))
     patcher = tail_patcher(tracer)
@@ -211,7 +217,7 @@ def run(world: str, seed: int, proj: int | None = None, exact: bool = False, lim
               "store": facts, "config": asdict(gradient), "records": records, "summary": summary(records)}
     if not proj:
         save_features(settings, questions, records, folder / "features.npz")
-        report["tail_patch"] = tail_patch(world, seed, records)
+        report["tail_patch"] = tail_patch(settings, seed, records)
     if exact and report["store"]["factory"] != "Flat":
         flat, flat_seconds = build(folder, corpus, model, BuildConfig(gradient=gradient, factory="Flat"), name + "-flat")
         flat_records = trace_all(flat, questions, ("grad",))  # the exact index's grad beside the default
