@@ -4,6 +4,7 @@ Each test module gets its own queue on a Redis database number of its own, so co
 sessions and other Redis users never take each other's tasks.
 """
 
+import json
 import sys
 import uuid
 
@@ -44,6 +45,12 @@ def run_cli(monkeypatch, capsys):
         out = capsys.readouterr()
         return e.value.code, out.out, out.err
     return run
+
+
+def write_questions(path, questions):
+    """A study's JSONL input: each question's prompt and its expected answer."""
+    path.write_text("".join(json.dumps({"question": q.prompt, "expected": q.answer}) + "\n" for q in questions))
+    return path
 
 
 def index_world(settings, tiny_world, model_dir, root, name: str, config=None):

@@ -2,7 +2,6 @@
 leaving no partial rows and no partial directories. In-process with a hook between (or inside)
 tasks, through `wherefrom jobs cancel` and `DELETE /jobs/{id}`, and on real worker processes."""
 
-import json
 import uuid
 from types import SimpleNamespace
 
@@ -16,16 +15,11 @@ from db.models import IndexBuild, Job, Study, StudyQuestion, Trace
 from indexer.config import BuildConfig
 from service import builds, jobs, studies
 from service.settings import Settings
-from tests.service.conftest import index_world
+from tests.service.conftest import index_world, write_questions
 from tests.service.test_api import TOKEN, running_server
 
 CONFIG = BuildConfig(shard_size=40)  # the tiny world's 197 documents in 5 shards
 TASKS_OF = 4
-
-
-def write_questions(path, questions):
-    path.write_text("".join(json.dumps({"question": q.prompt, "expected": q.answer}) + "\n" for q in questions))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """A study on the real topology: PostgreSQL, Redis and `wherefrom worker` processes, one of them
 killed (SIGKILL) in the middle of a task."""
 
-import json
 import uuid
 
 import pytest
@@ -12,7 +11,7 @@ from db.engine import transaction
 from db.models import StudyQuestion, Trace, TraceResult
 from service import jobs, studies
 from bench.cluster import wait_for, wait_job
-from tests.service.conftest import index_world
+from tests.service.conftest import index_world, write_questions
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +22,8 @@ def world(cluster, trained, tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("study-world")
     name = f"s{uuid.uuid4().hex[:6]}"
     index_world(settings, tiny_world, trained[0], root, name)
-    questions = root / "questions.jsonl"  # 120 questions: the world's 40, three times over
-    questions.write_text("".join(json.dumps({"question": q.prompt, "expected": q.answer}) + "\n"
-                                 for q in tiny_world.questions * 3))
-    return name, questions
+    # 120 questions: the world's 40, three times over
+    return name, write_questions(root / "questions.jsonl", tiny_world.questions * 3)
 
 
 def test_a_worker_killed_mid_task_loses_nothing(cluster, world):
