@@ -47,6 +47,25 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
+def kill_worker_a_mid_task(settings, workers, job_id: int):
+    """SIGKILL worker a once it runs one of the job's tasks (build shard or study task), wait for the
+    job to end on the others, then start a again for the module's later tests: (killed shard, job)."""
+    from bench.cluster import wait_for, wait_job
+    from db import job_repo
+    from db.engine import transaction
+
+    def task_running_on_a():
+        with transaction(settings.database_url) as s:
+            return next(((r.shard,) for r in job_repo.shards_of(s, job_id)
+                         if r.status == "running" and r.worker == "a@test"), None)
+    (killed,) = wait_for(task_running_on_a, 300, "worker a to start a task", interval=0.05, logs=workers.tail)
+    workers.kill("a")
+    try:
+        return killed, wait_job(settings, job_id, workers)
+    finally:
+        workers.start("a")
+
+
 def write_questions(path, questions):
     """A study's JSONL input: each question's prompt and its expected answer."""
     path.write_text("".join(json.dumps({"question": q.prompt, "expected": q.answer}) + "\n" for q in questions))

@@ -6,12 +6,10 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
-from db import job_repo
 from db.engine import transaction
 from db.models import StudyQuestion, Trace, TraceResult
 from service import jobs, studies
-from bench.cluster import wait_for, wait_job
-from tests.service.conftest import index_world, write_questions
+from tests.service.conftest import index_world, kill_worker_a_mid_task, write_questions
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +30,7 @@ def test_a_worker_killed_mid_task_loses_nothing(cluster, world):
     spec = studies.study_job(settings, questions, f"killed-{name}", corpus=name, model=name, k=5, tasks_of=20)
     job_id = jobs.submit(settings, spec)
 
-    def task_running_on_a():
-        with transaction(settings.database_url) as s:
-            return next(((r.shard,) for r in job_repo.shards_of(s, job_id)
-                         if r.status == "running" and r.worker == "a@test"), None)
-    (killed,) = wait_for(task_running_on_a, 300, "worker a to start a task", interval=0.05, logs=workers.tail)
-    workers.kill("a")
-    try:
-        job = wait_job(settings, job_id, workers)
-    finally:
-        workers.start("a")  # later tests of the module want two workers
+    killed, job = kill_worker_a_mid_task(settings, workers, job_id)
     assert job.status == "succeeded", job.error
     assert job.result["traced"] == job.result["questions"] == 120
     redone = job.shards[killed]

@@ -21,7 +21,7 @@ from indexer.config import BuildConfig
 from service import builds, jobs
 from service.job_params import TraceJob
 from bench.cluster import Workers, forget_queue, wait_for, wait_job
-from tests.service.conftest import index_world
+from tests.service.conftest import index_world, kill_worker_a_mid_task
 
 CONFIG = BuildConfig(shard_size=40)  # the tiny world's 197 documents in 5 shards
 SHARDS = 5
@@ -76,16 +76,7 @@ def test_a_worker_killed_mid_shard_loses_nothing(cluster, world):
     name, reference = world
     job_id = submit_build(settings, name)
 
-    def shard_running_on_a():
-        with transaction(settings.database_url) as s:
-            return next(((r.shard,) for r in job_repo.shards_of(s, job_id)
-                         if r.status == "running" and r.worker == "a@test"), None)
-    (killed,) = wait_for(shard_running_on_a, 300, "worker a to start a shard", interval=0.05, logs=workers.tail)
-    workers.kill("a")
-    try:
-        job = wait_job(settings, job_id, workers)
-    finally:
-        workers.start("a")  # the tests after this one want two workers again
+    killed, job = kill_worker_a_mid_task(settings, workers, job_id)
     assert_same_store(settings, job, reference)
     redone = job.shards[killed]
     assert redone["attempts"] >= 2 and redone["worker"] == "b@test", job.shards
