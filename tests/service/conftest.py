@@ -47,6 +47,17 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
+@pytest.fixture(scope="module")
+def cluster_world(cluster, trained, tiny_world, tmp_path_factory):
+    """(name, questions file) of the tiny world indexed on the cluster's database, with 120 study
+    questions (the world's 40, three times over), once per test module."""
+    settings, _ = cluster
+    root = tmp_path_factory.mktemp("cluster-world")
+    name = f"c{uuid.uuid4().hex[:6]}"
+    index_world(settings, tiny_world, trained[0], root, name)
+    return name, write_questions(root / "questions.jsonl", tiny_world.questions * 3)
+
+
 def kill_worker_a_mid_task(settings, workers, job_id: int):
     """SIGKILL worker a once it runs one of the job's tasks (build shard or study task), wait for the
     job to end on the others, then start a again for the module's later tests: (killed shard, job)."""

@@ -155,15 +155,6 @@ def test_delete_jobs_id_cancels_through_the_server(world, tmp_path):
 
 # --- on real workers -----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cluster_world(cluster, trained, tiny_world, tmp_path_factory):
-    settings, _ = cluster
-    root = tmp_path_factory.mktemp("cancel-cluster")
-    name = f"c{uuid.uuid4().hex[:6]}"
-    index_world(settings, tiny_world, trained[0], root, name)
-    return name, write_questions(root / "questions.jsonl", tiny_world.questions * 3)  # 120 questions
-
-
 def wait_stopped(settings, job_id, workers):
     """The job's shards once none is running: every task that was in flight reached its boundary."""
     from bench.cluster import wait_for

@@ -1,32 +1,20 @@
 """A study on the real topology: PostgreSQL, Redis and `wherefrom worker` processes, one of them
 killed (SIGKILL) in the middle of a task."""
 
-import uuid
-
 import pytest
 from sqlalchemy import func, select
 
 from db.engine import transaction
 from db.models import StudyQuestion, Trace, TraceResult
 from service import jobs, studies
-from tests.service.conftest import index_world, kill_worker_a_mid_task, write_questions
+from tests.service.conftest import kill_worker_a_mid_task
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def world(cluster, trained, tiny_world, tmp_path_factory):
-    settings, _ = cluster
-    root = tmp_path_factory.mktemp("study-world")
-    name = f"s{uuid.uuid4().hex[:6]}"
-    index_world(settings, tiny_world, trained[0], root, name)
-    # 120 questions: the world's 40, three times over
-    return name, write_questions(root / "questions.jsonl", tiny_world.questions * 3)
-
-
-def test_a_worker_killed_mid_task_loses_nothing(cluster, world):
+def test_a_worker_killed_mid_task_loses_nothing(cluster, cluster_world):
     settings, workers = cluster
-    name, questions = world
+    name, questions = cluster_world
     spec = studies.study_job(settings, questions, f"killed-{name}", corpus=name, model=name, k=5, tasks_of=20)
     job_id = jobs.submit(settings, spec)
 
