@@ -68,3 +68,19 @@ def test_gradient_scores_rank_by_the_answer_not_the_question(settings, tmp_path,
     top_wrong = {h.external_id for h in wrong.hits[:5]}
     assert top_right != top_wrong
     assert top_right & set(q.source_ids)
+
+
+def test_an_answer_typed_without_its_space_is_traced_as_the_model_writes_it(settings, tmp_path, trained, tiny_world):
+    """`--answer 1979` after "was born in" traces " 1979", the token the model generates, not "1979"."""
+    corpus_path, _ = tiny_world.write(tmp_path / "world")
+    catalog.ingest(settings, corpus_path, "w")
+    catalog.add_model(settings, trained[0], "m")
+    jobs.index_here(settings, "w", "m")
+    q = next(q for q in tiny_world.questions if q.attribute == "city" and q.n_paraphrases >= 2)
+    typed = traces.trace(settings, q.prompt, answer=q.answer.strip(), k=10, method="grad")
+    spaced = traces.trace(settings, q.prompt, answer=" " + q.answer.strip(), k=10, method="grad")
+    assert typed.answer == spaced.answer == " " + q.answer.strip()
+    assert [h.external_id for h in typed.hits] == [h.external_id for h in spaced.hits]
+    assert [h.score for h in typed.hits] == [h.score for h in spaced.hits]
+    with transaction(settings.database_url) as s:
+        assert s.get(Trace, typed.trace_id).answer == " " + q.answer.strip()
