@@ -7,8 +7,11 @@
 Trains the world's model with and without `WherefromCallback`, alternating, each run in its own
 process (wall time of `trainer.train()` and the process's peak RSS), and reports the same-run
 ratio of medians. Then publishes the callback's store (`index --from-training`), builds the offline
-4-checkpoint index of the run without the callback, and compares both on MRR of the first source
-document over the questions the model answers correctly (gradient method and hybrid).
+4-checkpoint index of the run without the callback, and compares both through the product's path
+(bench.product_path: MRR of the first source document per method, and tail-patch of each method's
+top-10) on the questions both models answer correctly. `--reuse --models PLAIN CALLBACK` compares
+two training folders made elsewhere (e.g. bench.realistic_world's model and a `--train-one callback`
+run, trained side by side).
 Writes bench/out/callback-<world>.json.
 """
 
@@ -111,55 +114,51 @@ def summary(runs: dict) -> dict:
             "peak_rss_mb": rss, "memory_ratio": rss["callback"] / rss["plain"]}
 
 
-def mrr(tracer, world, method: str, correct) -> float:
-    ranks = []
-    for q in correct:
-        # the answer as the model generates it, after a space: "born in" + "1979" would be traced as
-        # the token "in1979", a different query gradient (grad MRR fell to ~0.1 that way)
-        hits = tracer.rank(q.prompt, " " + q.answer.strip(), k=100, method=method).hits
-        sources = set(q.source_ids)
-        first = next((i + 1 for i, h in enumerate(hits) if tracer.ext[h.position] in sources), None)
-        ranks.append(1 / first if first else 0.0)
-    return sum(ranks) / max(len(ranks), 1)
-
-
 def quality(args) -> dict:
-    from attribution.tracer import Tracer
-    from db import repo
-    from db.engine import transaction
-    from service import catalog, jobs
+    """Both builds through the product's default path (bench.product_path: ingest, `index` or
+    `index --from-training`, `trace` with each method), MRR per method and tail-patch of each
+    method's top-10, on the questions both models answer correctly (the two training runs are two
+    models, so each answers its own set; the comparison is on the shared one)."""
+    from bench import product_path as pp
+    from indexer.config import BuildConfig
+    from service import catalog
     from service.settings import Settings
     from service.training_builds import index_from_training
 
     base = OUT / f"callback-{args.world}"
-    settings = Settings(data_dir=base / "data", database_url=f"sqlite:///{(base / 'data').resolve()}/bench.db")
-    shutil.rmtree(base / "data", ignore_errors=True)
+    plain, trained = (Path(m) for m in args.models) if args.models else (base / "plain-0", base / "callback-0")
     w = make(args.world, args.seed)
     corpus = w.write(base / "world")
-    catalog.ingest(settings, corpus, "w")
-    catalog.add_model(settings, base / "plain-0", "offline")
-    catalog.add_model(settings, base / "callback-0", "training")
+    offline, offline_s = pp.build(base, corpus, plain, BuildConfig(), "data-offline")
+    data = base / "data-training"
+    shutil.rmtree(data, ignore_errors=True)
+    recorded = Settings(data_dir=data, database_url=f"sqlite:///{data.resolve()}/bench.db")
+    catalog.ingest(recorded, corpus, "world")
+    catalog.add_model(recorded, trained, "model")
     t = time.perf_counter()
-    offline = jobs.index_here(settings, "w", "offline")
-    t_offline = time.perf_counter() - t
-    t = time.perf_counter()
-    trained = index_from_training(settings, "w", "training")
-    t_training = time.perf_counter() - t
-    report = {"build_s": {"offline": t_offline, "from_training": t_training}}
-    tracers = {}
-    for name, out, model in (("offline", offline, "offline"), ("from_training", trained, "training")):
-        with transaction(settings.database_url) as s:
-            build = repo.get_build(s, out.build_id)
-            entries = repo.entries_at(s, build.id, range(build.row_count))
-            ckpts = catalog.checkpoints_by_step(repo.model_by_name(s, model))
-            path = settings.resolve_store(build.store_path)  # SQL holds it relative to the data dir
-        tracer = Tracer(Path(path), [ckpts[c["step"]] for c in out.info["checkpoints"]])
-        tracer.ext = [entries[i][1].external_id for i in range(build.row_count)]
-        tracers[name] = tracer
-    correct = [q for q in w.questions if tracers["offline"].generate(q.prompt).strip() == q.answer.strip()]
-    report["questions"], report["correct"] = len(w.questions), len(correct)
-    report["mrr"] = {name: {m: mrr(tr, w, m, correct) for m in ("grad", "hybrid")} for name, tr in tracers.items()}
+    index_from_training(recorded, "world", "model")
+    report = {"models": [str(plain), str(trained)],
+              "build_s": {"offline": offline_s, "from_training": time.perf_counter() - t}}
+    records = {name: pp.trace_all(settings, w.questions) for name, settings in
+               (("offline", offline), ("from_training", recorded))}
+    both = [a["correct"] and b["correct"] for a, b in zip(records["offline"], records["from_training"])]
+    shared = {name: [{**r, "correct": ok} for r, ok in zip(rs, both)] for name, rs in records.items()}
+    report["own"] = {name: pp.summary(rs) for name, rs in records.items()}
+    report["shared"] = {name: pp.summary(rs) for name, rs in shared.items()}
+    report["tail_patch"] = {name: pp.tail_patch(settings, args.seed, shared[name]) for name, settings in
+                            (("offline", offline), ("from_training", recorded))}
     return report
+
+
+def print_quality(q: dict) -> None:
+    print(f"questions both models answer correctly: {q['shared']['offline']['answered']}")
+    methods = list(q["shared"]["offline"]["mrr"])
+    print(f"{'build':<14}" + "".join(f"{m:>9}" for m in methods) + f"{'trap':>9}" +
+          "".join(f"{'tp ' + m:>12}" for m in ("default", "grad", "dense", "bm25", "random")))
+    for name in ("offline", "from_training"):
+        mrr, tp = q["shared"][name]["mrr"], q["tail_patch"][name]["mean_top10_delta"]
+        print(f"{name:<14}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods) + f"{mrr['default']['trap'] or 0:>9.3f}"
+              + "".join(f"{tp.get(m, float('nan')):>12.3f}" for m in ("default", "grad", "dense", "bm25", "random")))
 
 
 def main():
@@ -171,6 +170,8 @@ def main():
     ap.add_argument("--timing-only", action="store_true",
                     help="the training overhead only: no offline build, no quality comparison")
     ap.add_argument("--reuse", action="store_true", help="compare the builds of the last run's models only")
+    ap.add_argument("--models", nargs=2, metavar=("PLAIN", "CALLBACK"),
+                    help="with --reuse: the two training output folders to compare (default: run 0's)")
     ap.add_argument("--train-one", choices=("plain", "callback"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -179,16 +180,20 @@ def main():
         return
     make(args.world, args.seed)  # fail on a missing world before any training
     path = OUT / f"callback-{args.world}{'-timing' if args.timing_only else ''}.json"
-    report = json.loads(path.read_text()) if args.reuse else {"world": args.world, "seed": args.seed,
-                                                              "epochs": args.epochs, "training": timed_runs(args)}
+    if args.reuse:  # the models are there: no training, keep the last run's timings if any
+        report = json.loads(path.read_text()) if path.exists() and not args.models else {"world": args.world, "seed": args.seed}
+    else:
+        report = {"world": args.world, "seed": args.seed, "epochs": args.epochs, "training": timed_runs(args)}
     report["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     OUT.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=2))  # the timings survive a failing build comparison
     report["quality"] = None if args.timing_only else quality(args)
     path.write_text(json.dumps(report, indent=2))
     keys = ("median_s", "wall_ratio", "median_cpu_s", "overhead_ratio", "peak_rss_mb", "memory_ratio")
-    print(json.dumps({k: report["training"][k] for k in keys}
-                     | {"quality": report["quality"]}, indent=2))
+    if "training" in report:
+        print(json.dumps({k: report["training"][k] for k in keys}, indent=2))
+    if report["quality"]:
+        print_quality(report["quality"])
 
 
 if __name__ == "__main__":

@@ -85,11 +85,11 @@ def trace_all(settings, questions, methods=METHODS) -> list[dict]:
         try:
             default = traces.trace(settings, q.prompt, k=K)
         except InputError as e:  # the model answered nothing: a user sees this line
-            records.append({"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": q.is_trap,
+            records.append({"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": getattr(q, "is_trap", False),
                             "n": q.n_paraphrases, "answer": "", "correct": False, "refused": str(e),
                             "ranks": {}, "top10": {}, "trace_ms": None})
             continue
-        rec = {"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": q.is_trap,
+        rec = {"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": getattr(q, "is_trap", False),
                "n": q.n_paraphrases, "answer": default.answer, "correct": is_correct(default.answer, q.answer),
                "ranks": {"default": first_rank(default.hits, set(q.source_ids))},
                "top10": {"default": [h.external_id for h in default.hits[:10]]},

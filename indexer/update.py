@@ -27,7 +27,7 @@ import numpy as np
 from db.errors import InputError
 from indexer import curvature, lexical, semantic, store
 from indexer.ann import build_faiss
-from indexer.build import Progress, copy_shard_rows, feature_block, raw_blocks, shard_stats
+from indexer.build import Progress, copy_shard_rows, feature_block, merged_runtime, raw_blocks, shard_stats
 from indexer.config import BuildConfig
 
 KFAC = "kfac-c{c}.npz"
@@ -166,7 +166,8 @@ def append(old: Path, out: Path, shards: list[Path], live_texts: list[str], live
     step = {"added_rows": new_rows, "curvature": ("refitted" if refit else "kept")
             if info["config"]["gradient"]["curvature"] == "ekfac" else "none",
             "seconds": round(time.perf_counter() - t + sum(m["timings_s"]["gradients"] + m["timings_s"]["embeddings"]
-                                                           for m in metas), 3)}
+                                                           for m in metas), 3),
+            "runtime": merged_runtime(metas)}  # where the new rows were computed, as a build records it
     return _next_info(old, out, info, rows, len(removed), step)
 
 

@@ -87,11 +87,15 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
     if refit and not update:
         from db.errors import InputError
         raise InputError("--refit-curvature goes with --update")
+    from indexer.config import applied
+    runtime = runtime_of(device=device, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch,
+                         checkpointing=checkpointing)
     if update:
         if from_training:
             from db.errors import InputError
             raise InputError("--from-training publishes a new build: leave --update out")
-        _update(_settings(data_dir), corpus, model, refit)
+        with applied(runtime):  # the new rows' shards run where and how the options say
+            _update(_settings(data_dir), corpus, model, refit)
         return
     if from_training:
         if plan:
@@ -106,13 +110,10 @@ def index(corpus: str = typer.Option(..., "--corpus", "-c"), model: str = typer.
                           shard_size=shard_size, chunking=chunking, stride=stride, faiss_factory=faiss_factory,
                           nprobe=nprobe)
     settings = _settings(data_dir)
-    runtime = runtime_of(device=device, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch,
-                         checkpointing=checkpointing)
     spec = builds.index_job(settings, corpus, model, config, checkpoints)
     if settings.broker_url and not plan:  # the workers' own devices and memory decide (`worker --device`)
         typer.echo(f"job {jobs.submit(settings, spec)} queued on {settings.queue}: follow it with `wherefrom jobs`")
         return
-    from indexer.config import applied
     with applied(runtime):
         prediction = builds.plan_build(settings, spec, config, runtime)
         if plan:

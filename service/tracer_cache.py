@@ -13,17 +13,23 @@ from pathlib import Path
 from db.errors import Conflict, WherefromError
 from indexer.modelio import CheckpointInfo, check_tokenizer_unchanged, check_unchanged
 
-_tracers: dict[str, object] = {}
+_tracers: dict[tuple[str, str], object] = {}
 model_lock = threading.RLock()
 
 
 def tracer_for(store_path: str, ckpts: list[CheckpointInfo]):
-    """The tracer of a store, loaded once; hold `model_lock` while using it."""
+    """The tracer of a store under this process's runtime, loaded once; hold `model_lock` while using it.
+
+    Keyed on the runtime too (`trace --device`/`--dtype`, WHEREFROM_DEVICE, …): the models a tracer
+    loads are on its device in its dtype, so one loaded for another runtime is not this one's.
+    """
     from attribution.tracer import Tracer
-    if store_path not in _tracers:
+    from indexer.config import Runtime
+    key = (store_path, repr(Runtime.from_env()))
+    if key not in _tracers:
         _tracers.clear()  # one build's models in memory at a time
-        _tracers[store_path] = Tracer(Path(store_path), ckpts)
-    return _tracers[store_path]
+        _tracers[key] = Tracer(Path(store_path), ckpts)
+    return _tracers[key]
 
 
 @contextmanager

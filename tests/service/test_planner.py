@@ -90,13 +90,15 @@ def test_a_worker_takes_its_device_or_says_in_one_line_why_not(run_cli, monkeypa
 
 def test_trace_runs_on_the_device_and_dtype_asked_for(indexed, run_cli, monkeypatch):
     monkeypatch.delenv("WHEREFROM_DATABASE_URL", raising=False)
-    monkeypatch.setattr(tracer_cache, "_tracers", {})  # a tracer loaded earlier keeps its device
+    monkeypatch.setattr(tracer_cache, "_tracers", {})
     env = {"WHEREFROM_DATA_DIR": str(indexed.settings.data_dir)}
     question = indexed.world.questions[0]
     before = state(indexed.settings)
     code, _, err = run_cli("trace", question.prompt, "--device", "cuda:5", env=env)
     assert code == 2 and err.count("\n") == 1 and "CUDA device" in err, err
     assert state(indexed.settings) == before
+    code, _, err = run_cli("trace", question.prompt, "--answer", question.answer, "--device", "cpu", env=env)
+    assert code == 0, err  # a float32 tracer is cached now: the next runtime must not reuse it
     code, out, err = run_cli("trace", question.prompt, "--answer", question.answer, "--device", "cpu",
                              "--dtype", "bfloat16", "--json", env=env)
     assert code == 0, err

@@ -103,14 +103,17 @@ def test_update_keeping_curvature_appends_and_finds_the_new_documents(world, bas
     code, out, _ = run_cli("index", "--corpus", "world", "--model", "tiny", "--refit-curvature")
     assert code == 2  # --refit-curvature goes with --update
     catalog.ingest(world, base.full, "world")
-    code, out, err = run_cli("index", "--corpus", "world", "--model", "tiny", "--update")
+    code, out, err = run_cli("index", "--corpus", "world", "--model", "tiny", "--update",
+                             "--device", "cpu", "--max-tokens-per-batch", "4096")
     assert code in (0, None), err
     assert f"{len(base.held)} document(s) added" in out and "curvature kept" in out
     new = store_of(world, base.build.build_id)
     assert new != old and not old.exists() and not list(new.parent.glob("*.partial"))
     assert {p.name: p.read_bytes() for p in new.glob("curvature-c*.npz")} == curvatures
     np.testing.assert_array_equal(store.open_array(new, "grad")[:len(old_grad)], old_grad)
-    assert store.read_info(new)["updates"][-1]["curvature"] == "kept"
+    step = store.read_info(new)["updates"][-1]
+    assert step["curvature"] == "kept"
+    assert step["runtime"]["device"] == ["cpu"] and step["runtime"]["max_tokens_per_batch"] == 4096  # the options reached the shards
     for q in base.held_questions:
         hit = traces.trace(world, q.prompt, answer=" " + q.answer, k=3).hits[0]
         assert hit.external_id in q.source_ids, (q.prompt, q.answer, hit.text)
