@@ -157,7 +157,7 @@ def print_quality(q: dict) -> None:
           "".join(f"{'tp ' + m:>12}" for m in ("default", "grad", "dense", "bm25", "random")))
     for name in ("offline", "from_training"):
         mrr, tp = q["shared"][name]["mrr"], q["tail_patch"][name]["mean_top10_delta"]
-        print(f"{name:<14}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods) + f"{mrr['default']['trap'] or 0:>9.3f}"
+        print(f"{name:<14}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods) + (f"{mrr['default']['trap']:>9.3f}" if mrr['default']['trap'] is not None else f"{'-':>9}")
               + "".join(f"{tp.get(m, float('nan')):>12.3f}" for m in ("default", "grad", "dense", "bm25", "random")))
 
 

@@ -1,0 +1,156 @@
+"""Leave-top-k-out on the realistic world, from the product's own rankings: retrain without each
+method's top-k documents and see how much the answers' log-probability drops.
+
+    python -m bench.leave_out_product plan   --seed 201 --facts 30 --k 10   # facts and removal sets
+    python -m bench.leave_out_product train  --seed 201 --method grad        # one retraining (one process each,
+    python -m bench.leave_out_product train  --seed 201 --method random      #  so two run side by side)
+    python -m bench.leave_out_product report --seed 201
+
+`plan` samples `--facts` correctly answered questions of distinct facts (seeded) and takes each
+method's top-k for each through the world's default build (`bench.callback`'s offline build of the
+same model, else `bench.product_path`'s): `hybrid` (the default), `grad`, `dense`, `bm25`, `random`
+(k random documents per fact: what removing that many documents does by itself) and the facts' true
+sources (`truth`, k per fact). Each method's documents for all facts are removed together and the
+model is retrained from scratch with the world's training config and seed, and the full model's
+tokenizer (a tokenizer refitted on fewer documents would change the log-probabilities being compared).
+`--train-seed` retrains with another seed: `train --method none --train-seed S` is the retraining noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path("bench/out")
+METHODS = ("hybrid", "grad", "dense", "bm25")
+
+
+def folder(seed: int) -> Path:
+    return OUT / f"leave-out-realistic-seed{seed}"
+
+
+def full_model(seed: int) -> Path:
+    return OUT / f"realistic-seed{seed}" / "model"
+
+
+def default_build(seed: int):
+    """Settings of a data dir holding the default build of the world's model."""
+    from bench import product_path as pp
+    from indexer.config import BuildConfig
+    from service.settings import Settings
+    data = OUT / "callback-realistic" / "data-offline"
+    if (data / "bench.db").exists() and seed == json.loads((OUT / "callback-realistic.json").read_text())["seed"]:
+        return Settings(data_dir=data, database_url=f"sqlite:///{data.resolve()}/bench.db")
+    corpus, model, _ = pp.world_and_model("realistic", seed)
+    return pp.build(OUT / f"realistic-seed{seed}", corpus, model, BuildConfig(), "data")[0]
+
+
+def plan(seed: int, n_facts: int, k: int) -> dict:
+    from bench import product_path as pp
+    from bench.realistic_world import make_realistic_world
+    from service.demo.run import is_correct
+
+    docs, questions = make_realistic_world(seed)
+    tracer, ext, _ = pp.rows_of(default_build(seed))
+    rng = random.Random(seed)
+    pool = list(questions)
+    rng.shuffle(pool)
+    chosen, facts = [], set()
+    for q in pool:
+        if len(chosen) == n_facts:
+            break
+        if (q.person, q.attribute) in facts:
+            continue
+        answer = tracer.generate(q.prompt)
+        if is_correct(answer, q.answer):
+            chosen.append({"prompt": q.prompt, "answer": answer, "style": q.style, "sources": q.source_ids})
+            facts.add((q.person, q.attribute))
+    sets = {m: set() for m in METHODS + ("random", "truth")}
+    for q in chosen:
+        for m in METHODS:
+            sets[m] |= {ext[h.position] for h in tracer.rank(q["prompt"], q["answer"], k=k, method=m).hits}
+        sets["random"] |= set(rng.sample([d["id"] for d in docs], k))
+        sets["truth"] |= set(q["sources"][:k])
+    out = {"seed": seed, "k": k, "facts": chosen, "sets": {m: sorted(s) for m, s in sets.items()}}
+    folder(seed).mkdir(parents=True, exist_ok=True)
+    (folder(seed) / "plan.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def train_without(seed: int, method: str, train_seed: int | None) -> Path:
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from bench.realistic_world import make_realistic_world, train_config
+    from indexer.modelio import discover_checkpoints
+    from service.demo.train import train
+
+    p = json.loads((folder(seed) / "plan.json").read_text())
+    removed = set(p["sets"].get(method, []))  # "none": nothing removed (with --train-seed: the noise)
+    docs, _ = make_realistic_world(seed)
+    tokenizer = AutoTokenizer.from_pretrained(discover_checkpoints(full_model(seed))[-1].path)
+    config = train_config(seed) if train_seed is None else replace(train_config(seed), seed=train_seed)
+    out = folder(seed) / (method + (f"-seed{train_seed}" if train_seed is not None else ""))
+    if not any(out.glob("checkpoint-*/model.safetensors")):
+        train([d["text"] for d in docs if d["id"] not in removed], out, config, tokenizer=tokenizer)
+    return out
+
+
+def logprobs(model_dir: Path, facts: list[dict]) -> list[float]:
+    from attribution.explain import answer_logprob
+    from indexer.modelio import discover_checkpoints, load_model
+    model, tokenizer = load_model(discover_checkpoints(model_dir)[-1].path)
+    return [answer_logprob(model, tokenizer, f["prompt"], f["answer"]) for f in facts]
+
+
+def report(seed: int) -> dict:
+    p = json.loads((folder(seed) / "plan.json").read_text())
+    facts = p["facts"]
+    base = np.array(logprobs(full_model(seed), facts))
+    out = {"seed": seed, "k": p["k"], "facts": len(facts), "full_model_logprob": float(base.mean()), "runs": {}}
+    for run in sorted(d for d in folder(seed).iterdir() if d.is_dir()):
+        if not any(run.glob("checkpoint-*/model.safetensors")):
+            continue
+        method = run.name.split("-seed")[0]
+        removed = set(p["sets"].get(method, []))
+        after = np.array(logprobs(run, facts))
+        drops = base - after
+        out["runs"][run.name] = {
+            "removed": len(removed), "true_sources_removed": sum(len(removed & set(f["sources"])) for f in facts),
+            "mean_drop": float(drops.mean()), "sem": float(drops.std(ddof=1) / np.sqrt(len(drops))),
+            "still_top": int(sum(np.exp(a) > 0.5 for a in after)), "drops": drops.tolist()}
+    (OUT / f"leave-out-realistic-seed{seed}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=("plan", "train", "report"))
+    ap.add_argument("--seed", type=int, default=201)
+    ap.add_argument("--facts", type=int, default=30)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--method", default="hybrid", help="hybrid, grad, dense, bm25, random, truth or none")
+    ap.add_argument("--train-seed", type=int, help="retrain with this seed instead of the world's")
+    args = ap.parse_args()
+    if args.step == "plan":
+        p = plan(args.seed, args.facts, args.k)
+        print({m: len(s) for m, s in p["sets"].items()}, "facts", len(p["facts"]))
+    elif args.step == "train":
+        print(train_without(args.seed, args.method, args.train_seed))
+    else:
+        r = report(args.seed)
+        print(f"leave-top-{r['k']}-out, seed {r['seed']}, {r['facts']} facts, "
+              f"full model mean log p(answer) {r['full_model_logprob']:.3f}")
+        print(f"{'run':<16}{'removed':>9}{'true srcs':>11}{'mean drop':>11}{'± sem':>8}{'p>0.5':>7}")
+        for name, x in r["runs"].items():
+            print(f"{name:<16}{x['removed']:>9}{x['true_sources_removed']:>11}{x['mean_drop']:>11.3f}"
+                  f"{x['sem']:>8.3f}{x['still_top']:>5}/{r['facts']}")
+
+
+if __name__ == "__main__":
+    main()
