@@ -149,6 +149,22 @@ def contrast(tracer, correct, positives, alphas=(0.0, 0.5, 1.0)) -> dict:
     return {str(a): v for a, v in rr.items()}
 
 
+def block_normalised(scores: np.ndarray, tracer, questions) -> float:
+    """MRR when every block (checkpoint × module) of rows and queries is unit-normalised before the
+    sum: each module's cosine counts alike, whatever its gradient's share of the norm."""
+    per = tracer.info["gradient"]["dims"][0] // len(tracer.info["gradient"]["layers"])
+    grad = np.asarray(tracer.grad, dtype=np.float32).reshape(len(tracer.grad), -1, per)
+    norms = np.maximum(np.linalg.norm(grad, axis=2), 1e-12)  # (N, B)
+    rr = []
+    for s, q in zip(scores, questions):
+        query = tracer.query_gradient(q.prompt, q.answer_traced).reshape(-1, per)
+        qn = np.maximum(np.linalg.norm(query, axis=1), 1e-12)  # (B,)
+        total = (s.astype(np.float32) / norms / qn).sum(1)
+        r = ranks(total, q.rows)
+        rr.append(1 / r if r else 0.0)
+    return float(np.mean(rr))
+
+
 def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
     from bench.product_path import open_build
     from service.demo.run import is_correct
@@ -177,6 +193,10 @@ def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
         w = np.zeros(blocks)
         w[c * per_ckpt:(c + 1) * per_ckpt] = 1
         report["alone"][f"checkpoint {c}"] = mrr(w, scores, positives)
+    for q, pos in zip(correct, positives):
+        q.rows = pos
+    report["block_normalised"] = block_normalised(scores, tracer, correct)
+    print(f"blocks unit-normalised: {report['block_normalised']:.3f}", flush=True)
     report["contrast"] = contrast(tracer, correct, positives)
     for name, g in groups.items() if fit_blocks else ():
         report["fitted"][name] = cross_validated(scores, positives, g, seed)
