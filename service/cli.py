@@ -89,7 +89,9 @@ def _input_error(msg: str):
 
 @app.command()
 def trace(question: str = typer.Argument(..., help="The prompt or question the model answered."),
-          answer: Optional[str] = typer.Option(None, help="The answer to trace, as the model writes it after the question (a word typed without its leading space gets one); default: the model's greedy answer."),
+          answer: Optional[str] = typer.Option(None, help="The answer to trace, as the model writes it after the "
+                                               "question (a word typed without its leading space gets one); "
+                                               "default: the model's greedy answer."),
           k: int = typer.Option(10, "--k", help="How many documents to return."),
           method: str = typer.Option("hybrid", help="hybrid | grad | dense | bm25"),
           rerank: Optional[str] = typer.Option(None, help="exact: rescore the top candidates with full gradients (captum TracInCP)."),
