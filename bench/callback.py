@@ -157,7 +157,9 @@ def print_quality(q: dict) -> None:
           "".join(f"{'tp ' + m:>12}" for m in ("default", "grad", "dense", "bm25", "random")))
     for name in ("offline", "from_training"):
         mrr, tp = q["shared"][name]["mrr"], q["tail_patch"][name]["mean_top10_delta"]
-        print(f"{name:<14}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods) + (f"{mrr['default']['trap']:>9.3f}" if mrr['default']['trap'] is not None else f"{'-':>9}")
+        trap = mrr["default"]["trap"]
+        print(f"{name:<14}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods)
+              + (f"{trap:>9.3f}" if trap is not None else f"{'-':>9}")
               + "".join(f"{tp.get(m, float('nan')):>12.3f}" for m in ("default", "grad", "dense", "bm25", "random")))
 
 
@@ -181,7 +183,8 @@ def main():
     make(args.world, args.seed)  # fail on a missing world before any training
     path = OUT / f"callback-{args.world}{'-timing' if args.timing_only else ''}.json"
     if args.reuse:  # the models are there: no training, keep the last run's timings if any
-        report = json.loads(path.read_text()) if path.exists() and not args.models else {"world": args.world, "seed": args.seed}
+        fresh = {"world": args.world, "seed": args.seed}
+        report = json.loads(path.read_text()) if path.exists() and not args.models else fresh
     else:
         report = {"world": args.world, "seed": args.seed, "epochs": args.epochs, "training": timed_runs(args)}
     report["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -89,7 +89,8 @@ def fit(scores, positives, groups: np.ndarray, l2: float = 1e-2, steps: int = 15
     theta = torch.ones(n_groups, dtype=torch.float64, requires_grad=True)
     temp = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)  # scores are cosines: learn a scale
     g = torch.as_tensor(groups)
-    data = [(torch.as_tensor(s.astype(np.float32), dtype=torch.float64), torch.as_tensor(p)) for s, p in zip(scores, positives)]
+    data = [(torch.as_tensor(s.astype(np.float32), dtype=torch.float64), torch.as_tensor(p))
+            for s, p in zip(scores, positives)]
     opt = torch.optim.LBFGS([theta, temp], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
@@ -222,7 +223,8 @@ def main():
     for a, held in report["contrast"].items():
         held = np.array(held)
         split = {s: float(held[styles == s].mean()) for s in sorted(set(styles))}
-        print(f"  template contrast α={a:<5}        {held.mean():.3f}  " + "  ".join(f"{s} {v:.3f}" for s, v in split.items()))
+        print(f"  template contrast α={a:<5}        {held.mean():.3f}  "
+              + "  ".join(f"{s} {v:.3f}" for s, v in split.items()))
     OUT.mkdir(exist_ok=True)
     (OUT / f"grad-blocks-{args.world}-seed{args.seed}.json").write_text(json.dumps(report, indent=1))
 

@@ -113,7 +113,8 @@ def test_update_keeping_curvature_appends_and_finds_the_new_documents(world, bas
     np.testing.assert_array_equal(store.open_array(new, "grad")[:len(old_grad)], old_grad)
     step = store.read_info(new)["updates"][-1]
     assert step["curvature"] == "kept"
-    assert step["runtime"]["device"] == ["cpu"] and step["runtime"]["max_tokens_per_batch"] == 4096  # the options reached the shards
+    # the options reached the new rows' shards
+    assert step["runtime"]["device"] == ["cpu"] and step["runtime"]["max_tokens_per_batch"] == 4096
     for q in base.held_questions:
         hit = traces.trace(world, q.prompt, answer=" " + q.answer, k=3).hits[0]
         assert hit.external_id in q.source_ids, (q.prompt, q.answer, hit.text)
