@@ -101,6 +101,15 @@ def train_without(seed: int, method: str, train_seed: int | None) -> Path:
     return out
 
 
+def finished(run: Path) -> bool:
+    """A retraining that saved its last step (a running one has earlier checkpoints only)."""
+    states = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not states:
+        return False
+    state = json.loads(states[-1].read_text())
+    return state["global_step"] == state["max_steps"]
+
+
 def logprobs(model_dir: Path, facts: list[dict]) -> list[float]:
     from attribution.explain import answer_logprob
     from indexer.modelio import discover_checkpoints, load_model
@@ -114,7 +123,7 @@ def report(seed: int) -> dict:
     base = np.array(logprobs(full_model(seed), facts))
     out = {"seed": seed, "k": p["k"], "facts": len(facts), "full_model_logprob": float(base.mean()), "runs": {}}
     for run in sorted(d for d in folder(seed).iterdir() if d.is_dir()):
-        if not any(run.glob("checkpoint-*/model.safetensors")):
+        if not finished(run):
             continue
         method = run.name.split("-seed")[0]
         removed = set(p["sets"].get(method, []))
@@ -124,6 +133,11 @@ def report(seed: int) -> dict:
             "removed": len(removed), "true_sources_removed": sum(len(removed & set(f["sources"])) for f in facts),
             "mean_drop": float(drops.mean()), "sem": float(drops.std(ddof=1) / np.sqrt(len(drops))),
             "still_top": int(sum(np.exp(a) > 0.5 for a in after)), "drops": drops.tolist()}
+    if "hybrid" in out["runs"]:  # paired over facts: the default's drop minus each other run's
+        ref = np.array(out["runs"]["hybrid"]["drops"])
+        for x in out["runs"].values():
+            d = ref - np.array(x["drops"])
+            x["default_minus_this"] = [float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))]
     (OUT / f"leave-out-realistic-seed{seed}.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -146,10 +160,13 @@ def main():
         r = report(args.seed)
         print(f"leave-top-{r['k']}-out, seed {r['seed']}, {r['facts']} facts, "
               f"full model mean log p(answer) {r['full_model_logprob']:.3f}")
-        print(f"{'run':<16}{'removed':>9}{'true srcs':>11}{'mean drop':>11}{'± sem':>8}{'p>0.5':>7}")
+        print(f"{'run':<16}{'removed':>9}{'true srcs':>11}{'mean drop':>11}{'± sem':>8}{'p>0.5':>7}"
+              f"{'default − this (paired)':>26}")
         for name, x in r["runs"].items():
+            paired = x.get("default_minus_this")
             print(f"{name:<16}{x['removed']:>9}{x['true_sources_removed']:>11}{x['mean_drop']:>11.3f}"
-                  f"{x['sem']:>8.3f}{x['still_top']:>5}/{r['facts']}")
+                  f"{x['sem']:>8.3f}{x['still_top']:>5}/{r['facts']}"
+                  + (f"{paired[0]:>18.3f} ± {paired[1]:.3f}" if paired else ""))
 
 
 if __name__ == "__main__":
