@@ -118,25 +118,32 @@ def logprobs(model_dir: Path, facts: list[dict]) -> list[float]:
 
 
 def report(seed: int) -> dict:
+    """Each finished retraining's drop per fact against the full model trained with the same seed:
+    the world's model for seed-`seed` runs, `none-seedS` (nothing removed) for `M-seedS` runs, so a
+    drop is what removing the documents did, not what changing the seed did. Runs are named
+    `M` (the world's seed) or `M-seedS`; `none-seedS` against the world's model is the seed noise."""
     p = json.loads((folder(seed) / "plan.json").read_text())
     facts = p["facts"]
-    base = np.array(logprobs(full_model(seed), facts))
-    out = {"seed": seed, "k": p["k"], "facts": len(facts), "full_model_logprob": float(base.mean()), "runs": {}}
-    for run in sorted(d for d in folder(seed).iterdir() if d.is_dir()):
-        if not finished(run):
-            continue
-        method = run.name.split("-seed")[0]
+    runs = {d.name: d for d in sorted(folder(seed).iterdir()) if d.is_dir() and finished(d)}
+    scored = {name: np.array(logprobs(d, facts)) for name, d in runs.items()}
+    full = np.array(logprobs(full_model(seed), facts))
+    out = {"seed": seed, "k": p["k"], "facts": len(facts), "full_model_logprob": float(full.mean()), "runs": {}}
+    for name, after in scored.items():
+        method, _, train_seed = name.partition("-seed")
+        base = scored.get(f"none-seed{train_seed}") if train_seed and method != "none" else full
+        if base is None:
+            continue  # that seed's full model is not trained yet
         removed = set(p["sets"].get(method, []))
-        after = np.array(logprobs(run, facts))
         drops = base - after
-        out["runs"][run.name] = {
-            "removed": len(removed), "true_sources_removed": sum(len(removed & set(f["sources"])) for f in facts),
+        out["runs"][name] = {
+            "train_seed": int(train_seed) if train_seed else seed, "removed": len(removed),
+            "true_sources_removed": sum(len(removed & set(f["sources"])) for f in facts),
             "mean_drop": float(drops.mean()), "sem": float(drops.std(ddof=1) / np.sqrt(len(drops))),
             "still_top": int(sum(np.exp(a) > 0.5 for a in after)), "drops": drops.tolist()}
-    if "hybrid" in out["runs"]:  # paired over facts: the default's drop minus each other run's
-        ref = np.array(out["runs"]["hybrid"]["drops"])
-        for x in out["runs"].values():
-            d = ref - np.array(x["drops"])
+    for name, x in out["runs"].items():  # paired over facts: the default's drop minus this run's, same seed
+        ref = out["runs"].get("hybrid" + (f"-seed{x['train_seed']}" if x["train_seed"] != seed else ""))
+        if ref is not None and ref is not x and not name.startswith("none"):
+            d = np.array(ref["drops"]) - np.array(x["drops"])
             x["default_minus_this"] = [float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))]
     (OUT / f"leave-out-realistic-seed{seed}.json").write_text(json.dumps(out, indent=1))
     return out
