@@ -13,7 +13,9 @@ same model, else `bench.product_path`'s): `hybrid` (the default), `grad`, `dense
 sources (`truth`, k per fact). Each method's documents for all facts are removed together and the
 model is retrained from scratch with the world's training config and seed, and the full model's
 tokenizer (a tokenizer refitted on fewer documents would change the log-probabilities being compared).
-`--train-seed` retrains with another seed: `train --method none --train-seed S` is the retraining noise.
+`--train-seed S` retrains with another seed: `train --method none --train-seed S` (nothing removed)
+is the retraining noise against the world's model, and the full model the `M --train-seed S` runs
+are measured against.
 """
 
 from __future__ import annotations
