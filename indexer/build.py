@@ -112,8 +112,10 @@ class BatchRunner:
 
 def shard_gradients(folder: Path, chunks: list[Chunk], ckpts: list[CheckpointInfo], config: BuildConfig,
                     progress: Progress, runtime: Runtime | None = None) -> dict:
-    """`raw-c{c}.npy` and `stats-c{c}.npz` of one shard: the forward+backward passes of a build."""
-    runtime = runtime or Runtime(device="cpu")
+    """`raw-c{c}.npy` and `stats-c{c}.npz` of one shard: the forward+backward passes of a build, on
+    `runtime` (default: this process's, `Runtime.from_env`: a command's --device/--dtype/… as
+    `applied` sets them, or a worker's own device), so no caller can forget to pass it."""
+    runtime = runtime or Runtime.from_env()
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids))
     meta = {"dims": [], "adam_normalised_layers": [], "layers": []}
     runner, device, dtype = BatchRunner(config, runtime), None, None

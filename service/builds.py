@@ -243,8 +243,8 @@ def run_shard(settings: Settings, job_id: int, shard: int, dispatch, worker: str
         check_unchanged(layout.meta["provenance"]["checkpoints"])
         progress = _ShardProgress(settings, job_id, shard, end - start, len(ckpts), layout.rows, dispatch.progress)
         with store.atomic_dir(target) as tmp:
-            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts, config, progress,
-                          Runtime.from_env())  # this worker's device (`wherefrom worker --device`)
+            # on this process's runtime: this worker's device (`wherefrom worker --device`)
+            compute_shard(tmp, layout.chunks(start, end), layout.texts(start, end), ckpts, config, progress)
         _open_job(settings, job_id)  # the task boundary: cancelled meanwhile, this shard's files go too
     with transaction(settings.database_url) as s:
         job_repo.finish_shard(s, job_id, shard, worker)

@@ -23,7 +23,7 @@ from db.engine import transaction
 from db.errors import Conflict, InputError
 from indexer import store
 from indexer.build import Progress, compute_shard
-from indexer.config import BuildConfig, Runtime
+from indexer.config import BuildConfig
 from indexer.modelio import check_tokenizer_unchanged, check_unchanged
 from indexer.plan import shard_ranges
 from service.builds import chunk_documents, stored_path
@@ -151,7 +151,7 @@ def prepare_update(settings: Settings, corpus: str, model: str, refit: bool = Fa
         for k, (a, b) in enumerate(shard_ranges(len(chunks), config.shard_size)):
             shards.append(change.work / "shards" / f"{k:05d}")
             shards[-1].mkdir(parents=True)
-            compute_shard(shards[-1], chunks[a:b], texts[a:b], ckpts, config, progress, Runtime.from_env())
+            compute_shard(shards[-1], chunks[a:b], texts[a:b], ckpts, config, progress)  # this process's runtime
         with transaction(settings.database_url) as s:
             positions, live = update_repo.live_entries(s, build_id)
         from indexer.update import append
