@@ -117,12 +117,12 @@ def _check_producible(tokenizer, ids: list[int], text: str, answer: str) -> None
 class Tracer:
     """A build's stores and checkpoints, loaded once and reused across traces."""
 
-    def __init__(self, folder: Path, ckpts: list[CheckpointInfo]):
+    def __init__(self, folder: Path, ckpts: list[CheckpointInfo], runtime: Runtime | None = None):
         self.folder = Path(folder)
         self.info = store.read_info(self.folder)
         self.config = BuildConfig(**self.info["config"])
         self.ckpts = ckpts
-        self.runtime = Runtime.from_env()  # device and dtype: WHEREFROM_DEVICE, `trace --device`
+        self.runtime = runtime or Runtime.from_env()  # device and dtype: WHEREFROM_DEVICE, `trace --device`
         resolve_device(self.runtime.device)  # a device that does not exist: refused before it is cached
         self.weights = self.info["gradient"]["weights"]
         self.grad = store.open_array(self.folder, "grad")

@@ -25,10 +25,11 @@ def tracer_for(store_path: str, ckpts: list[CheckpointInfo]):
     """
     from attribution.tracer import Tracer
     from indexer.config import Runtime
-    key = (store_path, repr(Runtime.from_env()))
+    runtime = Runtime.from_env()
+    key = (store_path, repr(runtime))
     if key not in _tracers:
         _tracers.clear()  # one build's models in memory at a time
-        _tracers[key] = Tracer(Path(store_path), ckpts)
+        _tracers[key] = Tracer(Path(store_path), ckpts, runtime)
     return _tracers[key]
 
 
