@@ -54,13 +54,18 @@ def test_planted_facts_trace_back_to_their_documents(db_url, tmp_path, trained, 
         assert all(c and c > 0 for c in counted)
 
 
-def test_gradient_scores_rank_by_the_answer_not_the_question(settings, tmp_path, trained, tiny_world):
-    """Same question, two answers: the gradient score follows the answer's own documents."""
+def city_question_indexed(settings, tmp_path, trained, tiny_world):
+    """The tiny world indexed in `settings` (corpus w, model m); a city question stated twice or more."""
     corpus_path, _ = tiny_world.write(tmp_path / "world")
     catalog.ingest(settings, corpus_path, "w")
     catalog.add_model(settings, trained[0], "m")
     jobs.index_here(settings, "w", "m")
-    q = next(q for q in tiny_world.questions if q.attribute == "city" and q.n_paraphrases >= 2)
+    return next(q for q in tiny_world.questions if q.attribute == "city" and q.n_paraphrases >= 2)
+
+
+def test_gradient_scores_rank_by_the_answer_not_the_question(settings, tmp_path, trained, tiny_world):
+    """Same question, two answers: the gradient score follows the answer's own documents."""
+    q = city_question_indexed(settings, tmp_path, trained, tiny_world)
     other = next(x for x in tiny_world.questions if x.attribute == "city" and x.answer != q.answer)
     right = traces.trace(settings, q.prompt, answer=" " + q.answer, k=20, method="grad")
     wrong = traces.trace(settings, q.prompt, answer=" " + other.answer, k=20, method="grad")
@@ -72,11 +77,7 @@ def test_gradient_scores_rank_by_the_answer_not_the_question(settings, tmp_path,
 
 def test_an_answer_typed_without_its_space_is_traced_as_the_model_writes_it(settings, tmp_path, trained, tiny_world):
     """`--answer 1979` after "was born in" traces " 1979", the token the model generates, not "1979"."""
-    corpus_path, _ = tiny_world.write(tmp_path / "world")
-    catalog.ingest(settings, corpus_path, "w")
-    catalog.add_model(settings, trained[0], "m")
-    jobs.index_here(settings, "w", "m")
-    q = next(q for q in tiny_world.questions if q.attribute == "city" and q.n_paraphrases >= 2)
+    q = city_question_indexed(settings, tmp_path, trained, tiny_world)
     typed = traces.trace(settings, q.prompt, answer=q.answer.strip(), k=10, method="grad")
     spaced = traces.trace(settings, q.prompt, answer=" " + q.answer.strip(), k=10, method="grad")
     assert typed.answer == spaced.answer == " " + q.answer.strip()
