@@ -37,17 +37,11 @@ def layer_of(name: str) -> int:
     return int(re.search(r"\.(\d+)\.", name).group(1))
 
 
-def block_scores(tracer, questions) -> tuple[np.ndarray, list]:
-    """(Q, N, B) inner products of every row with each question's query, per block; B = checkpoints × modules."""
-    info = tracer.info["gradient"]
-    layers, dims = info["layers"], info["dims"]
-    per = dims[0] // len(layers)  # k_in × k_out of each module
-    grad = np.asarray(tracer.grad, dtype=np.float32).reshape(len(tracer.grad), -1, per)  # (N, B, k²)
-    scores = []
-    for q in questions:
-        query = tracer.query_gradient(q.prompt, q.answer_traced).reshape(-1, per)  # (B, k²)
-        scores.append(np.einsum("nbk,bk->nb", grad, query).astype(np.float16))
-    return np.stack(scores), layers
+def block_scores(grad: np.ndarray, queries: np.ndarray, per: int) -> np.ndarray:
+    """(Q, N, B) inner products of every row with each query, per block of `per` dims (k_in × k_out of
+    one module); B = checkpoints × modules."""
+    rows = grad.reshape(len(grad), -1, per)  # (N, B, k²)
+    return np.stack([np.einsum("nbk,bk->nb", rows, q.reshape(-1, per)).astype(np.float16) for q in queries])
 
 
 def groupings(layers: list[str], checkpoints: int) -> dict[str, np.ndarray]:
@@ -68,19 +62,14 @@ def groupings(layers: list[str], checkpoints: int) -> dict[str, np.ndarray]:
     return out
 
 
-def ranks(score: np.ndarray, positives: np.ndarray) -> int | None:
-    """1-based rank of the best positive, or None beyond CUTOFF."""
-    best = score[positives].max()
-    r = int((score > best).sum()) + 1
-    return r if r <= CUTOFF else None
+def reciprocal_rank(score: np.ndarray, positives: np.ndarray) -> float:
+    """1 / the 1-based rank of the best positive, 0 beyond CUTOFF."""
+    r = int((score > score[positives].max()).sum()) + 1
+    return 1 / r if r <= CUTOFF else 0.0
 
 
 def mrr(weights: np.ndarray, scores, positives) -> float:
-    rr = []
-    for s, pos in zip(scores, positives):
-        r = ranks(s.astype(np.float32) @ weights, pos)
-        rr.append(1 / r if r else 0.0)
-    return float(np.mean(rr))
+    return float(np.mean([reciprocal_rank(s.astype(np.float32) @ weights, pos) for s, pos in zip(scores, positives)]))
 
 
 def fit(scores, positives, groups: np.ndarray, l2: float = 1e-2, steps: int = 150) -> np.ndarray:
@@ -116,8 +105,7 @@ def cross_validated(scores, positives, groups, seed: int) -> dict:
         train = np.setdiff1d(order, f)
         w = fit([scores[i] for i in train], [positives[i] for i in train], groups)
         for i in f:
-            r = ranks(scores[i].astype(np.float32) @ w, positives[i])
-            held[i] = 1 / r if r else 0.0
+            held[i] = reciprocal_rank(scores[i].astype(np.float32) @ w, positives[i])
     w_all = fit(scores, positives, groups)
     return {"cv_mrr": float(held.mean()), "per_question": held.tolist(), "weights_all": w_all.tolist()}
 
@@ -133,37 +121,27 @@ def template_of(prompt: str, markers) -> str | None:
     return prompt[:at] + prompt[at + len(content):]
 
 
-def contrast(tracer, correct, positives, alphas=(0.0, 0.5, 1.0)) -> dict:
-    """MRR when the query loses its component along the gradient of the same answer after the bare
-    template: q − α (q·t / t·t) t. Completion prompts (no template) keep their query."""
-    grad = np.asarray(tracer.grad, dtype=np.float32)
+def contrast(tracer, grad, correct, answers, queries, positives, alphas=(0.0, 0.5, 1.0)) -> dict:
+    """Reciprocal ranks when the query loses its component along the gradient of the same answer
+    after the bare template: q − α (q·t / t·t) t. Completion prompts (no template) keep their query."""
     markers = tracer.text_markers()
-    rr = {a: [] for a in alphas}
-    for q, pos in zip(correct, positives):
-        query = tracer.query_gradient(q.prompt, q.answer_traced)
+    rr = {str(a): [] for a in alphas}
+    for q, answer, query, pos in zip(correct, answers, queries, positives):
         template = template_of(q.prompt, markers)
-        t = tracer.query_gradient(template, q.answer_traced) if template else None
+        t = tracer.query_gradient(template, answer) if template else None
         for a in alphas:
             v = query if t is None else query - a * (query @ t) / (t @ t) * t
-            r = ranks(grad @ v, pos)
-            rr[a].append(1 / r if r else 0.0)
-    return {str(a): v for a, v in rr.items()}
+            rr[str(a)].append(reciprocal_rank(grad @ v, pos))
+    return rr
 
 
-def block_normalised(scores: np.ndarray, tracer, questions) -> float:
+def block_normalised(scores: np.ndarray, grad: np.ndarray, queries: np.ndarray, per: int, positives) -> float:
     """MRR when every block (checkpoint × module) of rows and queries is unit-normalised before the
     sum: each module's cosine counts alike, whatever its gradient's share of the norm."""
-    per = tracer.info["gradient"]["dims"][0] // len(tracer.info["gradient"]["layers"])
-    grad = np.asarray(tracer.grad, dtype=np.float32).reshape(len(tracer.grad), -1, per)
-    norms = np.maximum(np.linalg.norm(grad, axis=2), 1e-12)  # (N, B)
-    rr = []
-    for s, q in zip(scores, questions):
-        query = tracer.query_gradient(q.prompt, q.answer_traced).reshape(-1, per)
-        qn = np.maximum(np.linalg.norm(query, axis=1), 1e-12)  # (B,)
-        total = (s.astype(np.float32) / norms / qn).sum(1)
-        r = ranks(total, q.rows)
-        rr.append(1 / r if r else 0.0)
-    return float(np.mean(rr))
+    norms = np.maximum(np.linalg.norm(grad.reshape(len(grad), -1, per), axis=2), 1e-12)  # (N, B)
+    q_norms = np.maximum(np.linalg.norm(queries.reshape(len(queries), -1, per), axis=2), 1e-12)  # (Q, B)
+    return float(np.mean([reciprocal_rank((s.astype(np.float32) / norms / qn).sum(1), pos)
+                          for s, qn, pos in zip(scores, q_norms, positives)]))
 
 
 def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
@@ -174,13 +152,17 @@ def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
     row_of = {}
     for i, e in enumerate(ext):
         row_of.setdefault(e, []).append(i)
-    correct = []
+    correct, answers = [], []
     for q in questions:
         answer = tracer.generate(q.prompt)
         if is_correct(answer, q.answer):
-            q.answer_traced = answer
             correct.append(q)
-    scores, layers = block_scores(tracer, correct)
+            answers.append(answer)
+    layers = tracer.info["gradient"]["layers"]
+    per = tracer.info["gradient"]["dims"][0] // len(layers)  # k_in × k_out of each module
+    grad = np.asarray(tracer.grad, dtype=np.float32)  # (N, D), once: every variant below scores it
+    queries = np.stack([tracer.query_gradient(q.prompt, a) for q, a in zip(correct, answers)])  # (Q, D)
+    scores = block_scores(grad, queries, per)
     positives = [np.array([r for s in q.source_ids for r in row_of.get(s, [])]) for q in correct]
     n_ckpt = len(tracer.info["gradient"]["dims"])
     groups = groupings(layers, n_ckpt)
@@ -194,11 +176,9 @@ def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
         w = np.zeros(blocks)
         w[c * per_ckpt:(c + 1) * per_ckpt] = 1
         report["alone"][f"checkpoint {c}"] = mrr(w, scores, positives)
-    for q, pos in zip(correct, positives):
-        q.rows = pos
-    report["block_normalised"] = block_normalised(scores, tracer, correct)
+    report["block_normalised"] = block_normalised(scores, grad, queries, per, positives)
     print(f"blocks unit-normalised: {report['block_normalised']:.3f}", flush=True)
-    report["contrast"] = contrast(tracer, correct, positives)
+    report["contrast"] = contrast(tracer, grad, correct, answers, queries, positives)
     for name, g in groups.items() if fit_blocks else ():
         report["fitted"][name] = cross_validated(scores, positives, g, seed)
         print(f"{name:<28} cv MRR {report['fitted'][name]['cv_mrr']:.3f}", flush=True)

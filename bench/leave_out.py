@@ -24,11 +24,16 @@ from bench.quality import OUT, prepare
 METHODS = ("hybrid", "bm25 (q+a)", "dense (q+a)", "trackstar", "tracin cosine")
 
 
-def answer_logprob(model_dir: Path, questions) -> list[float]:
+def final_logprobs(model_dir: Path, pairs) -> list[float]:
+    """log p(answer | prompt) under the last checkpoint of `model_dir`, for each (prompt, answer)."""
     from attribution.explain import answer_logprob
     from indexer.modelio import discover_checkpoints, load_model
     model, tokenizer = load_model(discover_checkpoints(model_dir)[-1].path)
-    return [answer_logprob(model, tokenizer, q.prompt, " " + q.answer) for q in questions]
+    return [answer_logprob(model, tokenizer, prompt, answer) for prompt, answer in pairs]
+
+
+def answer_logprob(model_dir: Path, questions) -> list[float]:
+    return final_logprobs(model_dir, [(q.prompt, " " + q.answer) for q in questions])
 
 
 def removal_sets(world, tracer, scorer, questions, ext, k: int, rng) -> dict[str, set[str]]:

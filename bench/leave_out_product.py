@@ -113,10 +113,8 @@ def finished(run: Path) -> bool:
 
 
 def logprobs(model_dir: Path, facts: list[dict]) -> list[float]:
-    from attribution.explain import answer_logprob
-    from indexer.modelio import discover_checkpoints, load_model
-    model, tokenizer = load_model(discover_checkpoints(model_dir)[-1].path)
-    return [answer_logprob(model, tokenizer, f["prompt"], f["answer"]) for f in facts]
+    from bench.leave_out import final_logprobs
+    return final_logprobs(model_dir, [(f["prompt"], f["answer"]) for f in facts])
 
 
 def report(seed: int) -> dict:

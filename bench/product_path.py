@@ -36,8 +36,9 @@ def world_and_model(world: str, seed: int):
     return corpus, folder / "model", found.questions
 
 
-def build(folder: Path, corpus: Path, model: Path, config, name: str):
-    """Settings of a data dir holding one build of `config` (made, and timed, unless cached)."""
+def build(folder: Path, corpus: Path, model: Path, config, name: str, publish=None):
+    """Settings of a data dir holding one build of `config` (made, and timed, unless cached);
+    `publish(settings)` makes it another way (bench.callback: `index --from-training`)."""
     from db.errors import NotFound
     from service import catalog, jobs, traces
     from service.settings import Settings
@@ -51,7 +52,7 @@ def build(folder: Path, corpus: Path, model: Path, config, name: str):
         traces.resolve_build(settings)
     except NotFound:
         started = time.perf_counter()
-        jobs.index_here(settings, "world", "model", config)
+        (publish or (lambda st: jobs.index_here(st, "world", "model", config)))(settings)
         seconds = time.perf_counter() - started
     return settings, seconds
 
@@ -81,16 +82,16 @@ def trace_all(settings, questions, methods=METHODS) -> list[dict]:
     from service.demo.run import is_correct
 
     records = []
-    for q in questions:
+    for q in questions:  # the demo world's questions have no style or traps
+        about = {"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": getattr(q, "is_trap", False),
+                 "n": q.n_paraphrases}
         try:
             default = traces.trace(settings, q.prompt, k=K)
         except InputError as e:  # the model answered nothing: a user sees this line
-            records.append({"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": getattr(q, "is_trap", False),
-                            "n": q.n_paraphrases, "answer": "", "correct": False, "refused": str(e),
+            records.append({**about, "answer": "", "correct": False, "refused": str(e),
                             "ranks": {}, "top10": {}, "trace_ms": None})
             continue
-        rec = {"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": getattr(q, "is_trap", False),
-               "n": q.n_paraphrases, "answer": default.answer, "correct": is_correct(default.answer, q.answer),
+        rec = {**about, "answer": default.answer, "correct": is_correct(default.answer, q.answer),
                "ranks": {"default": first_rank(default.hits, set(q.source_ids))},
                "top10": {"default": [h.external_id for h in default.hits[:10]]},
                "trace_ms": 1000 * sum(default.timings.values())}
