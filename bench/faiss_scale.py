@@ -124,21 +124,54 @@ def exact_top(rows: Rows, queries: np.ndarray, k: int = 100) -> np.ndarray:
 
 def build(rows: Rows, factory: str, folder: Path) -> tuple[object, float, int]:
     """Train on a sample, add every block with ids, write the index; (index, seconds, bytes).
-    Trained as `indexer.ann.build_faiss` trains (its sample size, our streamed PCA)."""
+    Trained as `indexer.ann.build_faiss` trains (its sample size, our streamed PCA).
+
+    Sign bits behind a random rotation ("LSHr", "RR…,LSH") are added the fast way: the rotation is
+    linear, so rotating the real rows once and making every row from them gives each row's rotation
+    (its norm aside, which a sign ignores) without a 7,168-wide product per row; the codes are those
+    `add` would make. `build_faiss` rotates row by row, as a real corpus needs."""
     import faiss
 
-    from indexer.ann import train_index, train_rows
+    from indexer.ann import new_index, train_index, train_rows
     t = time.perf_counter()
-    index = faiss.IndexIDMap2(faiss.index_factory(rows.dim, factory, faiss.METRIC_INNER_PRODUCT))
+    index = new_index(rows.dim, factory)
     if not index.is_trained:
         sample = rows.sample(min(rows.n, train_rows(factory)))
         train_index(index, lambda: iter([sample]))
-    for start, x in rows.blocks():
-        index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+    rotated = rotated_adder(index)
+    if rotated is not None:
+        index, rotate, add = rotated  # without the id map: ids are row positions here
+        for _, x in Rows(rotate(rows.base), rows.n, rows.seed).blocks():
+            add(x)
+    else:
+        for start, x in rows.blocks():
+            index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
     seconds = time.perf_counter() - t
     path = folder / "index.faiss"
     faiss.write_index(index, str(path))
-    return index, seconds, path.stat().st_size
+    return index, seconds, path.stat().st_size + (8 * rows.n if rotated else 0)  # + the id map's ids
+
+
+def rotated_adder(index):
+    """(index, rotate, add) for sign bits behind a random rotation: the index inside the id map,
+    `rotate` applying the rotation, `add` adding rows already rotated; None for any other index."""
+    import faiss
+    inner = faiss.downcast_index(index.index)
+    inner.referenced_objects = [index]  # the id map holds the object that owns the index
+    if isinstance(inner, faiss.IndexPreTransform) and inner.chain.size() == 1:
+        rr, lsh = faiss.downcast_VectorTransform(inner.chain.at(0)), faiss.downcast_index(inner.index)
+        if isinstance(rr, faiss.RandomRotationMatrix) and isinstance(lsh, faiss.IndexLSH) and not lsh.rotate_data:
+            def add(x):
+                lsh.add(x)
+                inner.ntotal = lsh.ntotal
+            return inner, rr.apply, add
+    if isinstance(inner, faiss.IndexLSH) and inner.rotate_data and not inner.train_thresholds:
+        def add(x):
+            inner.rotate_data = False  # the rows come rotated
+            inner.add(x)
+            inner.rotate_data = True
+        return inner, inner.rrot.apply, add
+    return None
 
 
 def measure(index, rows: Rows, queries: np.ndarray, truth: np.ndarray, pools: list[int]) -> dict:
@@ -187,7 +220,7 @@ def main():
     ap.add_argument("--nprobe", default="32,64,128", help="IVF probes to try for each factory")
     ap.add_argument("--ef", default="256,512", help="HNSW efSearch values to try")
     ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--pools", default="100,400,1000", help="candidate counts a trace rescores exactly")
+    ap.add_argument("--pools", default="100,400,1000,2000", help="candidate counts a trace rescores exactly")
     ap.add_argument("--threads", type=int, default=0, help="FAISS threads (0: its default)")
     args = ap.parse_args()
     if args.threads:
@@ -220,9 +253,9 @@ def main():
                   " ".join(f"{m['recall_at_100'][p]:9.3f} {m['recall_at_10'][p]:8.3f}" for p in pools) +
                   f" {m['search_ms']:6.1f}ms {size / args.rows:6.0f} {seconds:7.0f}", flush=True)
         del index
-    report = {"rows": args.rows, "dim": rows.dim, "real_rows": len(saved["base"]), "queries": len(queries),
+    report = {"features": args.features, "rows": args.rows, "dim": rows.dim, "real_rows": len(saved["base"]), "queries": len(queries),
               "faiss_threads": faiss.omp_get_max_threads(), "results": results}
-    (OUT / f"faiss_scale_{args.rows}.json").write_text(json.dumps(report, indent=1))
+    (OUT / f"faiss_scale_{Path(args.features).parent.name}_{args.rows}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

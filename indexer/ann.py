@@ -27,30 +27,44 @@ TRAIN_ROWS = 160_000  # rows an index trains on at most: 40 per list at 4096 lis
 # 8-bit codes of real gradient features put the true top-100 in their top 400 (recall 1.000), not
 # always in their top 100 (0.994; BENCHMARKS.md)
 RESCORE = 4
+# Sign bits (FAISS's LSH, Hamming distance) rank more coarsely than 8-bit codes, so a trace rescores
+# this many times the candidates it wants: behind a random rotation to 2 bits a dimension they put
+# 0.999 of the true top-10 in their top 2,000 at 10k and 100k real-feature rows (BENCHMARKS.md)
+BINARY_RESCORE = 20
 EXACT = "Flat"
 
 
-# A full scan of 8-bit codes (1 byte an element) while rows × dims stays under this. On real gradient
-# features (the realistic world's rows, 7,168 dims) it kept recall@100 at 1.000 after rescoring 400:
-# at 10,372 rows in 55 ms; at 100,000 rows (real rows plus real row differences) in 250 ms, where
-# the inverted file it replaced (IVF256,SQ8) kept 0.660 of the top-10 at 32 probes and 0.818 at 128
-# (bench/faiss_scale.py, BENCHMARKS.md). 2G elements is about 0.7 s a query here: slow, but the
-# only index measured to keep the ranking; past it the inverted file is the last resort.
+# A full scan of 8-bit codes (1 byte an element) while rows × dims stays under this: on real gradient
+# features (the realistic world's rows, 7,168 dims) it kept recall@100 at 1.000 after rescoring 400,
+# in 9 ms at 10,372 rows and 80 ms at 100,000 (real rows plus real row differences) on one idle
+# thread, where an inverted file (IVF256,SQ8) kept 0.660 of the top-10 at 32 probes and 0.818 at
+# 128. Sign bits (below) scan 8× fewer bytes, so wide features switch to them early (BINARY_ELEMENTS).
 CODE_SCAN_ELEMENTS = 200 * SCAN_ELEMENTS
+# Past this many elements wide features get sign bits behind a random rotation to twice their width
+# (`RR<2d>,LSH`: 2 bits a dimension, 1,792 bytes a document at 7,168 dims): at 100k real-feature rows
+# they kept 0.999 of the rescored top-10 and 0.983 of the top-100 in 22 ms, against the code scan's
+# 80 ms. Their rotation matrix (2d × d float32, 411 MB at 7,168 dims) outweighs 8-bit codes below
+# ~28k rows at that width, which is where this is set. The rotation keeps the scales the signs alone
+# would lose (the per-checkpoint weights): without it (`LSH`) only 0.93 of the top-10 came back.
+BINARY_ELEMENTS = 20 * SCAN_ELEMENTS
+BINARY_DIMS = (4096, 8192)  # sign bits need width; the rotation matrix must stay ≤ 512 MB
 
 
 def choose_factory(rows: int, dim: int) -> str:
     """Exact search while a scan costs about 20 ms (`SCAN_ELEMENTS`); then a full scan of 8-bit codes
-    (`SQ8`, `CODE_SCAN_ELEMENTS`); beyond, an inverted file over 8-bit codes. Never a PCA: gradient
-    features are close to isotropic, and 512 principal components dropped `--method grad` MRR from
-    0.863 (exact) to 0.628 (issue 12). Isotropic features also defeat the inverted file's partition
-    (recall above), so it is the last resort, where no scan fits.
+    (`SQ8`); past `BINARY_ELEMENTS`, wide features get rotated sign bits (`RR<2d>,LSH`), others keep
+    the code scan up to `CODE_SCAN_ELEMENTS` and an inverted file over 8-bit codes beyond. Never a
+    PCA: gradient features are close to isotropic, and 512 principal components dropped `--method
+    grad` MRR from 0.863 (exact) to 0.628 (issue 12). Isotropic features also defeat the inverted
+    file's partition (recall above), so it is the last resort, where no scan fits.
 
     A trace rescores its candidates from the float16 store, so the codes only have to bring the true
-    top-100 into their top `RESCORE` × 100.
+    top-100 into their top `RESCORE` × 100 (`BINARY_RESCORE` for sign bits).
     """
     if rows * dim <= SCAN_ELEMENTS:
         return EXACT
+    if rows * dim > BINARY_ELEMENTS and BINARY_DIMS[0] <= dim <= BINARY_DIMS[1]:
+        return f"RR{2 * dim},LSH"
     if rows * dim <= CODE_SCAN_ELEMENTS:
         return "SQ8"
     # ≈ √n lists, a power of two in [16, 4096], and at least 40 rows per list for k-means
@@ -84,11 +98,24 @@ def train_index(index, blocks) -> None:
     inner.is_trained = index.is_trained = True
 
 
+def is_binary(factory: str) -> bool:
+    """Whether the factory makes binary codes compared by Hamming distance (FAISS's LSH)."""
+    return "LSH" in factory.split(",")[-1]
+
+
+def new_index(dim: int, factory: str):
+    """An empty FAISS index of `factory` with ids (FAISS id = store row): inner product, except
+    binary codes, which FAISS makes under L2 only (their distance is Hamming's whatever the metric)."""
+    import faiss
+    metric = faiss.METRIC_L2 if is_binary(factory) else faiss.METRIC_INNER_PRODUCT
+    return faiss.IndexIDMap2(faiss.index_factory(dim, factory, metric))
+
+
 def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
     """Inner-product FAISS index over `vectors`, FAISS id = row position, trained and added in blocks."""
     import faiss
     rows, dim = vectors.shape
-    index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    index = new_index(dim, factory)
     step = max(256, min(BLOCK, FAISS_BLOCK_BYTES // (4 * dim)))  # rows per block by bytes, not count
     if not index.is_trained:
         sample = np.sort(np.random.default_rng(0).choice(rows, size=min(rows, train_rows(factory)), replace=False))
@@ -140,19 +167,20 @@ class AnnIndex:
     index: object  # faiss.Index (an IndexIDMap2: FAISS id = store row)
     nprobe: int = NPROBE
     exact: bool = True
+    rescore: int = RESCORE  # candidates asked per one wanted, when approximate
 
     @classmethod
     def load(cls, path: Path, factory: str = EXACT, nprobe: int = NPROBE) -> AnnIndex:
         """The index at `path`, built with `factory` (as recorded in info.json), searching `nprobe` lists."""
         index = read_faiss(path)
         set_nprobe(index, nprobe)  # nprobe is not saved with an index
-        return cls(index, nprobe, factory == EXACT)
+        return cls(index, nprobe, factory == EXACT, BINARY_RESCORE if is_binary(factory) else RESCORE)
 
     def search(self, query: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
-        """The k best store rows for `query` (D,). An approximate index is asked for `RESCORE`× more,
+        """The k best store rows for `query` (D,). An approximate index is asked for `rescore`× more,
         rescored exactly from `rows`, the float16 store (recall on real features: BENCHMARKS.md)."""
         if self.exact:
             return self.index.search(query[None], k)[1][0]
-        ids = self.index.search(query[None], k * RESCORE)[1][0]
+        ids = self.index.search(query[None], k * self.rescore)[1][0]
         ids = np.sort(ids[ids >= 0])  # row order: the store reads forward, ties rank by row
         return ids[top_k(rows[ids].astype(np.float32) @ query, k)]

@@ -33,11 +33,14 @@ def check_factory(factory: str) -> None:
     """InputError unless FAISS can parse `factory` (made at a placeholder width of 384: whether it fits
     the gradient features' width is known only when the merge builds it)."""
     import faiss  # only when a factory is given: the CLI imports this module
-    try:
-        faiss.index_factory(384, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        raise InputError(f"FAISS cannot make {factory!r}: pass --faiss-factory a factory string such as 'Flat', "
-                         "'IVF4096,SQ8' or 'PCA512,IVF4096,SQ8', or leave it out") from None
+    for metric in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):  # binary (LSH) codes take L2 only
+        try:
+            faiss.index_factory(384, factory, metric)
+            return
+        except RuntimeError:
+            pass
+    raise InputError(f"FAISS cannot make {factory!r}: pass --faiss-factory a factory string such as 'Flat', "
+                     "'SQ8', 'LSHrt' or 'IVF4096,SQ8', or leave it out")
 
 
 @dataclass

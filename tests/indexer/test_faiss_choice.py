@@ -1,4 +1,5 @@
-"""FAISS index choice: exact while a scan is cheap, a scan of 8-bit codes, then IVF over them, nprobe applied."""
+"""FAISS index choice: exact while a scan is cheap, a scan of 8-bit codes, then rotated sign bits (wide features)
+or IVF over 8-bit codes; nprobe applied; sign bits rescored from the store."""
 
 import faiss
 import numpy as np
@@ -12,12 +13,17 @@ def test_factory_follows_rows_times_width():
     assert ann.choose_factory(26_000, 384) == "Flat"  # 10M elements: a ~20 ms scan here
     assert ann.choose_factory(1_395, 7168) == "Flat"
     assert ann.choose_factory(10_372, 7168) == "SQ8"  # the realistic world: all its codes scanned, no PCA
-    assert ann.choose_factory(100_000, 7168) == "SQ8"  # the IVF it replaced kept 0.66 of the top-10 here
-    assert ann.choose_factory(279_017, 7168) == "SQ8"  # 2G elements
-    assert ann.choose_factory(279_018, 7168) == "IVF512,SQ8"  # no scan fits: ≈ √n lists
-    assert ann.choose_factory(10_000_000, 7168) == "IVF4096,SQ8"
+    assert ann.choose_factory(27_901, 7168) == "SQ8"  # 200M elements: the codes still weigh less than a rotation
+    # then rotated sign bits, 2 a dimension: the IVF the code scan replaced kept 0.66 of the top-10 at 100k
+    assert ann.choose_factory(27_902, 7168) == "RR14336,LSH"
+    assert ann.choose_factory(10_000_000, 7168) == "RR14336,LSH"
+    assert ann.choose_factory(100_000, 4096) == "RR8192,LSH"
+    # narrow features (MiniLM's 384) and very wide ones (a 2d × d rotation over 512 MB) keep 8-bit codes
     assert ann.choose_factory(1_000_000, 384) == "SQ8"
     assert ann.choose_factory(10_000_000, 384) == "IVF4096,SQ8"
+    assert ann.choose_factory(100_000, 2048) == "SQ8"
+    assert ann.choose_factory(69_000, 28_672) == "SQ8"  # 16 × 16 projections: 2G elements
+    assert ann.choose_factory(70_000, 28_672) == "IVF256,SQ8"  # no scan fits: ≈ √n lists
     assert ann.train_rows("IVF4096,SQ8") == ann.TRAIN_ROWS and ann.train_rows("IVF32,SQ8") == 20_000
 
 
@@ -76,3 +82,28 @@ def test_an_approximate_index_rescores_its_candidates_from_the_store(tmp_path):
         truth = ann.top_k(rows.astype(np.float32) @ q, 10)
         assert np.array_equal(approx.search(q, 10, rows), truth)  # every list searched: exact scores
         assert set(exact.search(q, 10, rows)) == set(truth)
+
+
+@pytest.mark.parametrize("factory", ["LSH", "LSHrt"])
+def test_binary_codes_choose_candidates_that_are_rescored_from_the_store(tmp_path, factory):
+    # sign bits compared by Hamming distance: FAISS makes them under L2 only, and a trace asks them for
+    # BINARY_RESCORE × the rows it wants, every score then read from the float16 store
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 512)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    queries = x[:40] + 0.7 * rng.standard_normal((40, 512)).astype(np.float32) / np.sqrt(512)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    rows = x.astype(np.float16)
+    ann.build_faiss(rows, tmp_path / "b.faiss", factory)
+    index = ann.AnnIndex.load(tmp_path / "b.faiss", factory)
+    assert not index.exact and index.rescore == ann.BINARY_RESCORE
+    recall = []
+    for i, q in enumerate(queries):
+        truth = ann.top_k(rows.astype(np.float32) @ q, 10)
+        found = index.search(q, 10, rows)
+        assert found[0] == i  # each query's own row, found and ranked first by its exact score
+        assert np.all(np.diff(rows[found].astype(np.float32) @ q) <= 0)  # in exact-score order
+        recall.append(len(set(truth) & set(found)) / 10)
+    # isotropic Gaussians are the hardest case for sign bits; the 200 candidates are 1/15 of the rows
+    assert np.mean(recall) > 0.6
+    assert BuildConfig(factory=factory).factory == factory  # accepted from --faiss-factory

@@ -1,5 +1,5 @@
-"""A build whose FAISS indexes are approximate (IVF + 8-bit codes) ranks like the exact one: a trace
-rescores a widened candidate list exactly from the float16 store."""
+"""A build whose FAISS indexes are approximate (8-bit codes, an inverted file, rotated sign bits) ranks like
+the exact one: a trace rescores a widened candidate list exactly from the float16 store."""
 
 import numpy as np
 import pytest
@@ -30,20 +30,24 @@ def test_an_ivf_build_ranks_as_the_exact_build(tmp_path, indexed):
             assert all(abs(a.score - e.score) < 1e-5 for a, e in zip(approx.hits, exact.hits))
 
 
-@pytest.mark.parametrize("budget, kind", [(50_000, "SQ8"), (1_000, "IVF")])
+@pytest.mark.parametrize("budget, kind, dense_kind", [(50_000, "SQ8", "SQ8"), (1_000, "IVF", "IVF"),
+                                                     (50_000, "RR", "SQ8")])
 def test_past_the_scan_budget_the_automatic_index_keeps_the_default_ranking(tmp_path, indexed, monkeypatch,
-                                                                            budget, kind):
+                                                                            budget, kind, dense_kind):
     # small budgets make the tiny world's automatic indexes approximate, as a large corpus's are
-    # (a scan of 8-bit codes, or an inverted file): the default path must rank as the exact build
+    # (a scan of 8-bit codes, an inverted file, or rotated sign bits for the wide gradient features):
+    # the default path must rank as the exact build
     monkeypatch.setattr(ann, "SCAN_ELEMENTS", budget)
     monkeypatch.setattr(ann, "CODE_SCAN_ELEMENTS", 20 * budget)
+    monkeypatch.setattr(ann, "BINARY_ELEMENTS", 2 * budget if kind == "RR" else 10**12)
+    monkeypatch.setattr(ann, "BINARY_DIMS", (1024, 8192))  # the gradient features' width, not MiniLM's 384
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/w.db")
     corpus, _ = indexed.world.write(tmp_path / "world")
     catalog.ingest(settings, corpus, "world")
     catalog.add_model(settings, indexed.model_dir, "tiny")
     jobs.index_here(settings, "world", "tiny")
     info = store.read_info(next(settings.stores.iterdir()))
-    assert info["faiss_factory"].startswith(kind) and info["dense_faiss_factory"].startswith(kind)
+    assert info["faiss_factory"].startswith(kind) and info["dense_faiss_factory"].startswith(dense_kind)
     assert "PCA" not in info["faiss_factory"]  # the full width: PCA threw the gradient signal away
 
     same = []
