@@ -28,9 +28,11 @@ TRAIN_ROWS = 160_000  # rows an index trains on at most: 40 per list at 4096 lis
 # always in their top 100 (0.994; BENCHMARKS.md)
 RESCORE = 4
 # Sign bits (FAISS's LSH, Hamming distance) rank more coarsely than 8-bit codes, so a trace rescores
-# this many times the candidates it wants: behind a random rotation to 2 bits a dimension they put
-# 0.999 of the true top-10 in their top 2,000 at 10k and 100k real-feature rows (BENCHMARKS.md)
-BINARY_RESCORE = 20
+# this many times the candidates it wants. Chosen on the dev seed's real-feature rows, 2 bits a
+# dimension behind a random rotation: a pool of 2,000 kept 0.999 of the true top-10 at 100k rows but
+# 0.986 at 1M; 4,000 kept 0.999 and 0.996 (BENCHMARKS.md). Rescoring 4,000 float16 rows of 7,168
+# dims costs ~50 ms a trace, against ~28 ms for 2,000.
+BINARY_RESCORE = 40
 EXACT = "Flat"
 
 
@@ -38,15 +40,16 @@ EXACT = "Flat"
 # features (the realistic world's rows, 7,168 dims) it kept recall@100 at 1.000 after rescoring 400,
 # in 9 ms at 10,372 rows and 80 ms at 100,000 (real rows plus real row differences) on one idle
 # thread, where an inverted file (IVF256,SQ8) kept 0.660 of the top-10 at 32 probes and 0.818 at
-# 128. Sign bits (below) scan 8× fewer bytes, so wide features switch to them early (BINARY_ELEMENTS).
+# 128. Sign bits (below) scan 8× fewer bytes, so wide features switch to them first (BINARY_ELEMENTS).
 CODE_SCAN_ELEMENTS = 200 * SCAN_ELEMENTS
 # Past this many elements wide features get sign bits behind a random rotation to twice their width
-# (`RR<2d>,LSH`: 2 bits a dimension, 1,792 bytes a document at 7,168 dims): at 100k real-feature rows
-# they kept 0.999 of the rescored top-10 and 0.983 of the top-100 in 22 ms, against the code scan's
-# 80 ms. Their rotation matrix (2d × d float32, 411 MB at 7,168 dims) outweighs 8-bit codes below
-# ~28k rows at that width, which is where this is set. The rotation keeps the scales the signs alone
-# would lose (the per-checkpoint weights): without it (`LSH`) only 0.93 of the top-10 came back.
-BINARY_ELEMENTS = 20 * SCAN_ELEMENTS
+# (`RR<2d>,LSH`: 2 bits a dimension, 1,792 bytes a document at 7,168 dims). Their trace costs the
+# query's rotation (~15 ms), the scan (~2 ms per 10k rows) and rescoring 4,000 rows (~50 ms); the
+# 8-bit code scan costs ~8 ms per 10k rows and rescores 400 (~6 ms), so it stays cheaper up to
+# ~100k rows at 7,168 dims, where this is set (one idle thread; BENCHMARKS.md). The rotation keeps
+# the scales the signs alone would lose (the per-checkpoint weights): without it (`LSH`) only 0.93
+# of the top-10 came back. Its matrix (2d × d float32) is 411 MB at 7,168 dims.
+BINARY_ELEMENTS = 70 * SCAN_ELEMENTS
 BINARY_DIMS = (4096, 8192)  # sign bits need width; the rotation matrix must stay ≤ 512 MB
 
 
@@ -112,7 +115,8 @@ def new_index(dim: int, factory: str):
 
 
 def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:
-    """Inner-product FAISS index over `vectors`, FAISS id = row position, trained and added in blocks."""
+    """FAISS index over `vectors` (inner product; Hamming for sign bits), FAISS id = row position, trained
+    and added in blocks."""
     import faiss
     rows, dim = vectors.shape
     index = new_index(dim, factory)

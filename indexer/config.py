@@ -40,7 +40,7 @@ def check_factory(factory: str) -> None:
         except RuntimeError:
             pass
     raise InputError(f"FAISS cannot make {factory!r}: pass --faiss-factory a factory string such as 'Flat', "
-                     "'SQ8', 'LSHrt' or 'IVF4096,SQ8', or leave it out")
+                     "'SQ8', 'LSHr' or 'IVF4096,SQ8', or leave it out")
 
 
 @dataclass
