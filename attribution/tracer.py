@@ -23,7 +23,7 @@ from attribution.methods import METHODS
 from attribution.text_query import derive as derive_text_query, learn_markers
 from db.errors import InputError
 from indexer import lexical, semantic, store
-from indexer.ann import AnnIndex, top_k
+from indexer.ann import AnnIndex, rescored, top_k
 from indexer.config import NPROBE, BuildConfig, Runtime
 from indexer.curvature import Curvature
 from indexer.gradients import collate, featurizer_for
@@ -227,8 +227,8 @@ class Tracer:
         pool = np.unique(pools[method] if method != "hybrid" else np.concatenate(list(pools.values())))
         pool = pool[(pool >= 0) & ~np.isin(pool, self.removed)]
         raw = {
-            "grad": self.grad[pool].astype(np.float32) @ q_grad,
-            "dense": self.dense[pool].astype(np.float32) @ q_dense,
+            "grad": rescored(self.grad, pool, q_grad),
+            "dense": rescored(self.dense, pool, q_dense),
             "bm25": bm25[pool],
         }
         timings["candidates"] = time.perf_counter() - t

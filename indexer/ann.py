@@ -29,10 +29,10 @@ TRAIN_ROWS = 160_000  # rows an index trains on at most: 40 per list at 4096 lis
 RESCORE = 4
 # Sign bits (FAISS's LSH, Hamming distance) rank more coarsely than 8-bit codes, so a trace rescores
 # this many times the candidates it wants. Chosen on the dev seed's real-feature rows, 2 bits a
-# dimension behind a random rotation: a pool of 2,000 kept 0.999 of the true top-10 at 100k rows but
-# 0.986 at 1M; 4,000 kept 0.999 and 0.996 (BENCHMARKS.md). Rescoring 4,000 float16 rows of 7,168
-# dims costs ~50 ms a trace, against ~28 ms for 2,000.
-BINARY_RESCORE = 40
+# dimension behind a random rotation: at 1M rows a pool of 2,000 kept 0.986 of the true top-10,
+# 4,000 kept 0.996 (and 0.981 of the top-100), 8,000 kept 0.998 and 0.991 (BENCHMARKS.md).
+# Rescoring 8,000 float16 rows of 7,168 dims costs ~20 ms a trace (`rescored`).
+BINARY_RESCORE = 80
 EXACT = "Flat"
 
 
@@ -44,12 +44,12 @@ EXACT = "Flat"
 CODE_SCAN_ELEMENTS = 200 * SCAN_ELEMENTS
 # Past this many elements wide features get sign bits behind a random rotation to twice their width
 # (`RR<2d>,LSH`: 2 bits a dimension, 1,792 bytes a document at 7,168 dims). Their trace costs the
-# query's rotation (~15 ms), the scan (~2 ms per 10k rows) and rescoring 4,000 rows (~50 ms); the
-# 8-bit code scan costs ~8 ms per 10k rows and rescores 400 (~6 ms), so it stays cheaper up to
-# ~100k rows at 7,168 dims, where this is set (one idle thread; BENCHMARKS.md). The rotation keeps
-# the scales the signs alone would lose (the per-checkpoint weights): without it (`LSH`) only 0.93
-# of the top-10 came back. Its matrix (2d × d float32) is 411 MB at 7,168 dims.
-BINARY_ELEMENTS = 70 * SCAN_ELEMENTS
+# query's rotation (~15 ms), the scan (~2 ms per 10k rows) and rescoring 8,000 rows (~20 ms); the
+# 8-bit code scan costs ~8 ms per 10k rows and ~3 ms to rescore 400 (one idle thread; BENCHMARKS.md).
+# The two cross near 55k rows at 7,168 dims, where the rotation matrix (2d × d float32, 411 MB) also
+# weighs what the codes it replaces do: this is set there. The rotation keeps the scales the signs
+# alone would lose (the per-checkpoint weights): without it (`LSH`) only 0.93 of the top-10 came back.
+BINARY_ELEMENTS = 40 * SCAN_ELEMENTS
 BINARY_DIMS = (4096, 8192)  # sign bits need width; the rotation matrix must stay ≤ 512 MB
 
 
@@ -187,4 +187,15 @@ class AnnIndex:
             return self.index.search(query[None], k)[1][0]
         ids = self.index.search(query[None], k * self.rescore)[1][0]
         ids = np.sort(ids[ids >= 0])  # row order: the store reads forward, ties rank by row
-        return ids[top_k(rows[ids].astype(np.float32) @ query, k)]
+        return ids[top_k(rescored(rows, ids, query), k)]
+
+
+def rescored(rows: np.ndarray, ids: np.ndarray, query: np.ndarray, block: int = 256) -> np.ndarray:
+    """`rows[ids].astype(np.float32) @ query`, the same values, a block of rows at a time: torch widens
+    float16 ~4× faster than numpy (4,000 rows of 7,168: 13 ms against 50), and the blocks stay in cache."""
+    import torch
+    out = np.empty(len(ids), dtype=np.float32)
+    for i in range(0, len(ids), block):
+        part = torch.from_numpy(np.ascontiguousarray(rows[ids[i:i + block]])).float().numpy()
+        out[i:i + block] = part @ query
+    return out

@@ -13,9 +13,9 @@ def test_factory_follows_rows_times_width():
     assert ann.choose_factory(26_000, 384) == "Flat"  # 10M elements: a ~20 ms scan here
     assert ann.choose_factory(1_395, 7168) == "Flat"
     assert ann.choose_factory(10_372, 7168) == "SQ8"  # the realistic world: all its codes scanned, no PCA
-    assert ann.choose_factory(97_656, 7168) == "SQ8"  # 700M elements: the code scan still costs a trace less
+    assert ann.choose_factory(55_803, 7168) == "SQ8"  # 400M elements: the code scan still costs a trace less
     # then rotated sign bits, 2 a dimension: the IVF the code scan replaced kept 0.66 of the top-10 at 100k
-    assert ann.choose_factory(97_657, 7168) == "RR14336,LSH"
+    assert ann.choose_factory(55_804, 7168) == "RR14336,LSH"
     assert ann.choose_factory(10_000_000, 7168) == "RR14336,LSH"
     assert ann.choose_factory(200_000, 4096) == "RR8192,LSH"
     # narrow features (MiniLM's 384) and very wide ones (a 2d × d rotation over 512 MB) keep 8-bit codes
@@ -104,6 +104,6 @@ def test_binary_codes_choose_candidates_that_are_rescored_from_the_store(tmp_pat
         assert found[0] == i  # each query's own row, found and ranked first by its exact score
         assert np.all(np.diff(rows[found].astype(np.float32) @ q) <= 0)  # in exact-score order
         recall.append(len(set(truth) & set(found)) / 10)
-    # isotropic Gaussians are the hardest case for sign bits; the 400 candidates are 2/15 of the rows
+    # isotropic Gaussians are the hardest case for sign bits; the 800 candidates are 4/15 of the rows
     assert np.mean(recall) > 0.6
     assert BuildConfig(factory=factory).factory == factory  # accepted from --faiss-factory
