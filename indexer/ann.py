@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer import pca as pca_fit
-from indexer.config import NPROBE
+from indexer.config import NPROBE, faiss_metric, is_binary
 from indexer.store import BLOCK, release
 
 # Exact search while rows × dims stays under this. A single-query Flat inner-product scan (one thread,
@@ -101,17 +101,10 @@ def train_index(index, blocks) -> None:
     inner.is_trained = index.is_trained = True
 
 
-def is_binary(factory: str) -> bool:
-    """Whether the factory makes binary codes compared by Hamming distance (FAISS's LSH)."""
-    return "LSH" in factory.split(",")[-1]
-
-
 def new_index(dim: int, factory: str):
-    """An empty FAISS index of `factory` with ids (FAISS id = store row): inner product, except
-    binary codes, which FAISS makes under L2 only (their distance is Hamming's whatever the metric)."""
+    """An empty FAISS index of `factory` with ids (FAISS id = store row), under its metric."""
     import faiss
-    metric = faiss.METRIC_L2 if is_binary(factory) else faiss.METRIC_INNER_PRODUCT
-    return faiss.IndexIDMap2(faiss.index_factory(dim, factory, metric))
+    return faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss_metric(factory)))
 
 
 def build_faiss(vectors: np.ndarray, path: Path, factory: str) -> None:

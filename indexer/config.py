@@ -29,18 +29,27 @@ def config_help(cls, name: str) -> str:
     raise KeyError(f"{getattr(cls, '__name__', cls)} has no field {name!r}")
 
 
+def is_binary(factory: str) -> bool:
+    """Whether the factory makes binary codes compared by Hamming distance (FAISS's LSH)."""
+    return "LSH" in factory.split(",")[-1]
+
+
+def faiss_metric(factory: str):
+    """The metric an index of `factory` is made under: inner product, except binary codes, which FAISS
+    makes under L2 only (their distance is Hamming's whatever the metric)."""
+    import faiss
+    return faiss.METRIC_L2 if is_binary(factory) else faiss.METRIC_INNER_PRODUCT
+
+
 def check_factory(factory: str) -> None:
     """InputError unless FAISS can parse `factory` (made at a placeholder width of 384: whether it fits
     the gradient features' width is known only when the merge builds it)."""
     import faiss  # only when a factory is given: the CLI imports this module
-    for metric in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):  # binary (LSH) codes take L2 only
-        try:
-            faiss.index_factory(384, factory, metric)
-            return
-        except RuntimeError:
-            pass
-    raise InputError(f"FAISS cannot make {factory!r}: pass --faiss-factory a factory string such as 'Flat', "
-                     "'SQ8', 'LSHr' or 'IVF4096,SQ8', or leave it out")
+    try:
+        faiss.index_factory(384, factory, faiss_metric(factory))
+    except RuntimeError:
+        raise InputError(f"FAISS cannot make {factory!r}: pass --faiss-factory a factory string such as 'Flat', "
+                         "'SQ8', 'LSHr' or 'IVF4096,SQ8', or leave it out") from None
 
 
 @dataclass
