@@ -167,13 +167,13 @@ def rotated_adder(index):
     `rotate` applying the rotation, `add` adding rows already rotated; None for any other index."""
     import faiss
     inner = faiss.downcast_index(index.index)
-    inner.referenced_objects = [index]  # the id map holds the object that owns the index
+    inner.referenced_objects = [index]  # returned without the id map, which holds the object that owns it
     if isinstance(inner, faiss.IndexPreTransform) and inner.chain.size() == 1:
         rr, lsh = faiss.downcast_VectorTransform(inner.chain.at(0)), faiss.downcast_index(inner.index)
         if isinstance(rr, faiss.RandomRotationMatrix) and isinstance(lsh, faiss.IndexLSH) and not lsh.rotate_data:
             def add(x):
                 lsh.add(x)
-                inner.ntotal = lsh.ntotal
+                inner.ntotal = lsh.ntotal  # the transform in front counts what it holds itself
             return inner, rr.apply, add
     if isinstance(inner, faiss.IndexLSH) and inner.rotate_data and not inner.train_thresholds:
         def add(x):
@@ -184,7 +184,7 @@ def rotated_adder(index):
     return None
 
 
-def candidates(index, queries: np.ndarray, k: int, first: int) -> tuple[list, list, list]:
+def candidates(index, queries: np.ndarray, k: int, first: int) -> tuple[list, list]:
     """Each query's top-k (distances, row ids) from `index`, one query at a time, and the seconds each took."""
     found, seconds = [], []
     for q in queries:
