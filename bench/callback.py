@@ -118,42 +118,51 @@ def quality(args) -> dict:
     """Both builds through the product's default path (bench.product_path: ingest, `index` or
     `index --from-training`, `trace` with each method), MRR per method and tail-patch of each
     method's top-10, on the questions both models answer correctly (the two training runs are two
-    models, so each answers its own set; the comparison is on the shared one)."""
+    models, so each answers its own set; the comparison is on the shared one). Each `--keep` is
+    one more from-training build, summing only that many exposures per document and checkpoint."""
     from bench import product_path as pp
     from indexer.config import BuildConfig
     from service.training_builds import index_from_training
 
     base = OUT / f"callback-{args.world}"
     plain, trained = (Path(m) for m in args.models) if args.models else (base / "plain-0", base / "callback-0")
+    data = base / f"seed{args.seed}"  # each seed's builds apart: pp.build caches by folder name
     w = make(args.world, args.seed)
-    corpus = w.write(base / "world")
-    offline, offline_s = pp.build(base, corpus, plain, BuildConfig(), "data-offline")
-    shutil.rmtree(base / "data-training", ignore_errors=True)  # always published afresh: it takes a minute
-    recorded, recorded_s = pp.build(base, corpus, trained, None, "data-training",
-                                    publish=lambda st: index_from_training(st, "world", "model"))
-    report = {"models": [str(plain), str(trained)], "build_s": {"offline": offline_s, "from_training": recorded_s}}
-    records = {name: pp.trace_all(settings, w.questions) for name, settings in
-               (("offline", offline), ("from_training", recorded))}
-    both = [a["correct"] and b["correct"] for a, b in zip(records["offline"], records["from_training"])]
+    corpus = w.write(data / "world")
+    builds, report = {}, {"models": [str(plain), str(trained)], "build_s": {}}
+    if not args.skip_offline:
+        builds["offline"], report["build_s"]["offline"] = pp.build(data, corpus, plain, BuildConfig(), "data-offline")
+    for keep in args.keep:
+        name = ("from_training" if keep == "all" else f"from_training_keep{keep}") + args.tag
+        shutil.rmtree(data / f"data-{name}", ignore_errors=True)  # always published afresh: it takes a minute
+        builds[name], report["build_s"][name] = pp.build(
+            data, corpus, trained, None, f"data-{name}",
+            publish=lambda st, k=None if keep == "all" else int(keep): index_from_training(st, "world", "model", keep=k))
+    records = {name: pp.trace_all(settings, w.questions) for name, settings in builds.items()}
+    both = [all(rs[i]["correct"] for rs in records.values()) for i in range(len(w.questions))]
     shared = {name: [{**r, "correct": ok} for r, ok in zip(rs, both)] for name, rs in records.items()}
     report["own"] = {name: pp.summary(rs) for name, rs in records.items()}
     report["shared"] = {name: pp.summary(rs) for name, rs in shared.items()}
-    report["tail_patch"] = {name: pp.tail_patch(settings, args.seed, shared[name]) for name, settings in
-                            (("offline", offline), ("from_training", recorded))}
+    report["tail_patch"] = {name: pp.tail_patch(settings, args.seed, shared[name]) for name, settings in builds.items()}
     return report
 
 
 def print_quality(q: dict) -> None:
-    print(f"questions both models answer correctly: {q['shared']['offline']['answered']}")
-    methods = list(q["shared"]["offline"]["mrr"])
-    print(f"{'build':<14}" + "".join(f"{m:>9}" for m in methods) + f"{'trap':>9}" +
-          "".join(f"{'tp ' + m:>12}" for m in ("default", "grad", "dense", "bm25", "random")))
-    for name in ("offline", "from_training"):
-        mrr, tp = q["shared"][name]["mrr"], q["tail_patch"][name]["mean_top10_delta"]
-        trap = mrr["default"]["trap"]
-        print(f"{name:<14}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods)
-              + (f"{trap:>9.3f}" if trap is not None else f"{'-':>9}")
-              + "".join(f"{tp.get(m, float('nan')):>12.3f}" for m in ("default", "grad", "dense", "bm25", "random")))
+    first = next(iter(q["shared"].values()))
+    print(f"questions both models answer correctly: {first['answered']}")
+    methods = list(first["mrr"])
+    for key, title in (("mrr", "MRR, every document stating the fact"), ("mrr_statements", "MRR, the fact's statements only")):
+        if not first.get(key):
+            continue
+        print(f"{title}; tail-patch (tp) of each method's top-10")
+        print(f"{'build':<28}" + "".join(f"{m:>9}" for m in methods) + f"{'trap':>9}" +
+              "".join(f"{'tp ' + m:>12}" for m in ("default", "grad", "dense", "bm25", "random")))
+        for name in q["shared"]:
+            mrr, tp = q["shared"][name][key], q["tail_patch"][name]["mean_top10_delta"]
+            trap = mrr["default"]["trap"]
+            print(f"{name:<28}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods)
+                  + (f"{trap:>9.3f}" if trap is not None else f"{'-':>9}")
+                  + "".join(f"{tp.get(m, float('nan')):>12.3f}" for m in ("default", "grad", "dense", "bm25", "random")))
 
 
 def main():
@@ -167,6 +176,10 @@ def main():
     ap.add_argument("--reuse", action="store_true", help="compare the builds of the last run's models only")
     ap.add_argument("--models", nargs=2, metavar=("PLAIN", "CALLBACK"),
                     help="with --reuse: the two training output folders to compare (default: run 0's)")
+    ap.add_argument("--keep", nargs="+", default=["all"],
+                    help="from-training builds to compare: 'all' exposures, or K nearest each checkpoint")
+    ap.add_argument("--skip-offline", action="store_true", help="compare from-training builds only")
+    ap.add_argument("--tag", default="", help="a suffix for the from-training builds' folders and names")
     ap.add_argument("--train-one", choices=("plain", "callback"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,7 +187,7 @@ def main():
         print(json.dumps(train_once(args.world, args.seed, args.out, args.train_one == "callback", args.epochs)))
         return
     make(args.world, args.seed)  # fail on a missing world before any training
-    path = OUT / f"callback-{args.world}{'-timing' if args.timing_only else ''}.json"
+    path = OUT / f"callback-{args.world}{'-timing' if args.timing_only else f'-{args.seed}{args.tag}'}.json"
     if args.reuse:  # the models are there: no training, keep the last run's timings if any
         fresh = {"world": args.world, "seed": args.seed}
         report = json.loads(path.read_text()) if path.exists() and not args.models else fresh

@@ -44,8 +44,8 @@ def default_build(seed: int):
     from bench import product_path as pp
     from indexer.config import BuildConfig
     from service.settings import Settings
-    data = OUT / "callback-realistic" / "data-offline"
-    if (data / "bench.db").exists() and seed == json.loads((OUT / "callback-realistic.json").read_text())["seed"]:
+    data = OUT / "callback-realistic" / f"seed{seed}" / "data-offline"  # bench.callback's, when made
+    if (data / "bench.db").exists():
         return Settings(data_dir=data, database_url=f"sqlite:///{data.resolve()}/bench.db")
     corpus, model, _ = pp.world_and_model("realistic", seed)
     return pp.build(OUT / f"realistic-seed{seed}", corpus, model, BuildConfig(), "data")[0]
