@@ -118,8 +118,7 @@ def quality(args) -> dict:
     """Both builds through the product's default path (bench.product_path: ingest, `index` or
     `index --from-training`, `trace` with each method), MRR per method and tail-patch of each
     method's top-10, on the questions both models answer correctly (the two training runs are two
-    models, so each answers its own set; the comparison is on the shared one). Each `--keep` is
-    one more from-training build, summing only that many exposures per document and checkpoint."""
+    models, so each answers its own set; the comparison is on the shared one)."""
     from bench import product_path as pp
     from indexer.config import BuildConfig
     from service.training_builds import index_from_training
@@ -132,12 +131,10 @@ def quality(args) -> dict:
     builds, report = {}, {"models": [str(plain), str(trained)], "build_s": {}}
     if not args.skip_offline:
         builds["offline"], report["build_s"]["offline"] = pp.build(data, corpus, plain, BuildConfig(), "data-offline")
-    for keep in args.keep:
-        name = ("from_training" if keep == "all" else f"from_training_keep{keep}") + args.tag
-        shutil.rmtree(data / f"data-{name}", ignore_errors=True)  # always published afresh: it takes a minute
-        builds[name], report["build_s"][name] = pp.build(
-            data, corpus, trained, None, f"data-{name}",
-            publish=lambda st, k=None if keep == "all" else int(keep): index_from_training(st, "world", "model", keep=k))
+    name = "from_training" + args.tag
+    shutil.rmtree(data / f"data-{name}", ignore_errors=True)  # always published afresh: it takes a minute
+    builds[name], report["build_s"][name] = pp.build(data, corpus, trained, None, f"data-{name}",
+                                                     publish=lambda st: index_from_training(st, "world", "model"))
     records = {name: pp.trace_all(settings, w.questions) for name, settings in builds.items()}
     both = [all(rs[i]["correct"] for rs in records.values()) for i in range(len(w.questions))]
     shared = {name: [{**r, "correct": ok} for r, ok in zip(rs, both)] for name, rs in records.items()}
@@ -176,10 +173,8 @@ def main():
     ap.add_argument("--reuse", action="store_true", help="compare the builds of the last run's models only")
     ap.add_argument("--models", nargs=2, metavar=("PLAIN", "CALLBACK"),
                     help="with --reuse: the two training output folders to compare (default: run 0's)")
-    ap.add_argument("--keep", nargs="+", default=["all"],
-                    help="from-training builds to compare: 'all' exposures, or K nearest each checkpoint")
-    ap.add_argument("--skip-offline", action="store_true", help="compare from-training builds only")
-    ap.add_argument("--tag", default="", help="a suffix for the from-training builds' folders and names")
+    ap.add_argument("--skip-offline", action="store_true", help="the from-training build only")
+    ap.add_argument("--tag", default="", help="a suffix for the from-training build's folder and name")
     ap.add_argument("--train-one", choices=("plain", "callback"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

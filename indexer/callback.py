@@ -312,17 +312,13 @@ def nearest(steps, ckpt_steps: list[int]) -> np.ndarray:
     return d.shape[1] - 1 - np.argmin(d[:, ::-1], axis=1)
 
 
-def _unit_stats(unit: Path, ckpt_steps: list[int], stats: list[Stats], only=None) -> None:
+def _unit_stats(unit: Path, ckpt_steps: list[int], stats: list[Stats]) -> None:
     """Add each step's K-FAC sums of `unit` to the stats of its nearest checkpoint."""
     with np.load(unit / "stats.npz") as z:
         arrays = {key: z[key] for key in z.files}  # an npz re-reads its member on every access
     names, target = [str(n) for n in arrays["names"]], nearest(arrays["steps"], ckpt_steps)
     for c in np.unique(target):
         pick = target == c
-        if only is not None:
-            pick = pick & np.isin(arrays["steps"], only[c])
-            if not pick.any():
-                continue
         stats[c].add(Stats({n: LayerStats(arrays[f"{i}.a"][pick].sum(0), arrays[f"{i}.s"][pick].sum(0),
                                           float(arrays[f"{i}.t"][pick].sum())) for i, n in enumerate(names)}))
 
@@ -337,30 +333,10 @@ def _add_rows(out: np.ndarray, rows: np.ndarray, block: np.ndarray) -> None:
     out[unique] += np.add.reduceat(block[order], starts, axis=0)
 
 
-def nearest_exposures(units_rows: list[np.ndarray], units_steps: list[np.ndarray], ckpt_steps: list[int],
-                      keep: int | None) -> list[np.ndarray]:
-    """Per unit, a mask of the exposures a block sums: of each (document, checkpoint) pair's
-    exposures, the `keep` whose weight-version steps are nearest the checkpoint's (None: all)."""
-    if keep is None:
-        return [np.ones(len(r), dtype=bool) for r in units_rows]
-    rows, steps = np.concatenate(units_rows), np.concatenate(units_steps).astype(np.int64)
-    target = nearest(steps, ckpt_steps)
-    gap = np.abs(steps - np.asarray(ckpt_steps, dtype=np.int64)[target])
-    order = np.lexsort((gap, target, rows))  # by document, then checkpoint, nearest first
-    pair = rows[order] * len(ckpt_steps) + target[order]
-    first = np.r_[0, np.flatnonzero(np.diff(pair)) + 1]
-    place = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
-    chosen = np.zeros(len(order), dtype=bool)
-    chosen[order[place < keep]] = True
-    return np.split(chosen, np.cumsum([len(r) for r in units_rows])[:-1])
-
-
-def write_training_shard(root: Path, folder: Path, row_of: dict[str, int], ckpt_steps: list[int],
-                         keep: int | None = None) -> dict:
+def write_training_shard(root: Path, folder: Path, row_of: dict[str, int], ckpt_steps: list[int]) -> dict:
     """A build shard from the recorded units: `raw-c{c}.npy` (rows × D) holds Σ lr_t g_t of each
-    document's exposures whose weights are nearest checkpoint c (with `keep`, only the `keep` of them
-    nearest it), `stats-c{c}.npz` those steps' K-FAC sums. Returns the shard's gradient meta and each
-    block's learning-rate mass (Σ lr_t of its steps, every step: the checkpoint's share of training)."""
+    document's exposures whose weights are nearest checkpoint c, `stats-c{c}.npz` those steps' K-FAC
+    sums. Returns the shard's gradient meta and each block's learning-rate mass (Σ lr_t of its steps)."""
     lrs = {int(k): v for k, v in read_info(root)["learning_rates"].items()}
     units = written_units(root)
     metas = [json.loads((u / "unit.json").read_text()) for u in units]
@@ -368,25 +344,17 @@ def write_training_shard(root: Path, folder: Path, row_of: dict[str, int], ckpt_
     raws = [np.lib.format.open_memmap(folder / f"raw-c{c}.npy", mode="w+", dtype=np.float32,
                                       shape=(len(set(row_of.values())), dim)) for c in range(len(ckpt_steps))]
     stats = [Stats() for _ in ckpt_steps]
-    unit_rows = [np.array([row_of[str(i)] for i in np.load(u / "ids.npy")], dtype=np.int64) for u in units]
-    unit_steps = [np.load(u / "steps.npy") for u in units]
-    masks = nearest_exposures(unit_rows, unit_steps, ckpt_steps, keep)
-    only = None
-    if os.environ.get("WF_EXP") == "epochstats":
-        every = np.array(sorted(lrs))
-        epoch = round(len(every) * len(set(row_of.values())) / sum(m["rows"] for m in metas))
-        only = [every[np.argsort(np.abs(every - c), kind="stable")[:epoch]] for c in ckpt_steps]
-    for unit, meta, rows, steps, mask in zip(units, metas, unit_rows, unit_steps, masks):
-        target = nearest(steps, ckpt_steps)
+    for unit, meta in zip(units, metas):
+        ids, steps = np.load(unit / "ids.npy"), np.load(unit / "steps.npy")
+        rows, target = np.array([row_of[str(i)] for i in ids], dtype=np.int64), nearest(steps, ckpt_steps)
         weight = np.array([lrs[int(s)] for s in steps], dtype=np.float32)
         raw = np.memmap(unit / "raw.f32", dtype=np.float32, mode="r", shape=(meta["rows"], dim))
         for start in range(0, meta["rows"], BLOCK):
             part = slice(start, start + BLOCK)
             block = np.array(raw[part]) * weight[part, None]
             for c, out in enumerate(raws):
-                pick = (target[part] == c) & mask[part]
-                _add_rows(out, rows[part][pick], block[pick])
-        _unit_stats(unit, ckpt_steps, stats, only)
+                _add_rows(out, rows[part][target[part] == c], block[target[part] == c])
+        _unit_stats(unit, ckpt_steps, stats)
     for out, st, c in zip(raws, stats, range(len(raws))):
         out.flush()
         st.save(folder / f"stats-c{c}.npz")
@@ -396,4 +364,4 @@ def write_training_shard(root: Path, folder: Path, row_of: dict[str, int], ckpt_
     n = len(ckpt_steps)
     return {"dims": [dim] * n, "adam_normalised_layers": [metas[-1]["adam_normalised_layers"]] * n,
             "layers": [metas[-1]["layers"]] * n, "learning_rate_mass": mass,
-            "exposures": sum(m["rows"] for m in metas), "summed": int(sum(m.sum() for m in masks))}
+            "exposures": sum(m["rows"] for m in metas)}

@@ -44,10 +44,9 @@ def _blocks(info: dict, ckpts: list[CheckpointInfo], model: str) -> list[Checkpo
 
 
 def index_from_training(settings: Settings, corpus: str, model: str, config: BuildConfig | None = None,
-                        progress=None, keep: int | None = None) -> BuildOutcome:
+                        progress=None) -> BuildOutcome:
     """Publish model `model`'s training store over corpus `corpus`; `config` gives FAISS options only
-    (the gradient config is the one recorded); `keep`: sum only each document's `keep` exposures
-    nearest each checkpoint (`indexer.callback.nearest_exposures`; None: all of them)."""
+    (the gradient config is the one recorded)."""
     with transaction(settings.database_url) as s:
         c_row, m_row = repo.corpus_by_name(s, corpus), repo.model_by_name(s, model)
         docs = [(d.id, d.external_id, d.text) for d in repo.corpus_documents(s, c_row.id)]
@@ -73,7 +72,7 @@ def index_from_training(settings: Settings, corpus: str, model: str, config: Bui
     name = f"{corpus}-{model}-training-{uuid.uuid4().hex[:8]}"
     work, lock = store.partial_dir(settings.stores / name)  # locked: `wherefrom doctor --fix` leaves it alone
     try:
-        out = _merge(root, work, by_ext, rows, blocks, config, info, corpus, model, progress, keep)
+        out = _merge(root, work, by_ext, rows, blocks, config, info, corpus, model, progress)
         return _publish(settings, out, settings.stores / name, corpus_id, model_id, rows, blocks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -81,13 +80,13 @@ def index_from_training(settings: Settings, corpus: str, model: str, config: Bui
 
 
 def _merge(root: Path, work: Path, row_of: dict, rows: list, blocks: list[CheckpointInfo], config: BuildConfig,
-           info: dict, corpus: str, model: str, progress, keep: int | None) -> tuple[Path, dict]:
+           info: dict, corpus: str, model: str, progress) -> tuple[Path, dict]:
     from indexer.callback import write_training_shard
 
     bars = progress or (lambda *_: None)
     shard = work / "shard"
     shard.mkdir()
-    grad = write_training_shard(root, shard, row_of, [c.step for c in blocks], keep)
+    grad = write_training_shard(root, shard, row_of, [c.step for c in blocks])
     t = time.perf_counter()
     texts = [text for _, text in rows]
     dense = semantic.embed(texts, progress=lambda n: bars("embeddings", n, len(texts)))
@@ -96,11 +95,9 @@ def _merge(root: Path, work: Path, row_of: dict, rows: list, blocks: list[Checkp
             "timings_s": {"gradients": 0.0, "embeddings": time.perf_counter() - t}}
     (shard / "meta.json").write_text(json.dumps(meta))
     weighted = [replace(c, learning_rate=m) for c, m in zip(blocks, grad["learning_rate_mass"])]
-    if os.environ.get("WF_EXP") == "closes":
-        weighted = blocks
     provenance = {"corpus": corpus, "model": model, "tokenizer_hash": blocks[0].tokenizer_hash,
                   "checkpoints": [checkpoint_record(c) for c in weighted],
-                  "from_training": {"store": str(root), "exposures": grad["exposures"], "keep": keep, "summed": grad["summed"],
+                  "from_training": {"store": str(root), "exposures": grad["exposures"],
                                     "learning_rate_mass": grad["learning_rate_mass"]}}
     out = work / "out"
     out.mkdir()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.callback import WherefromCallback, nearest_exposures
+from indexer.callback import WherefromCallback
 from indexer.config import GradientConfig
 from indexer.curvature import Stats
 from indexer.gradients import Featurizer, collate
@@ -134,18 +134,3 @@ def test_evaluation_batches_are_not_recorded(tmp_path, tiny_world):
     with torch.no_grad():
         trainer.evaluate(trainer.train_dataset)
     assert sum(len(u["ids"]) for u in units(tmp_path)) == before == 3 * DOCS
-
-
-def test_nearest_exposures_keep_each_documents_exposures_closest_to_each_checkpoint():
-    # three documents seen once an epoch for four epochs of 3 steps, saves at steps 6 and 12, the
-    # rows split over two units as a run writes them; document 2 is seen only in the first epoch
-    steps = [np.array([0, 1, 2, 3, 4, 5]), np.array([6, 7, 8, 9, 10])]
-    rows = [np.array([0, 1, 2, 1, 0, 1]), np.array([1, 0, 1, 0, 1])]
-    masks = nearest_exposures(rows, steps, [6, 12], keep=1)
-    chosen = sorted((int(r), int(s)) for rs, ss, m in zip(rows, steps, masks) for r, s in zip(rs[m], ss[m]))
-    # checkpoint 6 sums steps 0-8 (9 is nearer 12): document 0's nearest is 7, 1's is 6, 2's its only one;
-    # checkpoint 12 sums steps 9-10: document 0's 9, document 1's 10
-    assert chosen == [(0, 7), (0, 9), (1, 6), (1, 10), (2, 2)]
-    two = nearest_exposures(rows, steps, [6, 12], keep=2)
-    assert sum(int(m.sum()) for m in two) == 7  # documents 0 and 1 keep two exposures for checkpoint 6
-    assert all(m.all() for m in nearest_exposures(rows, steps, [6, 12], keep=None))
