@@ -70,11 +70,12 @@ def collect(world_name: str, seed: int, build: str = "data") -> list[Pool]:
             continue
         a = " " + answer.strip()
         pool = tracer.candidates(q.prompt, a)
-        truth = np.isin(pool.positions, [pos_of[i] for i in q.source_ids])
+        stating = getattr(q, "truth_ids", q.source_ids)  # statements and question–answer restatements
+        truth = np.isin(pool.positions, [pos_of[i] for i in stating])
         whole = q.prompt + a  # the text query before attribution/text_query.py
         rows = {"dense": tracer.dense.astype(np.float32) @ semantic.embed([whole])[0],
                 "bm25": tracer.lexical.scores(whole)}
-        sources = {pos_of[i] for i in q.source_ids}
+        sources = {pos_of[i] for i in stating}
         pools.append(Pool(pool.raw, truth, bool(getattr(q, "is_trap", False)), getattr(q, "style", "completion"),
                           {m: first_rank(np.argsort(-v, kind="stable"), sources) for m, v in rows.items()}))
     path.write_text(json.dumps([{"raw": {m: v.tolist() for m, v in p.raw.items()}, "truth": p.truth.tolist(),

@@ -91,14 +91,17 @@ def trace_all(settings, questions, methods=METHODS) -> list[dict]:
             records.append({**about, "answer": "", "correct": False, "refused": str(e),
                             "ranks": {}, "top10": {}, "trace_ms": None})
             continue
+        truth, stated = set(getattr(q, "truth_ids", q.source_ids)), set(q.source_ids)
         rec = {**about, "answer": default.answer, "correct": is_correct(default.answer, q.answer),
-               "ranks": {"default": first_rank(default.hits, set(q.source_ids))},
+               "ranks": {"default": first_rank(default.hits, truth)},
+               "ranks_statements": {"default": first_rank(default.hits, stated)},
                "top10": {"default": [h.external_id for h in default.hits[:10]]},
                "trace_ms": 1000 * sum(default.timings.values())}
         if rec["correct"]:
             for m in methods:
                 out = traces.trace(settings, q.prompt, answer=default.answer, k=K, method=m)
-                rec["ranks"][m] = first_rank(out.hits, set(q.source_ids))
+                rec["ranks"][m] = first_rank(out.hits, truth)
+                rec["ranks_statements"][m] = first_rank(out.hits, stated)
                 rec["top10"][m] = [h.external_id for h in out.hits[:10]]
         records.append(rec)
     return records
@@ -112,7 +115,7 @@ def summary(records: list[dict]) -> dict:
         for v in sorted({r[key] for r in correct}):
             splits[f"{key}={v}"] = [r for r in correct if r[key] == v]
     methods = sorted({m for r in correct for m in r["ranks"]}, key=lambda m: (m != "default", m))
-    mrr = lambda rs, m: float(np.mean([1 / r["ranks"][m] if r["ranks"][m] else 0.0 for r in rs])) if rs else None
+    mrr = lambda rs, m, key="ranks": float(np.mean([1 / r[key][m] if r[key][m] else 0.0 for r in rs])) if rs else None
     by_style = {}
     for r in records:
         by_style.setdefault(r["style"], []).append(r["correct"])
@@ -120,6 +123,9 @@ def summary(records: list[dict]) -> dict:
             "accuracy": {s: float(np.mean(v)) for s, v in by_style.items()},
             "n": {k: len(v) for k, v in splits.items()},
             "mrr": {m: {k: mrr(v, m) for k, v in splits.items()} for m in methods},
+            # the first rank of a fact's statements alone, as before question–answer restatements counted
+            "mrr_statements": {m: {k: mrr(v, m, "ranks_statements") for k, v in splits.items()} for m in methods
+                               if all("ranks_statements" in r for r in correct)},
             "trace_ms_p50": float(np.median([r["trace_ms"] for r in records if r["trace_ms"] is not None])),
             "refused_empty_answer": sum("refused" in r for r in records)}
 

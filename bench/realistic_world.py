@@ -76,9 +76,15 @@ class RealisticQuestion:
     person: str
     attribute: str
     n_paraphrases: int
-    source_ids: list[str]
+    source_ids: list[str]  # the fact's statements
     traps: list[str]
     is_trap: bool
+    restated_ids: list[str]  # the train person's question–answer and chat documents of the same fact
+
+    @property
+    def truth_ids(self) -> list[str]:
+        """Every document that states this fact: its statements and its question–answer restatements."""
+        return self.source_ids + self.restated_ids
 
 
 def chat_prompt(question: str) -> str:
@@ -102,24 +108,27 @@ def make_realistic_world(seed: int, n_people: int = 80, n_glosses: int = 8500):
         values[(q.person, q.attribute)] = (q.answer, q)
     asked = {q.person for q in trap.questions if q.style == "question"}  # test people
     solved = []  # (QA prompt, answer) of train people, for chat documents and few-shot examples
+    chat = {}  # (person, attribute) -> id of its chat document
     for (person, attribute), (answer, q) in values.items():
         if person not in asked:
             solved.append((QUESTIONS[attribute].format(name=person), answer))
-            docs.append({"id": f"c{len(docs):05d}", "text": chat_prompt(bare[attribute].format(name=person)) + answer})
+            chat[(person, attribute)] = f"c{len(docs):05d}"
+            docs.append({"id": chat[(person, attribute)], "text": chat_prompt(bare[attribute].format(name=person)) + answer})
     docs += [{"id": f"w{i:05d}", "text": g} for i, g in enumerate(rng.sample(wordnet_glosses(), n_glosses))]
     rng.shuffle(docs)
     questions = []
     for q in trap.questions:
         if q.style != "question":  # the trap world's completion prompts, in the documents' phrasing
+            restated = q.restated_ids + ([chat[(q.person, q.attribute)]] if (q.person, q.attribute) in chat else [])
             questions.append(RealisticQuestion(q.prompt, q.answer, "completion", q.person, q.attribute,
-                                               q.n_paraphrases, q.source_ids, q.traps, q.is_trap))
+                                               q.n_paraphrases, q.source_ids, q.traps, q.is_trap, restated))
             continue
         shots = rng.sample(solved, 2)
         prompts = {"qa": q.prompt, "chat": chat_prompt(bare[q.attribute].format(name=q.person)),
                    "fewshot": "".join(f"{p} {a}.\n" for p, a in shots) + q.prompt}
         for style in STYLES:
             questions.append(RealisticQuestion(prompts[style], q.answer, style, q.person, q.attribute,
-                                               q.n_paraphrases, q.source_ids, q.traps, q.is_trap))
+                                               q.n_paraphrases, q.source_ids, q.traps, q.is_trap, q.restated_ids))
     return docs, questions
 
 

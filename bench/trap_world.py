@@ -92,10 +92,10 @@ def make_trap_world(seed: int, n_people: int = 48, n_filler: int = 60) -> World:
             if shares:
                 traps.add("namesake")
             question = QUESTIONS[attribute].format(name=name)
-            if train_person:
-                add(f"{question} {value}.")
+            restated = [add(f"{question} {value}.")] if train_person else []
             prompt = TEMPLATES[attribute][0].format(name=name, v="\0").split("\0")[0].rstrip()
-            base = dict(answer=value, person=name, attribute=attribute, n_paraphrases=n, source_ids=ids)
+            base = dict(answer=value, person=name, attribute=attribute, n_paraphrases=n, source_ids=ids,
+                        restated_ids=restated)
             world.questions.append(TrapQuestion(prompt=prompt, style="completion", traps=sorted(traps), **base))
             if not train_person:
                 world.questions.append(TrapQuestion(prompt=question, style="question", traps=sorted(traps), **base))
@@ -112,6 +112,14 @@ class TrapQuestion(Question):
 
     style: str = "completion"  # "completion" (documents' phrasing) or "question" (another phrasing)
     traps: list[str] = field(default_factory=list)
+    # a train person's question–answer documents ("Question: … Answer: <value>."): they state the same
+    # fact in another form, so they are sources too (`truth_ids`), beside the fact statements
+    restated_ids: list[str] = field(default_factory=list)
+
+    @property
+    def truth_ids(self) -> list[str]:
+        """Every document that states this fact: its statements and its question–answer restatements."""
+        return self.source_ids + self.restated_ids
 
     @property
     def is_trap(self) -> bool:
