@@ -140,7 +140,10 @@ def quality(args) -> dict:
     shared = {name: [{**r, "correct": ok} for r, ok in zip(rs, both)] for name, rs in records.items()}
     report["own"] = {name: pp.summary(rs) for name, rs in records.items()}
     report["shared"] = {name: pp.summary(rs) for name, rs in shared.items()}
-    report["tail_patch"] = {name: pp.tail_patch(settings, args.seed, shared[name]) for name, settings in builds.items()}
+    report["tail_patch"] = {name: pp.tail_patch(settings, args.seed, shared[name], args.tail_patch)
+                            for name, settings in builds.items()}
+    if "offline" in builds:
+        report["tail_patch_paired"] = pp.paired(report["tail_patch"][name], report["tail_patch"]["offline"])
     return report
 
 
@@ -160,6 +163,8 @@ def print_quality(q: dict) -> None:
             print(f"{name:<28}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods)
                   + (f"{trap:>9.3f}" if trap is not None else f"{'-':>9}")
                   + "".join(f"{tp.get(m, float('nan')):>12.3f}" for m in ("default", "grad", "dense", "bm25", "random")))
+    for m, d in sorted(q.get("tail_patch_paired", {}).items()):
+        print(f"tail-patch from training − offline, {m}: {d['mean']:+.3f} ± {d['sem']:.3f} (paired, sem)")
 
 
 def main():
@@ -173,6 +178,7 @@ def main():
     ap.add_argument("--reuse", action="store_true", help="compare the builds of the last run's models only")
     ap.add_argument("--models", nargs=2, metavar=("PLAIN", "CALLBACK"),
                     help="with --reuse: the two training output folders to compare (default: run 0's)")
+    ap.add_argument("--tail-patch", type=int, default=30, help="questions whose top-10s are tail-patched")
     ap.add_argument("--skip-offline", action="store_true", help="the from-training build only")
     ap.add_argument("--tag", default="", help="a suffix for the from-training build's folder and name")
     ap.add_argument("--train-one", choices=("plain", "callback"), help=argparse.SUPPRESS)

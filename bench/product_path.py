@@ -84,7 +84,7 @@ def trace_all(settings, questions, methods=METHODS) -> list[dict]:
     records = []
     for q in questions:  # the demo world's questions have no style or traps
         about = {"prompt": q.prompt, "style": getattr(q, "style", "completion"), "trap": getattr(q, "is_trap", False),
-                 "n": q.n_paraphrases}
+                 "n": q.n_paraphrases, "restated": bool(getattr(q, "restated_ids", None))}
         try:
             default = traces.trace(settings, q.prompt, k=K)
         except InputError as e:  # the model answered nothing: a user sees this line
@@ -111,7 +111,7 @@ def summary(records: list[dict]) -> dict:
     """MRR (first source document's rank, 0 beyond 100) over correctly answered questions, per split."""
     correct = [r for r in records if r["correct"]]
     splits = {"all": correct, "trap": [r for r in correct if r["trap"]]}
-    for key in ("style", "n"):
+    for key in ("style", "n", "restated"):  # restated: the fact has question–answer restatements
         for v in sorted({r[key] for r in correct}):
             splits[f"{key}={v}"] = [r for r in correct if r[key] == v]
     methods = sorted({m for r in correct for m in r["ranks"]}, key=lambda m: (m != "default", m))
@@ -193,7 +193,21 @@ def tail_patch(settings, seed: int, records: list[dict], n: int = TAIL_PATCH_QUE
         got = dict(zip(docs, patcher.deltas(r["prompt"], " " + r["answer"].strip(), ids)))
         for m, top in r["top10"].items():
             deltas.setdefault(m, []).append(float(np.mean([got[e] for e in top])))
-    return {"questions": min(n, len(chosen)), "mean_top10_delta": {m: float(np.mean(v)) for m, v in deltas.items()}}
+    return {"questions": min(n, len(chosen)), "prompts": [r["prompt"] for r in chosen[:n]],
+            "mean_top10_delta": {m: float(np.mean(v)) for m, v in deltas.items()},
+            "per_question": {m: v for m, v in deltas.items() if m != "random"}}
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Per method, the mean and standard error of tail-patch a − b over the questions both measured
+    (the same seeded sample when both builds answer the same questions)."""
+    if a.get("prompts") != b.get("prompts"):
+        return {}
+    out = {}
+    for m in a["per_question"].keys() & b["per_question"].keys():
+        d = np.array(a["per_question"][m]) - np.array(b["per_question"][m])
+        out[m] = {"mean": float(d.mean()), "sem": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None}
+    return out
 
 
 def run(world: str, seed: int, proj: int | None = None, exact: bool = False, limit: int | None = None) -> dict:
