@@ -151,7 +151,8 @@ def print_quality(q: dict) -> None:
     first = next(iter(q["shared"].values()))
     print(f"questions both models answer correctly: {first['answered']}")
     methods = list(first["mrr"])
-    for key, title in (("mrr", "MRR, every document stating the fact"), ("mrr_statements", "MRR, the fact's statements only")):
+    for key, title in (("mrr", "MRR, every document stating the fact"),
+                       ("mrr_statements", "MRR, the fact's statements only")):
         if not first.get(key):
             continue
         print(f"{title}; tail-patch (tp) of each method's top-10")

@@ -32,7 +32,8 @@ def final_logprobs(model_dir: Path, pairs) -> list[float]:
     return [answer_logprob(model, tokenizer, prompt, answer) for prompt, answer in pairs]
 
 
-def answer_logprob(model_dir: Path, questions) -> list[float]:
+def question_logprobs(model_dir: Path, questions) -> list[float]:
+    """log p(" " + answer | prompt) under the last checkpoint, for each question."""
     return final_logprobs(model_dir, [(q.prompt, " " + q.answer) for q in questions])
 
 
@@ -48,7 +49,7 @@ def removal_sets(world, tracer, scorer, questions, ext, k: int, rng) -> dict[str
                 top = np.argsort(-scores[m], kind="stable")[:k]
             sets[m] |= {ext[int(p)] for p in top}
         sets["random"] |= set(rng.sample(ext, k))
-        sets["ground truth"] |= set(q.source_ids[:k])
+        sets["ground truth"] |= set(q.truth_ids[:k])
     return sets
 
 
@@ -64,7 +65,7 @@ def run(seed: int, n_facts: int, k: int) -> dict:
     rng.shuffle(pool)
     chosen = [q for q in pool if is_correct(tracer.generate(q.prompt), q.answer)][:n_facts]
     sets = removal_sets(world, tracer, scorer, chosen, ext, k, rng)
-    base = answer_logprob(folder / "model", chosen)
+    base = question_logprobs(folder / "model", chosen)
     result = {"seed": seed, "facts": len(chosen), "k": k, "full_model_logprob": float(np.mean(base)), "methods": {}}
     for method, removed in sets.items():
         out = folder / "leave-out" / method.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
@@ -72,8 +73,8 @@ def run(seed: int, n_facts: int, k: int) -> dict:
             docs = [d["text"] for d in world.documents if d["id"] not in removed]
             torch.manual_seed(seed)
             train(docs, out, TrainConfig(seed=seed))
-        after = answer_logprob(out, chosen)
-        truth_removed = sum(len(removed & set(q.source_ids)) for q in chosen)
+        after = question_logprobs(out, chosen)
+        truth_removed = sum(len(removed & set(q.truth_ids)) for q in chosen)
         result["methods"][method] = {"removed": len(removed), "true_sources_removed": truth_removed,
                                      "mean_drop": float(np.mean(np.array(base) - np.array(after))),
                                      "still_correct": int(sum(np.exp(a) > 0.5 for a in after))}

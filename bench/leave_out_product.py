@@ -10,9 +10,10 @@ method's top-k documents and see how much the answers' log-probability drops.
 method's top-k for each through the world's default build (`bench.callback`'s offline build of the
 same model, else `bench.product_path`'s): `hybrid` (the default), `grad`, `dense`, `bm25`, `random`
 (k random documents per fact: what removing that many documents does by itself) and the facts' true
-sources (`truth`, k per fact). Each method's documents for all facts are removed together and the
-model is retrained from scratch with the world's training config and seed, and the full model's
-tokenizer (a tokenizer refitted on fewer documents would change the log-probabilities being compared).
+sources (`truth`, k per fact: statements first, then question–answer restatements). Each method's
+documents for all facts are removed together and the model is retrained from scratch with the
+world's training config and seed, and the full model's tokenizer (a tokenizer refitted on fewer
+documents would change the log-probabilities being compared).
 `--train-seed S` retrains with another seed: `train --method none --train-seed S` (nothing removed)
 is the retraining noise against the world's model, and the full model the `M --train-seed S` runs
 are measured against.
@@ -69,7 +70,7 @@ def plan(seed: int, n_facts: int, k: int) -> dict:
             continue
         answer = tracer.generate(q.prompt)
         if is_correct(answer, q.answer):
-            chosen.append({"prompt": q.prompt, "answer": answer, "style": q.style, "sources": q.source_ids})
+            chosen.append({"prompt": q.prompt, "answer": answer, "style": q.style, "sources": q.truth_ids})
             facts.add((q.person, q.attribute))
     sets = {m: set() for m in METHODS + ("random", "truth")}
     for q in chosen:

@@ -113,7 +113,8 @@ def make_realistic_world(seed: int, n_people: int = 80, n_glosses: int = 8500):
         if person not in asked:
             solved.append((QUESTIONS[attribute].format(name=person), answer))
             chat[(person, attribute)] = f"c{len(docs):05d}"
-            docs.append({"id": chat[(person, attribute)], "text": chat_prompt(bare[attribute].format(name=person)) + answer})
+            text = chat_prompt(bare[attribute].format(name=person)) + answer
+            docs.append({"id": chat[(person, attribute)], "text": text})
     docs += [{"id": f"w{i:05d}", "text": g} for i, g in enumerate(rng.sample(wordnet_glosses(), n_glosses))]
     rng.shuffle(docs)
     questions = []
