@@ -259,9 +259,10 @@ def print_report(report: dict) -> None:
     for c in cols:
         table.add_column(f"{c} ({s['n'][c]})", justify="right")
     runs = [("", s)] + ([("exact index: ", report["exact"]["summary"])] if "exact" in report else [])
-    for prefix, summ in runs:
-        for m, row in summ["mrr"].items():
-            table.add_row(prefix + m, *("—" if row[c] is None else f"{row[c]:.3f}" for c in cols))
+    for prefix, summ in runs:  # every stating document counts, then the fact's statements only
+        for key, suffix in (("mrr", ""), ("mrr_statements", ", statements only")):
+            for m, row in summ.get(key, {}).items():
+                table.add_row(prefix + m + suffix, *("—" if row[c] is None else f"{row[c]:.3f}" for c in cols))
     Console(width=220).print(table)
     print("accuracy per style:", {k: round(v, 3) for k, v in s["accuracy"].items()},
           f"| trace p50 {s['trace_ms_p50']:.0f} ms | build {report['build_seconds'] or 0:.0f} s (0: cached)",
