@@ -131,10 +131,10 @@ def quality(args) -> dict:
     builds, report = {}, {"models": [str(plain), str(trained)], "build_s": {}}
     if not args.skip_offline:
         builds["offline"], report["build_s"]["offline"] = pp.build(data, corpus, plain, BuildConfig(), "data-offline")
-    name = "from_training" + args.tag
-    shutil.rmtree(data / f"data-{name}", ignore_errors=True)  # always published afresh: it takes a minute
-    builds[name], report["build_s"][name] = pp.build(data, corpus, trained, None, f"data-{name}",
-                                                     publish=lambda st: index_from_training(st, "world", "model"))
+    recorded = "from_training" + args.tag
+    shutil.rmtree(data / f"data-{recorded}", ignore_errors=True)  # always published afresh: it takes a minute
+    builds[recorded], report["build_s"][recorded] = pp.build(
+        data, corpus, trained, None, f"data-{recorded}", publish=lambda st: index_from_training(st, "world", "model"))
     records = {name: pp.trace_all(settings, w.questions) for name, settings in builds.items()}
     both = [all(rs[i]["correct"] for rs in records.values()) for i in range(len(w.questions))]
     shared = {name: [{**r, "correct": ok} for r, ok in zip(rs, both)] for name, rs in records.items()}
@@ -143,7 +143,7 @@ def quality(args) -> dict:
     report["tail_patch"] = {name: pp.tail_patch(settings, args.seed, shared[name], args.tail_patch)
                             for name, settings in builds.items()}
     if "offline" in builds:
-        report["tail_patch_paired"] = pp.paired(report["tail_patch"][name], report["tail_patch"]["offline"])
+        report["tail_patch_paired"] = pp.paired(report["tail_patch"][recorded], report["tail_patch"]["offline"])
     return report
 
 
@@ -151,21 +151,23 @@ def print_quality(q: dict) -> None:
     first = next(iter(q["shared"].values()))
     print(f"questions both models answer correctly: {first['answered']}")
     methods = list(first["mrr"])
+    patched = ("default", "grad", "dense", "bm25", "random")
     for key, title in (("mrr", "MRR, every document stating the fact"),
                        ("mrr_statements", "MRR, the fact's statements only")):
         if not first.get(key):
             continue
         print(f"{title}; tail-patch (tp) of each method's top-10")
         print(f"{'build':<28}" + "".join(f"{m:>9}" for m in methods) + f"{'trap':>9}" +
-              "".join(f"{'tp ' + m:>12}" for m in ("default", "grad", "dense", "bm25", "random")))
+              "".join(f"{'tp ' + m:>12}" for m in patched))
         for name in q["shared"]:
             mrr, tp = q["shared"][name][key], q["tail_patch"][name]["mean_top10_delta"]
             trap = mrr["default"]["trap"]
             print(f"{name:<28}" + "".join(f"{mrr[m]['all']:>9.3f}" for m in methods)
                   + (f"{trap:>9.3f}" if trap is not None else f"{'-':>9}")
-                  + "".join(f"{tp.get(m, float('nan')):>12.3f}" for m in ("default", "grad", "dense", "bm25", "random")))
+                  + "".join(f"{tp.get(m, float('nan')):>12.3f}" for m in patched))
     for m, d in sorted(q.get("tail_patch_paired", {}).items()):
-        print(f"tail-patch from training − offline, {m}: {d['mean']:+.3f} ± {d['sem']:.3f} (paired, sem)")
+        sem = "" if d["sem"] is None else f" ± {d['sem']:.3f}"
+        print(f"tail-patch from training − offline, {m}: {d['mean']:+.3f}{sem} (paired, standard error)")
 
 
 def main():
