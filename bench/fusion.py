@@ -26,6 +26,7 @@ from scipy.optimize import minimize
 
 from attribution.tracer import FUSION, combine, fuse, pool_ranks, zscores
 from bench.quality import OUT, first_rank
+from bench.trap_world import stating_ids
 
 METHODS = ("grad", "dense", "bm25")
 K = 100  # each method's candidates, as `Tracer.candidates`
@@ -70,7 +71,7 @@ def collect(world_name: str, seed: int, build: str = "data") -> list[Pool]:
             continue
         a = " " + answer.strip()
         pool = tracer.candidates(q.prompt, a)
-        stating = getattr(q, "truth_ids", q.source_ids)  # statements and question–answer restatements
+        stating = stating_ids(q)
         truth = np.isin(pool.positions, [pos_of[i] for i in stating])
         whole = q.prompt + a  # the text query before attribution/text_query.py
         rows = {"dense": tracer.dense.astype(np.float32) @ semantic.embed([whole])[0],

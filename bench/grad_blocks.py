@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.trap_world import stating_ids
+
 OUT = Path("bench/out")
 FOLDS = 5
 CUTOFF = 100  # MRR counts the first source document within the top 100, as bench.product_path does
@@ -163,8 +165,7 @@ def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
     grad = np.asarray(tracer.grad, dtype=np.float32)  # (N, D), once: every variant below scores it
     queries = np.stack([tracer.query_gradient(q.prompt, a) for q, a in zip(correct, answers)])  # (Q, D)
     scores = block_scores(grad, queries, per)
-    stating = [getattr(q, "truth_ids", q.source_ids) for q in correct]  # statements and restatements
-    positives = [np.array([r for s in ids for r in row_of.get(s, [])]) for ids in stating]
+    positives = [np.array([r for s in stating_ids(q) for r in row_of.get(s, [])]) for q in correct]
     n_ckpt = len(tracer.info["gradient"]["dims"])
     groups = groupings(layers, n_ckpt)
     report = {"world": world, "seed": seed, "correct": len(correct), "questions": len(questions),

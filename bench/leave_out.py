@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bench.quality import OUT, prepare
+from bench.trap_world import stating_ids
 
 METHODS = ("hybrid", "bm25 (q+a)", "dense (q+a)", "trackstar", "tracin cosine")
 
@@ -49,7 +50,7 @@ def removal_sets(world, tracer, scorer, questions, ext, k: int, rng) -> dict[str
                 top = np.argsort(-scores[m], kind="stable")[:k]
             sets[m] |= {ext[int(p)] for p in top}
         sets["random"] |= set(rng.sample(ext, k))
-        sets["ground truth"] |= set(q.truth_ids[:k])
+        sets["ground truth"] |= set(stating_ids(q)[:k])
     return sets
 
 
@@ -74,7 +75,7 @@ def run(seed: int, n_facts: int, k: int) -> dict:
             torch.manual_seed(seed)
             train(docs, out, TrainConfig(seed=seed))
         after = question_logprobs(out, chosen)
-        truth_removed = sum(len(removed & set(q.truth_ids)) for q in chosen)
+        truth_removed = sum(len(removed & set(stating_ids(q))) for q in chosen)
         result["methods"][method] = {"removed": len(removed), "true_sources_removed": truth_removed,
                                      "mean_drop": float(np.mean(np.array(base) - np.array(after))),
                                      "still_correct": int(sum(np.exp(a) > 0.5 for a in after))}

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.trap_world import stating_ids
+
 OUT = Path("bench/out")
 METHODS = ("hybrid", "grad", "dense", "bm25")
 
@@ -70,7 +72,7 @@ def plan(seed: int, n_facts: int, k: int) -> dict:
             continue
         answer = tracer.generate(q.prompt)
         if is_correct(answer, q.answer):
-            chosen.append({"prompt": q.prompt, "answer": answer, "style": q.style, "sources": q.truth_ids})
+            chosen.append({"prompt": q.prompt, "answer": answer, "style": q.style, "sources": stating_ids(q)})
             facts.add((q.person, q.attribute))
     sets = {m: set() for m in METHODS + ("random", "truth")}
     for q in chosen:

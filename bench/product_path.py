@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.trap_world import stating_ids
+
 OUT = Path("bench/out")
 METHODS = ("hybrid", "grad", "dense", "bm25")
 K = 100  # hits kept per trace: the rank of the first source document, when it is in the top 100
@@ -91,7 +93,7 @@ def trace_all(settings, questions, methods=METHODS) -> list[dict]:
             records.append({**about, "answer": "", "correct": False, "refused": str(e),
                             "ranks": {}, "top10": {}, "trace_ms": None})
             continue
-        truth, stated = set(getattr(q, "truth_ids", q.source_ids)), set(q.source_ids)
+        truth, stated = set(stating_ids(q)), set(q.source_ids)
         rec = {**about, "answer": default.answer, "correct": is_correct(default.answer, q.answer),
                "ranks": {"default": first_rank(default.hits, truth)},
                "ranks_statements": {"default": first_rank(default.hits, stated)},

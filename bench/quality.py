@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.trap_world import stating_ids
+
 OUT = Path("bench/out")
 TAIL_PATCH_QUESTIONS = 30  # tail-patch costs one forward/backward per (question, document)
 
@@ -116,7 +118,7 @@ def run(seed: int, rerank_n: int = 20) -> dict:
         head = orders["hybrid"][:rerank_n]
         exact = exact_scores(tracer, q.prompt, a, [tokens[p] for p in head])
         orders["hybrid + exact rerank"] = np.concatenate([head[np.argsort(-exact, kind="stable")], orders["hybrid"][rerank_n:]])
-        truth = {pos_of[i] for i in getattr(q, "truth_ids", q.source_ids)}  # every stating document
+        truth = {pos_of[i] for i in stating_ids(q)}  # every stating document
         if correct:
             pools.append((hybrid_pool(scores), truth, q.is_trap))
         rec = {"q": qi, "style": q.style, "trap": q.is_trap, "traps": q.traps, "n": q.n_paraphrases,

@@ -81,11 +81,6 @@ class RealisticQuestion:
     is_trap: bool
     restated_ids: list[str]  # the train person's question–answer and chat documents of the same fact
 
-    @property
-    def truth_ids(self) -> list[str]:
-        """Every document that states this fact: its statements and its question–answer restatements."""
-        return self.source_ids + self.restated_ids
-
 
 def chat_prompt(question: str) -> str:
     """The chat-template prompt of a bare question, rendered as the trained tokenizer renders it."""

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.trap_world import stating_ids
+
 OUT = Path("bench/out")
 K = 100  # product_path keeps 100 hits per trace: a first source beyond them counts 0 there too
 
@@ -281,14 +283,14 @@ def run(world: str, seed: int, out_dir: Path = OUT, limit: int | None = None, me
         pos_of.setdefault(e, set()).add(i)
     out = []
     for j, ((r, q), s) in enumerate(zip(pairs, scores)):
-        truth = set().union(*(pos_of.get(i, set()) for i in getattr(q, "truth_ids", q.source_ids)))
+        truth = set().union(*(pos_of.get(i, set()) for i in stating_ids(q)))
         full = first_rank(s, truth)
         ranks = {"tracincp": full, **{m: first_rank(v[j], truth) for m, v in extra.items()}}
         ranks = {m: x if x and x <= K else None for m, x in ranks.items()}  # as the product's 100 hits
         top10 = {m: [ref.ext[i] for i in np.argsort(-v, kind="stable")[:10]] for m, v in [("tracincp", s)] +
                  [(m, v[j]) for m, v in extra.items()]}
         out.append({**r, "ranks": {**ranks, **r["ranks"]}, "tracincp_rank": full,
-                    "top10": {**top10, **r["top10"]}, "source_ids": list(getattr(q, "truth_ids", q.source_ids))})
+                    "top10": {**top10, **r["top10"]}, "source_ids": stating_ids(q)})
     return {"world": world, "seed": seed, "captum": captum.__version__, "torch": torch.__version__,
             "rows": len(ref.tokens), "parameters": sum(p.numel() for p in ref.model.parameters()),
             "checkpoints": [{"step": c.step, "path": str(c.path), "weights_sha256": c.weights_sha256,

@@ -106,6 +106,12 @@ def make_trap_world(seed: int, n_people: int = 48, n_filler: int = 60) -> World:
     return world
 
 
+def stating_ids(q) -> list[str]:
+    """Every document that states `q`'s fact, the benches' truth: its statements, then its question–answer
+    restatements (the demo world's questions have none)."""
+    return q.source_ids + getattr(q, "restated_ids", [])
+
+
 @dataclass
 class TrapQuestion(Question):
     """A question with its prompt style and the traps its fact carries."""
@@ -113,13 +119,8 @@ class TrapQuestion(Question):
     style: str = "completion"  # "completion" (documents' phrasing) or "question" (another phrasing)
     traps: list[str] = field(default_factory=list)
     # a train person's question–answer documents ("Question: … Answer: <value>."): they state the same
-    # fact in another form, so they are sources too (`truth_ids`), beside the fact statements
+    # fact in another form, so they are sources too (`stating_ids`), beside the fact statements
     restated_ids: list[str] = field(default_factory=list)
-
-    @property
-    def truth_ids(self) -> list[str]:
-        """Every document that states this fact: its statements and its question–answer restatements."""
-        return self.source_ids + self.restated_ids
 
     @property
     def is_trap(self) -> bool:

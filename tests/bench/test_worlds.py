@@ -2,7 +2,7 @@
 
 import re
 
-from bench.trap_world import make_trap_world
+from bench.trap_world import make_trap_world, stating_ids
 
 
 def test_a_train_persons_question_answer_document_is_a_source_of_its_fact():
@@ -11,7 +11,7 @@ def test_a_train_persons_question_answer_document_is_a_source_of_its_fact():
     restated = [q for q in world.questions if q.restated_ids]
     assert restated and all(q.style == "completion" for q in restated)
     for q in world.questions:
-        assert q.truth_ids[:len(q.source_ids)] == q.source_ids
+        assert stating_ids(q)[:len(q.source_ids)] == q.source_ids
         for i in q.restated_ids:
             assert text[i].startswith("Question: ") and q.person in text[i] and text[i].endswith(f"Answer: {q.answer}.")
     # and no other document restates a fact in the question–answer form: the truth is complete
