@@ -154,8 +154,6 @@ def print_quality(q: dict) -> None:
     patched = ("default", "grad", "dense", "bm25", "random")
     for key, title in (("mrr", "MRR, every document stating the fact"),
                        ("mrr_statements", "MRR, the fact's statements only")):
-        if not first.get(key):
-            continue
         print(f"{title}; tail-patch (tp) of each method's top-10")
         print(f"{'build':<28}" + "".join(f"{m:>9}" for m in methods) + f"{'trap':>9}" +
               "".join(f"{'tp ' + m:>12}" for m in patched))

@@ -91,7 +91,7 @@ def trace_all(settings, questions, methods=METHODS) -> list[dict]:
             default = traces.trace(settings, q.prompt, k=K)
         except InputError as e:  # the model answered nothing: a user sees this line
             records.append({**about, "answer": "", "correct": False, "refused": str(e),
-                            "ranks": {}, "top10": {}, "trace_ms": None})
+                            "ranks": {}, "ranks_statements": {}, "top10": {}, "trace_ms": None})
             continue
         truth, stated = set(stating_ids(q)), set(q.source_ids)
         rec = {**about, "answer": default.answer, "correct": is_correct(default.answer, q.answer),
@@ -126,8 +126,7 @@ def summary(records: list[dict]) -> dict:
             "n": {k: len(v) for k, v in splits.items()},
             "mrr": {m: {k: mrr(v, m) for k, v in splits.items()} for m in methods},
             # the first rank of a fact's statements alone, as before question–answer restatements counted
-            "mrr_statements": {m: {k: mrr(v, m, "ranks_statements") for k, v in splits.items()} for m in methods
-                               if all("ranks_statements" in r for r in correct)},
+            "mrr_statements": {m: {k: mrr(v, m, "ranks_statements") for k, v in splits.items()} for m in methods},
             "trace_ms_p50": float(np.median([r["trace_ms"] for r in records if r["trace_ms"] is not None])),
             "refused_empty_answer": sum("refused" in r for r in records)}
 
@@ -263,7 +262,7 @@ def print_report(report: dict) -> None:
     runs = [("", s)] + ([("exact index: ", report["exact"]["summary"])] if "exact" in report else [])
     for prefix, summ in runs:  # every stating document counts, then the fact's statements only
         for key, suffix in (("mrr", ""), ("mrr_statements", ", statements only")):
-            for m, row in summ.get(key, {}).items():
+            for m, row in summ[key].items():
                 table.add_row(prefix + m + suffix, *("—" if row[c] is None else f"{row[c]:.3f}" for c in cols))
     Console(width=220).print(table)
     print("accuracy per style:", {k: round(v, 3) for k, v in s["accuracy"].items()},
