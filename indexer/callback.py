@@ -205,7 +205,7 @@ class WherefromCallback(TrainerCallback):
     def _collect(self) -> None:
         self.feat.recording = False
         rows = self.feat.collect().detach().to("cpu", torch.float32).numpy()  # (B, D)
-        self._raw.write(np.ascontiguousarray(rows).tobytes())
+        self._raw.write(np.ascontiguousarray(rows).data)  # the array's buffer: no bytes copy
         self._rows += [(i, self.step) for i in self._ids]
 
     def _close_unit(self, end: int) -> None:

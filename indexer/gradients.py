@@ -116,15 +116,17 @@ class Featurizer:
             # products run once per batch in `collect`, stacked over layers (BENCHMARKS.md: 32
             # hooks of ~16 small ops each were most of the callback's overhead)
             x, lead = inputs[0], self._lead_of.get(name)
-            if name in self._p_lead:
-                p_in, names, sizes = self._p_lead[name]
-                self._x.update(zip(names, _project(p_in, x).split(sizes)))
+            if name in self._p_lead:  # its set's rows, in one tensor: `collect` concatenates, or splits them
+                self._x[name] = _project(self._p_lead[name][0], x)
                 self._lead_input[name] = x
             elif lead is None or self._lead_input.get(lead) is not x:  # else: projected with its set
                 self._x[name] = _project(self.p_in[name], x)
                 if self._leads is None:
                     self._seen.append((name, x))
-            output.register_hook(backward)
+            # a pre-hook on the node that made `output` sees the same gradient as a tensor hook,
+            # for a third of register_hook's cost (a Python handle dict per call)
+            nr = output.output_nr
+            output.grad_fn.register_prehook(lambda grads: backward(grads[nr]))
         return hook
 
     def _backward_hook(self, name: str):
@@ -192,9 +194,9 @@ class Featurizer:
         scaled = mask if self._scale is None else (self._mask * self._scale[:, None]).reshape(1, 1, B * T)
         blocks, rows = [], []
         for names in self._groups:
-            device = self._x[names[0]].device
+            device = self.p_in[names[0]].device
             # the float32 mask makes x and δ float32 whatever the layers' dtype
-            x = torch.stack([self._x.pop(n) for n in names]) * mask.to(device)  # (L, k_in, B·T)
+            x = self._inputs_of(names) * mask.to(device)  # (L, k_in, B·T)
             d = torch.stack([self._d.pop(n) for n in names]) * scaled.to(device)  # (L, k_out, B·T)
             if self.stats is not None or self.sums is not None:
                 rows.append(_factor_sums(x, d, mask.to(device)))
@@ -208,6 +210,25 @@ class Featurizer:
         if len(blocks) == 1:  # the default: one stack of all layers, in layer order
             return torch.movedim(blocks[0], 0, -2).flatten(-2)
         return self._in_layer_order(blocks, dim=-1)
+
+    def _inputs_of(self, names: list[str]) -> torch.Tensor:
+        """The projected inputs of a group's layers, stacked (L, k_in, B·T). A shared-input set's
+        product is taken whole where its layers follow each other in the group (a Llama block's
+        q/k/v and gate/up), else cut into its layers' rows first."""
+        whole = {}
+        for lead, (_, members, sizes) in self._p_lead.items():
+            t = self._x.get(lead)
+            if t is None or t.shape[0] != sum(sizes):  # the first batch: projected layer by layer
+                continue
+            if lead in names and names[names.index(lead):names.index(lead) + len(members)] == members:
+                whole[lead] = len(members)
+            else:
+                self._x.update(zip(members, t.split(sizes)))
+        pieces, i = [], 0
+        while i < len(names):
+            pieces.append(self._x.pop(names[i]))
+            i += whole.get(names[i], 1)
+        return torch.cat(pieces).view(len(names), self.p_in[names[0]].shape[0], -1)
 
     def _find_shared_inputs(self) -> None:
         """Sets of layers that read the same input tensor in the batch just run (same device and

@@ -2,6 +2,7 @@
 the second batch on, layers of several projection shapes are stacked apart, and hooks that stay
 registered record only the batches marked for recording."""
 
+import pytest
 import torch
 
 from indexer.config import GradientConfig
@@ -10,9 +11,12 @@ from indexer.gradients import Featurizer
 from tests.indexer.test_gradients import SEQS, explicit_projected, padded_batch, tiny_gpt2, tiny_llama
 
 
-def test_shared_inputs_are_projected_together_with_the_same_features():
+# k_out=None keeps each layer's full output width: under grouped-query attention q (16 wide) and
+# k/v (8 wide) then fall in different projection groups, and the q/k/v set's product is cut apart
+@pytest.mark.parametrize("k_out", [4, None])
+def test_shared_inputs_are_projected_together_with_the_same_features(k_out):
     model = tiny_llama()
-    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=3))
+    feat = Featurizer(model, GradientConfig(k_in=4, k_out=k_out, seed=3))
     feat.stats = Stats()
     first = feat.features(*padded_batch(SEQS))  # each layer projected alone; the sets found
     leads = {names[0].rsplit(".", 1)[1]: [n.rsplit(".", 1)[1] for n in names] for names in feat._leads.values()}
