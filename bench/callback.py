@@ -12,7 +12,8 @@ ratio of medians. Then publishes the callback's store (`index --from-training`),
 top-10) on the questions both models answer correctly. `--reuse --models PLAIN CALLBACK` compares
 two training folders made elsewhere (e.g. bench.realistic_world's model and a `--train-one callback`
 run, trained side by side).
-Writes bench/out/callback-<world>.json.
+Writes bench/out/callback-<world>.json. The per-step cost of the hooks alone, in one process and
+with less noise than whole runs: bench/callback_steps.py.
 """
 
 from __future__ import annotations

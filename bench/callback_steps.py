@@ -1,0 +1,114 @@
+"""The callback's cost per training step, read in one process where the Trainer-level ratio is too noisy.
+
+    OMP_NUM_THREADS=1 python -m bench.callback_steps                 # the realistic world's Llama, dev seed
+    OMP_NUM_THREADS=1 python -m bench.callback_steps --rounds 12 --batches 80
+
+bench/callback.py's ratio (whole Trainer runs, one process each) moved by ±4 % between pairs of
+the same run here: more than the changes to the hooks it was meant to judge. This one holds two
+copies of the world's model with the same weights, one recorded by a `WherefromCallback` driven
+through the Trainer's own events (forward pre-hook, refold, collect, K-FAC sums, rows written),
+and steps them in turn on the same length-grouped batches (forward, backward, AdamW), alternating
+which goes first. Each batch's time is its minimum over the rounds; the ratio is of their sums.
+The Trainer's own per-step work (data loading, logging, saves) is left out on both sides, so the
+ratio is an upper bound of the Trainer-level one. Writes bench/out/callback-steps.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path("bench/out")
+
+
+def batches(world, seed: int, count: int, size: int):
+    """`count` batches of `size` examples spread over the corpus sorted by length (as group_by_length
+    makes them), collated as the Trainer's collator does, with each example's document id."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from bench.callback import make
+    from service.demo.train import train_tokenizer
+    w = make(world, seed, 1)
+    texts = [d["text"] for d in w.documents]
+    tokenizer = train_tokenizer(texts, w.config.vocab_size)
+    encoded = [tokenizer(t + tokenizer.eos_token, truncation=True, max_length=w.config.n_positions) for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    chunks = chunks[::max(1, len(chunks) // count)][:count]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    ids = [d["id"] for d in w.documents]
+    return w.config, tokenizer, [(collator([encoded[i] for i in c]), [ids[i] for i in c]) for c in chunks]
+
+
+def measure(args) -> dict:
+    from transformers import TrainerState, TrainingArguments
+
+    from indexer.callback import WherefromCallback
+    from service.demo.train import tiny_model
+    config, tokenizer, data = batches(args.world, args.seed, args.batches, args.batch_size)
+    torch.manual_seed(args.seed)
+    plain = tiny_model(config, tokenizer).train()
+    recorded = copy.deepcopy(plain).train()
+    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=config.learning_rate) for m in (plain, recorded)}
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizers[recorded], lambda _: 1.0)
+    callback = WherefromCallback()
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[])
+    state = TrainerState()
+    callback.on_train_begin(targs, state, None, model=recorded)
+
+    def step(model, batch, ids) -> float:
+        t = time.perf_counter()
+        if model is recorded:
+            state.global_step += 1
+            callback.on_step_begin(targs, state, None, optimizer=optimizers[model])
+            model(**batch, **{callback.id_column: ids}).loss.backward()
+            callback.on_pre_optimizer_step(targs, state, None, lr_scheduler=schedule)
+        else:
+            model(**batch).loss.backward()
+        optimizers[model].step()
+        optimizers[model].zero_grad()
+        return time.perf_counter() - t
+
+    best = {"plain": [float("inf")] * len(data), "callback": [float("inf")] * len(data)}
+    for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
+        for i, (batch, ids) in enumerate(data):
+            pair = [("plain", plain), ("callback", recorded)]
+            for name, model in (pair if (i + r) % 2 else pair[::-1]):
+                seconds = step(model, batch, ids)
+                if r:
+                    best[name][i] = min(best[name][i], seconds)
+    callback.on_train_end(targs, state, None)
+    tokens = sum(int(b["attention_mask"].sum()) for b, _ in data) / len(data)
+    ms = {k: 1000 * sum(v) / len(v) for k, v in best.items()}
+    return {"world": args.world, "seed": args.seed, "batches": len(data), "batch_size": args.batch_size,
+            "rounds": args.rounds, "tokens_per_batch": tokens, "threads": torch.get_num_threads(),
+            "ms_per_step": ms, "added_ms": ms["callback"] - ms["plain"], "ratio": ms["callback"] / ms["plain"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", choices=("demo", "realistic"), default="realistic")
+    ap.add_argument("--seed", type=int, default=200, help="the world's seed (default: the realistic dev seed)")
+    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=16, help="the realistic world's training batch")
+    ap.add_argument("--rounds", type=int, default=8, help="each batch's time is its minimum over these")
+    args = ap.parse_args()
+    report = measure(args)
+    print(f"{'':<10}{'ms/step':>10}")
+    for name, ms in report["ms_per_step"].items():
+        print(f"{name:<10}{ms:>10.2f}")
+    print(f"callback adds {report['added_ms']:.2f} ms a step: {report['ratio']:.3f}x "
+          f"({report['batches']} batches of {report['batch_size']}, {report['tokens_per_batch']:.0f} tokens each, "
+          f"{report['threads']} thread(s))")
+    OUT.mkdir(exist_ok=True)
+    (OUT / "callback-steps.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
