@@ -215,12 +215,13 @@ class Featurizer:
         """The projected inputs of a group's layers, stacked (L, k_in, B·T). A shared-input set's
         product is taken whole where its layers follow each other in the group (a Llama block's
         q/k/v and gate/up), else cut into its layers' rows first."""
-        whole = {}
+        whole, here = {}, set(names)
         for lead, (_, members, sizes) in self._p_lead.items():
             t = self._x.get(lead)
-            if t is None or t.shape[0] != sum(sizes):  # the first batch: projected layer by layer
-                continue
-            if lead in names and names[names.index(lead):names.index(lead) + len(members)] == members:
+            if t is None or t.shape[0] != sum(sizes) or here.isdisjoint(members):
+                continue  # projected layer by layer (the first batch), or a set of other groups only
+            at = names.index(lead) if lead in here else None
+            if at is not None and names[at:at + len(members)] == members:
                 whole[lead] = len(members)
             else:
                 self._x.update(zip(members, t.split(sizes)))
