@@ -9,8 +9,9 @@ copies of the world's model with the same weights, one recorded by a `WherefromC
 through the Trainer's own events (forward pre-hook, refold, collect, K-FAC sums, rows written),
 and steps them in turn on the same length-grouped batches (forward, backward, AdamW), alternating
 which goes first. Each batch's time is its minimum over the rounds; the ratio is of their sums.
-The Trainer's own per-step work (data loading, logging, saves) is left out on both sides, so the
-ratio is an upper bound of the Trainer-level one. Writes bench/out/callback-steps.json.
+Left out: the Trainer's own per-step work (data loading, logging) on both sides, which dilutes the
+ratio, and the callback's work at saves and in its id collator, which adds to it. Writes
+bench/out/callback-steps.json.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def batches(world, seed: int, count: int, size: int):
 
 
 def measure(args) -> dict:
+    with tempfile.TemporaryDirectory() as store:  # the rows the callback writes: ~60 MB a run
+        return _measure(args, store)
+
+
+def _measure(args, store: str) -> dict:
     from transformers import TrainerState, TrainingArguments
 
     from indexer.callback import WherefromCallback
@@ -58,7 +64,7 @@ def measure(args) -> dict:
     optimizers = {m: torch.optim.AdamW(m.parameters(), lr=config.learning_rate) for m in (plain, recorded)}
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizers[recorded], lambda _: 1.0)
     callback = WherefromCallback()
-    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[])
+    targs = TrainingArguments(output_dir=store, use_cpu=True, report_to=[])
     state = TrainerState()
     callback.on_train_begin(targs, state, None, model=recorded)
 
