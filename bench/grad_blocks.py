@@ -146,7 +146,9 @@ def block_normalised(scores: np.ndarray, grad: np.ndarray, queries: np.ndarray, 
                           for s, qn, pos in zip(scores, q_norms, positives)]))
 
 
-def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
+def correct_queries(world: str, seed: int):
+    """(tracer, questions, the correctly answered ones, their answers, grad rows (N, D), their query
+    gradients (Q, D), each one's source rows) on the world's default build."""
     from bench.product_path import open_build
     from service.demo.run import is_correct
 
@@ -160,12 +162,17 @@ def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
         if is_correct(answer, q.answer):
             correct.append(q)
             answers.append(answer)
+    grad = np.asarray(tracer.grad, dtype=np.float32)  # (N, D), once: every variant scores it
+    queries = np.stack([tracer.query_gradient(q.prompt, a) for q, a in zip(correct, answers)])  # (Q, D)
+    positives = [np.array([r for s in stating_ids(q) for r in row_of.get(s, [])], dtype=np.int64) for q in correct]
+    return tracer, questions, correct, answers, grad, queries.astype(np.float32), positives
+
+
+def run(world: str, seed: int, fit_blocks: bool = True) -> dict:
+    tracer, questions, correct, answers, grad, queries, positives = correct_queries(world, seed)
     layers = tracer.info["gradient"]["layers"]
     per = tracer.info["gradient"]["dims"][0] // len(layers)  # k_in × k_out of each module
-    grad = np.asarray(tracer.grad, dtype=np.float32)  # (N, D), once: every variant below scores it
-    queries = np.stack([tracer.query_gradient(q.prompt, a) for q, a in zip(correct, answers)])  # (Q, D)
     scores = block_scores(grad, queries, per)
-    positives = [np.array([r for s in stating_ids(q) for r in row_of.get(s, [])]) for q in correct]
     n_ckpt = len(tracer.info["gradient"]["dims"])
     groups = groupings(layers, n_ckpt)
     report = {"world": world, "seed": seed, "correct": len(correct), "questions": len(questions),
