@@ -162,3 +162,22 @@ def test_runtime_options_are_checked_in_one_line():
     with pytest.raises(InputError, match="WHEREFROM_MEMORY_LIMIT must be"):
         Runtime.from_env({"WHEREFROM_MEMORY_LIMIT": "lots"})
     assert json.dumps(Runtime().environ())  # strings only: it goes into os.environ
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_half_precision_checkpoint_loads_in_float32_on_a_cpu_without_its_instructions(tiny, tmp_path, monkeypatch,
+                                                                                          native):
+    """bfloat16 on an x86 CPU without AVX-512 BF16 or AMX is emulated (57x float32's matmul time on
+    an AVX2 EPYC): by default such a checkpoint computes in float32 there; `--dtype` keeps it."""
+    import platform
+    ckpt, _ = tiny
+    model, tok = load_model(ckpt.path)
+    folder = tmp_path / "b16"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    assert load_model(folder)[0].dtype == (torch.bfloat16 if native else torch.float32)
+    assert load_model(folder, dtype="bfloat16")[0].dtype == torch.bfloat16
+    assert load_model(ckpt.path)[0].dtype == torch.float32  # a float32 checkpoint is never touched
