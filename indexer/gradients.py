@@ -109,11 +109,12 @@ class Featurizer:
     def _stacked(self, k: int | None, n: int, names: tuple, side: str, device) -> torch.Tensor:
         """The layers' Gaussian projections of one side stacked (L, k, n) on `device`: drawn and
         stacked once, then reused by every refold during training."""
+        if k is None:  # the identity, unprojected: one n × n matrix seen L times, not cached
+            return torch.eye(n, device=device).expand(len(names), n, n)
         key = (names, side, k, n, device)
         if key not in self._gaussians:
-            seed = self.config.seed
-            drawn = [torch.eye(n) if k is None else _gaussian(k, n, seed, f"{name}:{side}") for name in names]
-            self._gaussians[key] = torch.stack(drawn).to(device)
+            self._gaussians[key] = torch.stack([_gaussian(k, n, self.config.seed, f"{name}:{side}")
+                                                for name in names]).to(device)
         return self._gaussians[key]
 
     def _forward_hook(self, name: str):
