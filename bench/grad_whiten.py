@@ -7,8 +7,9 @@ A stored row is unit-norm EK-FAC features per checkpoint; EK-FAC whitens within 
 across modules or checkpoints, so a direction shared by a whole class of documents (one template,
 one answer after it) keeps its weight. Variants, all query-side (d·M⁻¹q, no rebuild):
 - `train λ`: M = C_train + λ·I, C_train the rows' second moment (scaled to unit mean eigenvalue);
-- `queries λ`: TrackStar's task-specific mix, M = λ·C_train + (1 − λ)·C_query, C_query the second
-  moment of the other folds' query gradients (5-fold: a question never whitens itself);
+- `queries mix λ`: TrackStar's task-specific mix, M = mix·C_train + (1 − mix)·C_query + λ·I,
+  C_query the second moment of the other folds' query gradients (5-fold: a question never whitens
+  itself), applied through the Woodbury identity in C_train's eigenbasis;
 - each also with the rows renormalised after whitening (d·M⁻¹q / ‖M^-½ d‖).
 Writes bench/out/grad-whiten-<world>-seed<S>.json.
 """
