@@ -27,7 +27,8 @@ from indexer.ann import AnnIndex, rescored, top_k
 from indexer.config import NPROBE, BuildConfig, Runtime
 from indexer.curvature import Curvature
 from indexer.gradients import collate, featurizer_for
-from indexer.modelio import CheckpointInfo, resolve_device
+from indexer.loading import resolve_device
+from indexer.modelio import CheckpointInfo
 
 # A conditional logit (listwise logistic regression: P(source | pool) = softmax of the sum), chosen by
 # 5-fold CV on the realistic world's dev seed against z-sums, RRF and calibrated scores (0.954 vs

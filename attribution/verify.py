@@ -20,7 +20,8 @@ from torch.func import functional_call
 
 from attribution.tracer import encode_qa
 from indexer.gradients import collate, per_example_loss
-from indexer.modelio import CheckpointInfo, adam_second_moments, load_model, train_batch_size
+from indexer.loading import load_model
+from indexer.modelio import CheckpointInfo, adam_second_moments, train_batch_size
 
 
 def lexical_spans(text: str, answer: str) -> list[tuple[int, int]]:

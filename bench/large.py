@@ -92,7 +92,8 @@ def measure(shape: str, n_docs: int, device: str, dtype: str, batch_size: int, p
     from indexer.config import BuildConfig, GradientConfig, Runtime
     from indexer.corpus import Chunk
     from indexer.gradients import collate, featurizer_for
-    from indexer.modelio import load_model, read_checkpoint
+    from indexer.loading import load_model
+    from indexer.modelio import read_checkpoint
 
     texts = documents(n_docs)
     with tempfile.TemporaryDirectory() as tmp:

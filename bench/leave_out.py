@@ -28,7 +28,8 @@ METHODS = ("hybrid", "bm25 (q+a)", "dense (q+a)", "trackstar", "tracin cosine")
 def final_logprobs(model_dir: Path, pairs) -> list[float]:
     """log p(answer | prompt) under the last checkpoint of `model_dir`, for each (prompt, answer)."""
     from attribution.explain import answer_logprob
-    from indexer.modelio import discover_checkpoints, load_model
+    from indexer.loading import load_model
+    from indexer.modelio import discover_checkpoints
     model, tokenizer = load_model(discover_checkpoints(model_dir)[-1].path)
     return [answer_logprob(model, tokenizer, prompt, answer) for prompt, answer in pairs]
 

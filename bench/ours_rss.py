@@ -56,7 +56,7 @@ def main():
         before = rss_now()
         if args.plain:
             from indexer.gradients import collate
-            from indexer.modelio import load_model
+            from indexer.loading import load_model
             model, _ = load_model(folder)
             ids = sorted((c.token_ids for c in chunks), key=len)
             large.plain_pass(model, [collate(ids[s:s + args.batch_size], tok.pad_token_id)

@@ -47,7 +47,8 @@ def setup(n_layer: int, n_embd: int, worlds: int, group: int, seed: int = 0):
     """A GPT-2 of the given size trained one epoch with the HF Trainer (so its checkpoint holds the
     Adam state the default features fold in), and the corpus tokenised as the build sees it."""
     from service.demo.train import TrainConfig, train
-    from indexer.modelio import discover_checkpoints, load_model
+    from indexer.loading import load_model
+    from indexer.modelio import discover_checkpoints
 
     texts = corpus(worlds, group)
     folder = Path(tempfile.mkdtemp())

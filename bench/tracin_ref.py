@@ -106,7 +106,7 @@ def open_reference(settings) -> Reference:
     from bench.perf import LogitsOnly
     from indexer import store
     from indexer.config import BuildConfig
-    from indexer.modelio import load_model
+    from indexer.loading import load_model
     from service import traces
 
     target = traces.resolve_build(settings)

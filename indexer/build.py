@@ -27,7 +27,8 @@ from indexer.gradients import collate, featurizer_for
 from indexer import memory
 from indexer.config import BuildConfig, Runtime
 from indexer.memory import is_out_of_memory
-from indexer.modelio import CheckpointInfo, enable_checkpointing, resolve_device
+from indexer.loading import enable_checkpointing, resolve_device
+from indexer.modelio import CheckpointInfo
 
 Progress = Callable[[str, int, int], None]  # (stage, rows done now, stage total)
 

@@ -23,7 +23,8 @@ from db.errors import InputError
 from indexer.adapter import tracked_layers
 from indexer.config import GradientConfig, Runtime
 from indexer.curvature import LayerStats, Stats
-from indexer.modelio import CheckpointInfo, adam_second_moments, load_model
+from indexer.loading import load_model
+from indexer.modelio import CheckpointInfo, adam_second_moments
 
 
 def _gaussian(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:

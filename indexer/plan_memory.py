@@ -20,7 +20,8 @@ from indexer.config import BuildConfig, Runtime
 from indexer.corpus import Chunk
 from indexer.curvature import Stats
 from indexer.gradients import collate, featurizer_for
-from indexer.modelio import CheckpointInfo, enable_checkpointing, resolve_device, weights_files
+from indexer.loading import enable_checkpointing, resolve_device
+from indexer.modelio import CheckpointInfo, weights_files
 
 # a row's bytes per feature on disk: float16 in the store's array, float32 in a FAISS Flat index
 # (the largest factory; an IVF with SQ8 takes 1)

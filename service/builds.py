@@ -176,7 +176,7 @@ def chunk_documents(docs: list[tuple[int, str]], ckpts, config: BuildConfig):
     """(chunks, their texts, token count by document id) of (document id, text) pairs, as a build
     of `config` over checkpoints `ckpts` chunks them (`wherefrom index --update` chunks the same way)."""
     from indexer.corpus import chunk_corpus
-    from indexer.modelio import load_tokenizer
+    from indexer.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ckpts[-1].path, ckpts[-1].base_path)
     max_tokens = config.max_tokens or context_length(ckpts[-1].base_path or ckpts[-1].path)

@@ -87,7 +87,7 @@ def check_tokenizer_fits(folder: Path, base: Path | None = None) -> None:
     """
     from transformers import AutoConfig
 
-    from indexer.modelio import load_tokenizer
+    from indexer.loading import load_tokenizer
     fix = "save the tokenizer the model was trained with into the folder (tokenizer.save_pretrained)"
     tokenizer = load_tokenizer(folder, base)  # InputError with the reason when the files are broken
     try:

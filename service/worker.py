@@ -31,7 +31,7 @@ def check(settings: Settings) -> str:
 def use_device(runtime: Runtime) -> None:
     """Make `runtime` this process's for good (tasks read it with `Runtime.from_env`); InputError
     now, not in a task, when its device does not exist."""
-    from indexer.modelio import resolve_device
+    from indexer.loading import resolve_device
     device = resolve_device(runtime.device)
     os.environ.update(runtime.environ())
     if device.type == "cuda":
@@ -85,7 +85,7 @@ def start(settings: Settings, name: str | None, loglevel: str, threads: int | No
     with `--device cuda:N`, take shards from the same queue as they come free.
     """
     if runtime is not None:  # first: a device that does not exist needs no broker to say so
-        from indexer.modelio import resolve_device
+        from indexer.loading import resolve_device
         resolve_device(runtime.device)
     check(settings)  # fails fast, and migrates the database to head now rather than mid-task
     if runtime is not None:  # this process's for good only once it really becomes a worker

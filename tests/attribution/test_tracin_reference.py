@@ -7,7 +7,7 @@ import torch
 
 from bench.tracin_ref import cosine_scores, open_reference, tracin_scores
 from indexer.gradients import collate, per_example_loss
-from indexer.modelio import load_model
+from indexer.loading import load_model
 
 
 def full_gradient(lm, ids, labels) -> torch.Tensor:

@@ -12,7 +12,8 @@ from indexer.callback import WherefromCallback
 from indexer.config import GradientConfig
 from indexer.curvature import Stats
 from indexer.gradients import Featurizer, collate
-from indexer.modelio import adam_second_moments, load_model
+from indexer.loading import load_model
+from indexer.modelio import adam_second_moments
 
 DOCS = 40  # 5 steps per epoch at batch 8: three epochs and three saves in a few seconds
 

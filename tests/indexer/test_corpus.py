@@ -64,7 +64,8 @@ def test_missing_path_and_unknown_suffix(tmp_path):
 
 
 def test_chunks_cover_the_document_and_fit_the_context(trained):
-    from indexer.modelio import discover_checkpoints, load_model
+    from indexer.loading import load_model
+    from indexer.modelio import discover_checkpoints
     _, tok = load_model(discover_checkpoints(trained[0])[-1].path)
     text = " ".join(f"Alvena Ashgrove was born in {1800 + i}." for i in range(30))
     chunks = chunk_document(tok, 7, text, max_tokens=16)

@@ -10,7 +10,8 @@ import torch
 from attribution.tracer import Tracer
 from bench.large import documents, save_model
 from indexer import store
-from indexer.modelio import cpu_has_native, discover_checkpoints
+from indexer.loading import cpu_has_native
+from indexer.modelio import discover_checkpoints
 from service import catalog, jobs
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,7 @@ def test_a_large_model_indexes_and_traces_on_the_cpu(settings, tmp_path, shape, 
     catalog.add_model(settings, folder, "big")
     out = jobs.index_here(settings, "c", "big")
     assert out.rows == len(texts)
-    # a CPU without bfloat16 instructions computes in float32 (indexer.modelio.cpu_has_native)
+    # a CPU without bfloat16 instructions computes in float32 (indexer.loading.cpu_has_native)
     computed = dtype if cpu_has_native(getattr(torch, dtype)) else "float32"
     assert out.info["runtime"]["dtype"] == [computed] and out.info["runtime"]["device"] == ["cpu"]
     assert len(out.info["gradient"]["layers"]) == layers and out.info["gradient"]["dims"] == [layers * 64]

@@ -6,7 +6,8 @@ import re
 import torch
 
 from indexer.adapter import tracked_layers
-from indexer.modelio import adam_second_moments, discover_checkpoints, load_model
+from indexer.loading import load_model
+from indexer.modelio import adam_second_moments, discover_checkpoints
 
 
 def test_trainer_folder_yields_every_checkpoint_with_its_learning_rate(trained):

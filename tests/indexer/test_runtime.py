@@ -17,7 +17,8 @@ from indexer.config import BuildConfig, GradientConfig, Runtime, applied
 from indexer.corpus import chunk_corpus
 from indexer.curvature import Stats
 from indexer.gradients import Featurizer, collate, featurizer_for
-from indexer.modelio import discover_checkpoints, enable_checkpointing, load_model, resolve_device
+from indexer.loading import enable_checkpointing, load_model, resolve_device
+from indexer.modelio import discover_checkpoints
 from service import catalog, jobs
 from service.settings import Settings
 

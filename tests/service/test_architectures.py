@@ -16,7 +16,8 @@ import torch
 
 from db.errors import StaleBuild
 from indexer.adapter import tracked_layers
-from indexer.modelio import adam_second_moments, check_unchanged, discover_checkpoints, load_model
+from indexer.loading import load_model
+from indexer.modelio import adam_second_moments, check_unchanged, discover_checkpoints
 from service import catalog, jobs, traces
 from service.settings import Settings
 
