@@ -97,7 +97,9 @@ def test_out_of_memory_halves_the_batch_and_retries(tiny, tmp_path, monkeypatch)
     # padding widths differ, so float32 sums round differently: 1e-5 of the largest entry
     np.testing.assert_allclose(raw, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
     for name, s in plain_stats.layers.items():  # the cut-off batches added nothing
-        np.testing.assert_allclose(stats.layers[name].a_sum, s.a_sum, rtol=1e-5)
+        # one chunk adds ~1e-3 of the largest entry; entries near zero by cancellation round apart
+        # by ~1e-8 of it in float32 batches of other widths (AVX2 and AVX-512 kernels differ)
+        np.testing.assert_allclose(stats.layers[name].a_sum, s.a_sum, rtol=1e-5, atol=1e-6 * np.abs(s.a_sum).max())
         assert stats.layers[name].tokens == s.tokens
 
 
