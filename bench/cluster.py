@@ -49,11 +49,13 @@ class Workers:
 
     def start(self, name: str) -> None:
         """Start `wherefrom worker --name NAME@test` and wait until it consumes."""
+        # a restarted worker appends to its log: only what this process wrote says it is ready
+        offset = self.log(name).stat().st_size if self.log(name).exists() else 0
         with open(self.log(name), "ab") as log:
             proc = subprocess.Popen([WHEREFROM, "worker", "--name", f"{name}@test", "--loglevel", "info", *self.options],
                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
-        wait_for(lambda: proc.poll() is not None or b" ready." in self.log(name).read_bytes(), 120,
+        wait_for(lambda: proc.poll() is not None or b" ready." in self.log(name).read_bytes()[offset:], 120,
                  f"worker {name} to start", logs=self.tail)
         if proc.poll() is not None:
             raise RuntimeError(f"worker {name} exited:\n{self.tail()}")
