@@ -49,9 +49,9 @@ class Workers:
 
     def start(self, name: str) -> None:
         """Start `wherefrom worker --name NAME@test` and wait until it consumes."""
-        # a restarted worker appends to its log: only what this process wrote says it is ready
-        offset = self.log(name).stat().st_size if self.log(name).exists() else 0
         with open(self.log(name), "ab") as log:
+            # a restarted worker appends to its log: only what this process writes says it is ready
+            offset = log.tell()  # append mode opens at the end
             proc = subprocess.Popen([WHEREFROM, "worker", "--name", f"{name}@test", "--loglevel", "info", *self.options],
                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
