@@ -20,17 +20,14 @@ Writes bench/out/grad-hubness-<world>-seed<S>.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.grad_blocks import correct_queries, reciprocal_rank
-from bench.grad_whiten import summary
+from bench.grad_whiten import cli, new_report, record_variant
 
-OUT = Path("bench/out")
 KS = (5, 10, 20, 50, 100)
 
 
@@ -44,28 +41,25 @@ def neighbours(grad: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray,
         part = np.argpartition(-s, k, axis=1)[:, :k]
         v = np.take_along_axis(s, part, 1)
         order = np.argsort(-v, axis=1)
-        idx[start:start + chunk], val[start:start + chunk] = np.take_along_axis(part, order, 1), np.take_along_axis(v, order, 1)
+        idx[start:start + chunk] = np.take_along_axis(part, order, 1)
+        val[start:start + chunk] = np.take_along_axis(v, order, 1)
     return idx, val
 
 
 def run(world: str, seed: int) -> dict:
     t = time.perf_counter()
     _, _, correct, _, grad, queries, positives = correct_queries(world, seed)
-    styles = [getattr(q, "style", "completion") for q in correct]
     print(f"{len(correct)} correct questions, {grad.shape} rows ({time.perf_counter() - t:.0f} s)", flush=True)
-    report = {"world": world, "seed": seed, "correct": len(correct), "variants": {}, "styles": styles}
+    report = new_report(world, seed, correct)
 
     def record(name, scores):
-        rr = [reciprocal_rank(s, p) for s, p in zip(scores, positives)]
-        report["variants"][name] = {"summary": summary(rr, styles), "per_question": rr}
-        print(f"{name:<34} " + "  ".join(f"{k} {v:.3f}" for k, v in summary(rr, styles).items()), flush=True)
+        record_variant(report, name, [reciprocal_rank(s, p) for s, p in zip(scores, positives)])
 
     t = time.perf_counter()
     nbr, nbr_val = neighbours(grad, max(KS))
     print(f"row neighbours: {time.perf_counter() - t:.0f} s", flush=True)
     s = queries @ grad.T  # (Q, N)
     record("today", s)
-    import torch
     mean = grad.mean(0)
     for a in (0.5, 1.0):
         record(f"global mean a={a}", s - a * (mean @ grad.T)[None, :])
@@ -85,23 +79,17 @@ def run(world: str, seed: int) -> dict:
         hub = nbr_val[:, :k].mean(1)  # r_k(d)
         for b in (0.25, 0.5, 1.0):
             record(f"csls k={k} b={b}", s - b * hub[None, :])
-        # q·μ_k(d): the mean of the query's scores over d's neighbours
-        local = np.stack([row[nbr[:, :k]].mean(1) for row in s])
+        # q·μ_k(d) and μ_k(q)·μ_k(d): the mean of a score row over d's neighbours
+        local, back_local = (np.stack([row[nbr[:, :k]].mean(1) for row in m]) for m in (s, back))
         for b in (0.5, 1.0):
             record(f"rows centred k={k} b={b}", s - b * local)
-            record(f"rows centred k={k} b={b} + query centred a=0.5", s - b * local - 0.5 * (back - b * np.stack(
-                [row[nbr[:, :k]].mean(1) for row in back])))
+            # (q − 0.5 μ_k(q))·(d − b μ_k(d))
+            record(f"rows centred k={k} b={b} + query centred a=0.5", s - b * local - 0.5 * (back - b * back_local))
     return report
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", choices=("realistic", "trap"), default="realistic")
-    ap.add_argument("--seed", type=int, default=200)
-    args = ap.parse_args()
-    report = run(args.world, args.seed)
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"grad-hubness-{args.world}-seed{args.seed}.json").write_text(json.dumps(report, indent=1))
+    cli("grad-hubness", run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,31 @@ def summary(rr, styles) -> dict:
     return {"mrr": float(rr.mean()), **{s: float(rr[styles == s].mean()) for s in sorted(set(styles))}}
 
 
+def new_report(world: str, seed: int, correct) -> dict:
+    """The JSON a dev-seed variant bench writes: its questions' prompt styles and, per variant, MRR."""
+    styles = [getattr(q, "style", "completion") for q in correct]
+    return {"world": world, "seed": seed, "correct": len(correct), "variants": {}, "styles": styles}
+
+
+def record_variant(report: dict, name: str, rr: list[float]) -> None:
+    """One variant's reciprocal ranks into `report`, and its line of the printed table."""
+    s = summary(rr, report["styles"])
+    report["variants"][name] = {"summary": s, "per_question": rr}
+    print(f"{name:<40} " + "  ".join(f"{k} {v:.3f}" for k, v in s.items()), flush=True)
+
+
+def cli(name: str, run, description: str) -> None:
+    """`--world` and `--seed` (default the realistic dev seed), then `run`'s report to
+    bench/out/<name>-<world>-seed<S>.json."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--world", choices=("realistic", "trap"), default="realistic")
+    ap.add_argument("--seed", type=int, default=200)
+    args = ap.parse_args()
+    report = run(args.world, args.seed)
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{name}-{args.world}-seed{args.seed}.json").write_text(json.dumps(report, indent=1))
+
+
 def woodbury(g, q, d0, u):
     """Scores g·M⁻¹q and row norms ‖M^-½ g‖ for M = diag(d0) + uᵀu, all in one basis."""
     gi, ui = g / d0, u / d0
@@ -54,12 +80,9 @@ def woodbury(g, q, d0, u):
 
 def run(world: str, seed: int, lams=(1.0, 0.3, 0.1, 0.03, 0.01), mixes=(0.99, 0.9, 0.5, 0.1)) -> dict:
     _, _, correct, _, grad, queries, positives = correct_queries(world, seed)
-    styles = [getattr(q, "style", "completion") for q in correct]
-    report = {"world": world, "seed": seed, "correct": len(correct), "variants": {}, "styles": styles}
+    report = new_report(world, seed, correct)
 
-    def record(name, rr):
-        report["variants"][name] = {"summary": summary(rr, styles), "per_question": rr}
-        print(f"{name:<40} " + "  ".join(f"{k} {v:.3f}" for k, v in summary(rr, styles).items()), flush=True)
+    record = partial(record_variant, report)
 
     record("today", ranks(queries @ grad.T, positives))
     g = scaled(grad.astype(np.float64))
@@ -91,13 +114,7 @@ def run(world: str, seed: int, lams=(1.0, 0.3, 0.1, 0.03, 0.01), mixes=(0.99, 0.
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", choices=("realistic", "trap"), default="realistic")
-    ap.add_argument("--seed", type=int, default=200)
-    args = ap.parse_args()
-    report = run(args.world, args.seed)
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"grad-whiten-{args.world}-seed{args.seed}.json").write_text(json.dumps(report, indent=1))
+    cli("grad-whiten", run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
