@@ -63,8 +63,10 @@ def run(world: str, seed: int) -> dict:
     mean = grad.mean(0)
     for a in (0.5, 1.0):
         record(f"global mean a={a}", s - a * (mean @ grad.T)[None, :])
-    _, _, v = torch.svd_lowrank(torch.from_numpy(grad - mean), q=40, niter=3)  # (D, 40)
-    v = v.numpy()
+    # exact principal directions: a randomized SVD (svd_lowrank, q=40) moved top-30's MRR by 0.008 between runs
+    centred = torch.from_numpy(grad - mean).double()
+    _, v = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    v = v.flip(1)[:, :30].float().numpy()
     for m in (1, 3, 10, 30):
         u = v[:, :m]
         record(f"all but the top {m}", s - ((queries @ u) @ u.T) @ grad.T)
