@@ -1,0 +1,111 @@
+"""Centring the query's module inputs against its template: MRR of the gradient method when each
+tracked layer's input at the answer positions loses the mean that prompts of the same template share.
+
+    python -m bench.grad_centring --world realistic --seed 200     # the dev seed only: never tune on 201
+
+A query's block for one layer is Σ_t (P_out δ_t)(P_in x_t)ᵀ over its answer positions. After a chat
+or QA template the inputs x_t hardly depend on the question (BENCHMARKS.md, "Why chat prompts fail
+the gradient method"), so the block lines up with every document of that template. Centring the
+inputs, x_t − α μ, gives the block F − α (Σ_t P_out δ_t)(P_in μ)ᵀ: exact in the projected space, and
+computed before EK-FAC and the per-checkpoint normalisation as the product does. Variants:
+- `style mean α`: μ the mean answer-position input of the *other* correctly answered questions of
+  the same prompt style (leave one out: a question never centres itself);
+- `all mean α`: μ the same mean over every other question, whatever its style.
+The stored rows are unchanged (no rebuild). Writes bench/out/grad-centring-<world>-seed<S>.json.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bench.grad_blocks import correct_queries, reciprocal_rank
+from bench.grad_whiten import cli, new_report, record_variant
+from indexer.gradients import collate
+from attribution.tracer import encode_qa
+
+ALPHAS = (0.5, 1.0)
+
+
+def parts(tracer, prompt: str, answer: str) -> list[dict]:
+    """Per checkpoint, before EK-FAC: the raw block features `f` (L, k_out, k_in); Σ_t P_out δ_t over
+    every position (`d_all`) and over the answer positions (`d_at`), (L, k_out); the mean projected
+    input over every position (`x_all`) and over the answer positions (`x_at`), (L, k_in). Every
+    position's δ is nonzero: later positions attend to it."""
+    out = []
+    for c in range(len(tracer.ckpts)):
+        model, tokenizer, feat = tracer.featurizer(c)
+        ids, first = encode_qa(tokenizer, prompt, answer)
+        grabbed = {}
+        collect = feat.collect
+
+        def grab():
+            grabbed["x"], grabbed["d"] = dict(feat._x), dict(feat._d)
+            return collect()
+
+        feat.collect = grab
+        try:
+            f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first])).numpy()[0]
+        finally:
+            del feat.collect
+        xs = grabbed["x"]
+        for lead, (_, members, sizes) in feat._p_lead.items():
+            if lead in xs and xs[lead].shape[0] == sum(sizes):
+                xs.update(zip(members, xs[lead].split(sizes)))
+        at = slice(first - 1, len(ids) - 1)  # the positions whose next token is an answer token
+        names = [l.name for l in feat.layers]
+        d = np.stack([grabbed["d"][n].float().numpy() for n in names])  # (L, k_out, T)
+        x = np.stack([xs[n].float().numpy() for n in names])  # (L, k_in, T)
+        out.append({"f": f.reshape(len(names), d.shape[1], x.shape[1]).astype(np.float64),
+                    "d_all": d.sum(2), "d_at": d[:, :, at].sum(2), "x_all": x.mean(2), "x_at": x[:, :, at].mean(2)})
+    return out
+
+
+def query_vector(tracer, per_ckpt, mus, alpha: float, where: str = "at") -> np.ndarray:
+    """The product's query gradient from the raw parts, each checkpoint's inputs centred by α μ_c at
+    the answer positions (`where` "at") or at every position ("all")."""
+    vec = []
+    for c, (p, mu) in enumerate(zip(per_ckpt, mus)):
+        g = (p["f"] - alpha * p["d_" + where][:, :, None] * mu[:, None, :]).reshape(1, -1)
+        if tracer.curvatures[c] is not None:
+            g = tracer.curvatures[c].apply(g)
+        vec.append(g[0] / max(np.linalg.norm(g[0]), 1e-30) * tracer.weights[c])
+    return np.concatenate(vec).astype(np.float32)
+
+
+def run(world: str, seed: int) -> dict:
+    t = time.perf_counter()
+    tracer, _, correct, answers, grad, queries, positives = correct_queries(world, seed)
+    report = new_report(world, seed, correct)
+    styles = np.array(report["styles"])
+    all_parts = [parts(tracer, q.prompt, a) for q, a in zip(correct, answers)]
+    print(f"{len(correct)} questions, {grad.shape} rows ({time.perf_counter() - t:.0f} s)", flush=True)
+    n_ckpt = len(tracer.ckpts)
+    x = {w: np.stack([[p[c]["x_" + w] for c in range(n_ckpt)] for p in all_parts]) for w in ("at", "all")}  # (Q, C, L, k_in)
+
+    def record(name, vectors):
+        record_variant(report, name, [reciprocal_rank(grad @ v, p) for v, p in zip(vectors, positives)])
+
+    record("today", queries)
+    rebuilt = [query_vector(tracer, p, list(0 * x["at"][0]), 0.0) for p in all_parts]
+    record("today, rebuilt from the parts", rebuilt)  # a check that the parts reproduce the product
+    for where in ("at", "all"):
+        for scope in ("style", "all"):
+            for alpha in ALPHAS:
+                vectors = []
+                for i, p in enumerate(all_parts):
+                    same = (styles == styles[i]) if scope == "style" else np.ones(len(styles), bool)
+                    same[i] = False
+                    mu = x[where][same].mean(0) if same.any() else np.zeros_like(x[where][i])
+                    vectors.append(query_vector(tracer, p, list(mu), alpha, where))
+                record(f"{where} positions, {scope} mean α={alpha}", vectors)
+    return report
+
+
+def main():
+    cli("grad-centring", run, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()
