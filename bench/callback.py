@@ -3,6 +3,7 @@
     python -m bench.callback                      # the demo world, 3 runs each way
     python -m bench.callback --world realistic    # bench/realistic_world.py: its Llama and config
     python -m bench.callback --world realistic --epochs 1 --runs 3 --timing-only   # the overhead only
+    python -m bench.callback --world realistic --epochs 1 --runs 3 --timing-only --kinds plain ids hooks callback
 
 Trains the world's model with and without `WherefromCallback`, alternating, each run in its own
 process (wall time of `trainer.train()` and the process's peak RSS), and reports the same-run
@@ -31,6 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 OUT = Path("bench/out")
+KINDS = ("plain", "callback", "hooks", "ids")
 
 
 @dataclass
@@ -63,8 +65,40 @@ def make(world: str, seed: int, epochs: int | None = None) -> BenchWorld:
     return BenchWorld(docs, questions, replace(train_config(seed), **shorter), CHAT_TEMPLATE)
 
 
-def train_once(world: str, seed: int, out: Path, with_callback: bool, epochs: int | None) -> dict:
+def partial_callback(kind: str, row_ids: list[str]):
+    """A `WherefromCallback` doing part of its work, to tell its training overhead apart (`--kinds`):
+    `hooks`: every hook registered and every step event run, nothing recorded (the layers' hooks
+    return at once, no projection, no rows); `ids`: `attach` alone, the id column carried to the
+    model and popped there, no layer hooks and no step events."""
+    from transformers import TrainerCallback
+
+    from indexer.callback import WherefromCallback
+
+    class Hooks(WherefromCallback):
+        def _pre_forward(self, module, args, kwargs):
+            kwargs.pop(self.id_column, None)
+            return args, kwargs  # recording stays off
+
+        def _collect(self):
+            pass
+
+    class Ids(WherefromCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            pop = lambda module, a, k: (a, {n: v for n, v in k.items() if n != self.id_column})
+            self._handles = [model.register_forward_pre_hook(pop, with_kwargs=True)]
+
+        on_step_begin = on_substep_end = on_pre_optimizer_step = on_save = TrainerCallback.on_save
+
+        def on_train_end(self, args, state, control, **kw):
+            for h in self._handles:
+                h.remove()
+
+    return {"hooks": Hooks, "ids": Ids}[kind](row_ids=row_ids)
+
+
+def train_once(world: str, seed: int, out: Path, kind: str, epochs: int | None) -> dict:
     """One training run in this process: wall and CPU seconds of training, and peak RSS (MB).
+    `kind`: one of KINDS (`partial_callback`).
 
     CPU seconds (user + system of this process) are what the ratio is read from on a shared box:
     wall time there follows the other tenants' load (1.6x apart between two plain runs at load 6-8).
@@ -77,7 +111,9 @@ def train_once(world: str, seed: int, out: Path, with_callback: bool, epochs: in
     tokenizer = train_tokenizer(texts, w.config.vocab_size)
     if w.chat_template:
         tokenizer.chat_template = w.chat_template
-    callback = WherefromCallback(row_ids=[d["id"] for d in w.documents]) if with_callback else None
+    ids = [d["id"] for d in w.documents]
+    callback = None if kind == "plain" else WherefromCallback(row_ids=ids) if kind == "callback" \
+        else partial_callback(kind, ids)
     t, cpu = time.perf_counter(), _cpu()
     train(texts, out, w.config, tokenizer=tokenizer, callback=callback)
     return {"seconds": time.perf_counter() - t, "cpu_seconds": _cpu() - cpu,
@@ -90,9 +126,9 @@ def _cpu() -> float:
 
 
 def timed_runs(args) -> dict:
-    runs = {"plain": [], "callback": []}
+    runs = {kind: [] for kind in args.kinds}
     for i in range(args.runs):
-        for kind in ("plain", "callback"):
+        for kind in args.kinds:
             out = OUT / f"callback-{args.world}" / f"{kind}-{i}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "bench.callback", "--world", args.world, "--seed", str(args.seed),
@@ -109,7 +145,8 @@ def summary(runs: dict) -> dict:
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
     cpu = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
     rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
-    return {"runs": runs, "median_s": med, "wall_ratio": med["callback"] / med["plain"],
+    extra = {f"{k}_overhead_ratio": cpu[k] / cpu["plain"] for k in runs if k not in ("plain", "callback")}
+    return {"runs": runs, **extra, "median_s": med, "wall_ratio": med["callback"] / med["plain"],
             "median_cpu_s": cpu, "overhead_ratio": cpu["callback"] / cpu["plain"],
             "per_pair_cpu_ratios": [c["cpu_seconds"] / p["cpu_seconds"] for p, c in zip(runs["plain"], runs["callback"])],
             "peak_rss_mb": rss, "memory_ratio": rss["callback"] / rss["plain"]}
@@ -183,11 +220,14 @@ def main():
     ap.add_argument("--tail-patch", type=int, default=30, help="questions whose top-10s are tail-patched")
     ap.add_argument("--skip-offline", action="store_true", help="the from-training build only")
     ap.add_argument("--tag", default="", help="a suffix for the from-training build's folder and name")
-    ap.add_argument("--train-one", choices=("plain", "callback"), help=argparse.SUPPRESS)
+    ap.add_argument("--kinds", nargs="+", default=["plain", "callback"], choices=KINDS,
+                    help="what each run trains with, alternating: hooks = the callback's hooks registered, "
+                         "recording off; ids = only the id column carried to the model")
+    ap.add_argument("--train-one", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.train_one:
-        print(json.dumps(train_once(args.world, args.seed, args.out, args.train_one == "callback", args.epochs)))
+        print(json.dumps(train_once(args.world, args.seed, args.out, args.train_one, args.epochs)))
         return
     make(args.world, args.seed)  # fail on a missing world before any training
     path = OUT / f"callback-{args.world}{'-timing' if args.timing_only else f'-{args.seed}{args.tag}'}.json"
@@ -203,7 +243,8 @@ def main():
     path.write_text(json.dumps(report, indent=2))
     keys = ("median_s", "wall_ratio", "median_cpu_s", "overhead_ratio", "peak_rss_mb", "memory_ratio")
     if "training" in report:
-        print(json.dumps({k: report["training"][k] for k in keys}, indent=2))
+        t = report["training"]
+        print(json.dumps({k: v for k, v in t.items() if k in keys or k.endswith("_overhead_ratio")}, indent=2))
     if report["quality"]:
         print_quality(report["quality"])
 
