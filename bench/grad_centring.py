@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 
+from attribution.tracer import encode_qa
 from bench.grad_blocks import correct_queries, reciprocal_rank
 from bench.grad_whiten import cli, new_report, record_variant
 from indexer.gradients import collate
-from attribution.tracer import encode_qa
 
 ALPHAS = (0.5, 1.0)
 
