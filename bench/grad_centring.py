@@ -11,7 +11,11 @@ computed before EK-FAC and the per-checkpoint normalisation as the product does.
 - `style mean α`: μ the mean answer-position input of the *other* correctly answered questions of
   the same prompt style (leave one out: a question never centres itself);
 - `all mean α`: μ the same mean over every other question, whatever its style.
-The stored rows are unchanged (no rebuild). Writes bench/out/grad-centring-<world>-seed<S>.json.
+The stored rows are unchanged (no rebuild). One more row, `today, among statements only`, ranks
+only the rows that state some fact of the world (every question's statements: no chat or QA
+document, no gloss): if a chat query ranks its own person's statements first there, its gradient
+carries the person, and what buries it is other documents of its template.
+Writes bench/out/grad-centring-<world>-seed<S>.json.
 """
 
 from __future__ import annotations
@@ -88,6 +92,12 @@ def run(world: str, seed: int) -> dict:
         record_variant(report, name, [reciprocal_rank(grad @ v, p) for v, p in zip(vectors, positives)])
 
     record("today", queries)
+    from bench.product_path import open_build  # cached: the rows' document ids
+    questions, _, ext, _ = open_build(world, seed)
+    stated = {i for q in questions for i in q.source_ids}
+    keep = np.array([e in stated for e in ext])
+    record_variant(report, "today, among statements only",
+                   [reciprocal_rank(np.where(keep, grad @ v, -np.inf), p[keep[p]]) for v, p in zip(queries, positives)])
     rebuilt = [query_vector(tracer, p, list(0 * x["at"][0]), 0.0) for p in all_parts]
     record("today, rebuilt from the parts", rebuilt)  # a check that the parts reproduce the product
     for where in ("at", "all"):
