@@ -15,6 +15,9 @@ The stored rows are unchanged (no rebuild). One more row, `today, among statemen
 only the rows that state some fact of the world (every question's statements: no chat or QA
 document, no gloss): if a chat query ranks its own person's statements first there, its gradient
 carries the person, and what buries it is other documents of its template.
+`template rows centred β`: the rows of documents written in the query's template (text holding
+"Answer:" for a QA or few-shot prompt, "<|assistant|>" for a chat one) centred on their own mean,
+d − β μ_T, so q·d' = q·d − β q·μ_T on those rows only (a completion prompt keeps its scores).
 Writes bench/out/grad-centring-<world>-seed<S>.json.
 """
 
@@ -93,11 +96,22 @@ def run(world: str, seed: int) -> dict:
 
     record("today", queries)
     from bench.product_path import open_build  # cached: the rows' document ids
-    questions, _, ext, _ = open_build(world, seed)
+    questions, _, ext, texts = open_build(world, seed)
     stated = {i for q in questions for i in q.source_ids}
     keep = np.array([e in stated for e in ext])
     record_variant(report, "today, among statements only",
                    [reciprocal_rank(np.where(keep, grad @ v, -np.inf), p[keep[p]]) for v, p in zip(queries, positives)])
+    marker = {"qa": "Answer:", "fewshot": "Answer:", "chat": "<|assistant|>"}
+    in_template = {st: np.array([m in t for t in texts]) for st, m in marker.items()}
+    means = {st: grad[rows].mean(0) for st, rows in in_template.items()}
+    for beta in (0.5, 1.0, 2.0):
+        rr = []
+        for v, p, st in zip(queries, positives, styles):
+            score = grad @ v
+            if st in marker:
+                score = score - beta * (means[st] @ v) * in_template[st]
+            rr.append(reciprocal_rank(score, p))
+        record_variant(report, f"template rows centred β={beta}", rr)
     rebuilt = [query_vector(tracer, p, list(0 * x["at"][0]), 0.0) for p in all_parts]
     record("today, rebuilt from the parts", rebuilt)  # a check that the parts reproduce the product
     for where in ("at", "all"):
