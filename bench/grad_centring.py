@@ -81,6 +81,25 @@ def query_vector(tracer, per_ckpt, mus, alpha: float, where: str = "at") -> np.n
     return np.concatenate(vec).astype(np.float32)
 
 
+def outranking(correct, queries, positives, grad, texts, first: int = 50) -> dict:
+    """What the rows ranked above each QA query's best source are, counted over the first `first`
+    of them: question–answer documents of the query's own attribute or of another, chat documents,
+    or other documents (statements, prose)."""
+    from bench.trap_world import QUESTIONS
+    stem = {a: q.split("{name}")[0] for a, q in QUESTIONS.items()}
+    kinds = dict.fromkeys(("qa, same attribute", "qa, other attribute", "chat", "other"), 0)
+    for q, v, p in zip(correct, queries, positives):
+        if getattr(q, "style", "") != "qa":
+            continue
+        s = grad @ v
+        for i in np.flatnonzero(s > s[p].max())[:first]:
+            t = texts[i]
+            kind = "chat" if "<|assistant|>" in t else "other" if "Answer:" not in t \
+                else "qa, same attribute" if t.startswith(stem[q.attribute]) else "qa, other attribute"
+            kinds[kind] += 1
+    return kinds
+
+
 def run(world: str, seed: int) -> dict:
     t = time.perf_counter()
     tracer, _, correct, answers, grad, queries, positives = correct_queries(world, seed)
@@ -112,6 +131,8 @@ def run(world: str, seed: int) -> dict:
                 score = score - beta * (means[st] @ v) * in_template[st]
             rr.append(reciprocal_rank(score, p))
         record_variant(report, f"template rows centred β={beta}", rr)
+    report["outranking_qa"] = outranking(correct, queries, positives, grad, texts)
+    print("rows above a QA query's best source (first 50 each):", report["outranking_qa"], flush=True)
     rebuilt = [query_vector(tracer, p, list(0 * x["at"][0]), 0.0) for p in all_parts]
     record("today, rebuilt from the parts", rebuilt)  # a check that the parts reproduce the product
     for where in ("at", "all"):
