@@ -150,9 +150,15 @@ def correct_queries(world: str, seed: int):
     """(tracer, questions, the correctly answered ones, their answers, grad rows (N, D), their query
     gradients (Q, D), each one's source rows) on the world's default build."""
     from bench.product_path import open_build
-    from service.demo.run import is_correct
 
     questions, tracer, ext, _ = open_build(world, seed)
+    return queries_of(questions, tracer, ext)
+
+
+def queries_of(questions, tracer, ext: list[str]):
+    """`correct_queries` on a build already open: `questions`, its tracer and its rows' document ids."""
+    from service.demo.run import is_correct
+
     row_of = {}
     for i, e in enumerate(ext):
         row_of.setdefault(e, []).append(i)

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from attribution.tracer import encode_qa
-from bench.grad_blocks import correct_queries, reciprocal_rank
+from bench.grad_blocks import queries_of, reciprocal_rank
 from bench.grad_whiten import cli, new_report, record_variant
 from indexer.gradients import collate
 
@@ -101,8 +101,11 @@ def outranking(correct, queries, positives, grad, texts, first: int = 50) -> dic
 
 
 def run(world: str, seed: int) -> dict:
+    from bench.product_path import open_build
+
     t = time.perf_counter()
-    tracer, _, correct, answers, grad, queries, positives = correct_queries(world, seed)
+    questions, tracer, ext, texts = open_build(world, seed)  # the rows' ids and texts too
+    _, _, correct, answers, grad, queries, positives = queries_of(questions, tracer, ext)
     report = new_report(world, seed, correct)
     styles = np.array(report["styles"])
     all_parts = [parts(tracer, q.prompt, a) for q, a in zip(correct, answers)]
@@ -114,8 +117,6 @@ def run(world: str, seed: int) -> dict:
         record_variant(report, name, [reciprocal_rank(grad @ v, p) for v, p in zip(vectors, positives)])
 
     record("today", queries)
-    from bench.product_path import open_build  # cached: the rows' document ids
-    questions, _, ext, texts = open_build(world, seed)
     stated = {i for q in questions for i in q.source_ids}
     keep = np.array([e in stated for e in ext])
     record_variant(report, "today, among statements only",
