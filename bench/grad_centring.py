@@ -33,6 +33,8 @@ from bench.grad_whiten import cli, new_report, record_variant
 from indexer.gradients import collate
 
 ALPHAS = (0.5, 1.0)
+# what marks a document written in a prompt style's template (the realistic world's)
+MARKERS = {"qa": "Answer:", "fewshot": "Answer:", "chat": "<|assistant|>"}
 
 
 def parts(tracer, prompt: str, answer: str) -> list[dict]:
@@ -47,8 +49,12 @@ def parts(tracer, prompt: str, answer: str) -> list[dict]:
         grabbed = {}
         collect = feat.collect
 
-        def grab():
-            grabbed["x"], grabbed["d"] = dict(feat._x), dict(feat._d)
+        def grab():  # the batch's projected inputs and output gradients, then the features as ever
+            kept = dict(feat._x)  # `_inputs_of` consumes them: `collect` needs them again
+            x = feat._in_layer_order([feat._inputs_of(names) for names in feat._groups], dim=0)
+            feat._x = kept
+            grabbed["x"] = x.float().numpy()  # (L, k_in, T)
+            grabbed["d"] = np.stack([feat._d[l.name].float().numpy() for l in feat.layers])  # (L, k_out, T)
             return collect()
 
         feat.collect = grab
@@ -56,15 +62,9 @@ def parts(tracer, prompt: str, answer: str) -> list[dict]:
             f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first])).numpy()[0]
         finally:
             del feat.collect
-        xs = grabbed["x"]
-        for lead, (_, members, sizes) in feat._p_lead.items():
-            if lead in xs and xs[lead].shape[0] == sum(sizes):
-                xs.update(zip(members, xs[lead].split(sizes)))
         at = slice(first - 1, len(ids) - 1)  # the positions whose next token is an answer token
-        names = [l.name for l in feat.layers]
-        d = np.stack([grabbed["d"][n].float().numpy() for n in names])  # (L, k_out, T)
-        x = np.stack([xs[n].float().numpy() for n in names])  # (L, k_in, T)
-        out.append({"f": f.reshape(len(names), d.shape[1], x.shape[1]).astype(np.float64),
+        x, d = grabbed["x"], grabbed["d"]
+        out.append({"f": f.reshape(len(d), d.shape[1], x.shape[1]).astype(np.float64),
                     "d_all": d.sum(2), "d_at": d[:, :, at].sum(2), "x_all": x.mean(2), "x_at": x[:, :, at].mean(2)})
     return out
 
@@ -94,7 +94,7 @@ def outranking(correct, queries, positives, grad, texts, first: int = 50) -> dic
         s = grad @ v
         for i in np.flatnonzero(s > s[p].max())[:first]:
             t = texts[i]
-            kind = "chat" if "<|assistant|>" in t else "other" if "Answer:" not in t \
+            kind = "chat" if MARKERS["chat"] in t else "other" if MARKERS["qa"] not in t \
                 else "qa, same attribute" if t.startswith(stem[q.attribute]) else "qa, other attribute"
             kinds[kind] += 1
     return kinds
@@ -121,14 +121,13 @@ def run(world: str, seed: int) -> dict:
     keep = np.array([e in stated for e in ext])
     record_variant(report, "today, among statements only",
                    [reciprocal_rank(np.where(keep, grad @ v, -np.inf), p[keep[p]]) for v, p in zip(queries, positives)])
-    marker = {"qa": "Answer:", "fewshot": "Answer:", "chat": "<|assistant|>"}
-    in_template = {st: np.array([m in t for t in texts]) for st, m in marker.items()}
+    in_template = {st: np.array([m in t for t in texts]) for st, m in MARKERS.items()}
     means = {st: grad[rows].mean(0) for st, rows in in_template.items()}
     for beta in (0.5, 1.0, 2.0):
         rr = []
         for v, p, st in zip(queries, positives, styles):
             score = grad @ v
-            if st in marker:
+            if st in MARKERS:
                 score = score - beta * (means[st] @ v) * in_template[st]
             rr.append(reciprocal_rank(score, p))
         record_variant(report, f"template rows centred β={beta}", rr)
