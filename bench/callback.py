@@ -65,13 +65,12 @@ def make(world: str, seed: int, epochs: int | None = None) -> BenchWorld:
     return BenchWorld(docs, questions, replace(train_config(seed), **shorter), CHAT_TEMPLATE)
 
 
-def partial_callback(kind: str, row_ids: list[str]):
-    """A `WherefromCallback` doing part of its work, to tell its training overhead apart (`--kinds`):
-    `hooks`: every hook registered and every step event run, nothing recorded (the layers' hooks
-    return at once, no projection, no rows); `ids`: `attach` alone, the id column carried to the
-    model and popped there, no layer hooks and no step events."""
-    from transformers import TrainerCallback
-
+def callback_for(kind: str, row_ids: list[str]):
+    """What a run of `kind` (KINDS) trains with: nothing (`plain`), `WherefromCallback` (`callback`),
+    or the callback doing part of its work, to tell its training overhead apart: `hooks`, every
+    hook registered and every step event run but nothing recorded (the layers' hooks return at
+    once: no projection, no rows); `ids`, `attach` alone (the id column carried to the model and
+    popped there), no layer hooks and no step events."""
     from indexer.callback import WherefromCallback
 
     class Hooks(WherefromCallback):
@@ -87,33 +86,34 @@ def partial_callback(kind: str, row_ids: list[str]):
             pop = lambda module, a, k: (a, {n: v for n, v in k.items() if n != self.id_column})
             self._handles = [model.register_forward_pre_hook(pop, with_kwargs=True)]
 
-        on_step_begin = on_substep_end = on_pre_optimizer_step = on_save = TrainerCallback.on_save
+        def _skip(self, *args, **kw):
+            pass
+
+        on_step_begin = on_substep_end = on_pre_optimizer_step = on_save = _skip
 
         def on_train_end(self, args, state, control, **kw):
             for h in self._handles:
                 h.remove()
 
-    return {"hooks": Hooks, "ids": Ids}[kind](row_ids=row_ids)
+    made = {"plain": None, "callback": WherefromCallback, "hooks": Hooks, "ids": Ids}[kind]
+    return made and made(row_ids=row_ids)
 
 
 def train_once(world: str, seed: int, out: Path, kind: str, epochs: int | None) -> dict:
     """One training run in this process: wall and CPU seconds of training, and peak RSS (MB).
-    `kind`: one of KINDS (`partial_callback`).
+    `kind`: one of KINDS (`callback_for`).
 
     CPU seconds (user + system of this process) are what the ratio is read from on a shared box:
     wall time there follows the other tenants' load (1.6x apart between two plain runs at load 6-8).
     The tokenizer is fitted before the clock starts, as `bench.realistic_world.prepare` does.
     """
-    from indexer.callback import WherefromCallback
     from service.demo.train import train, train_tokenizer
     w = make(world, seed, epochs)
     texts = [d["text"] for d in w.documents]
     tokenizer = train_tokenizer(texts, w.config.vocab_size)
     if w.chat_template:
         tokenizer.chat_template = w.chat_template
-    ids = [d["id"] for d in w.documents]
-    callback = None if kind == "plain" else WherefromCallback(row_ids=ids) if kind == "callback" \
-        else partial_callback(kind, ids)
+    callback = callback_for(kind, [d["id"] for d in w.documents])
     t, cpu = time.perf_counter(), _cpu()
     train(texts, out, w.config, tokenizer=tokenizer, callback=callback)
     return {"seconds": time.perf_counter() - t, "cpu_seconds": _cpu() - cpu,
