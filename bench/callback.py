@@ -128,7 +128,9 @@ def _cpu() -> float:
 def timed_runs(args) -> dict:
     runs = {kind: [] for kind in args.kinds}
     for i in range(args.runs):
-        for kind in args.kinds:
+        # the order turns every round (ABBA…): a load that drifts during the run set then weighs on
+        # both sides alike instead of always on the kind that goes second
+        for kind in (args.kinds if i % 2 == 0 else args.kinds[::-1]):
             out = OUT / f"callback-{args.world}" / f"{kind}-{i}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "bench.callback", "--world", args.world, "--seed", str(args.seed),
@@ -146,10 +148,21 @@ def summary(runs: dict) -> dict:
     cpu = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
     rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
     extra = {f"{k}_overhead_ratio": cpu[k] / cpu["plain"] for k in runs if k not in ("plain", "callback")}
+    pairs = [c["cpu_seconds"] / p["cpu_seconds"] for p, c in zip(runs["plain"], runs["callback"])]
     return {"runs": runs, **extra, "median_s": med, "wall_ratio": med["callback"] / med["plain"],
             "median_cpu_s": cpu, "overhead_ratio": cpu["callback"] / cpu["plain"],
-            "per_pair_cpu_ratios": [c["cpu_seconds"] / p["cpu_seconds"] for p, c in zip(runs["plain"], runs["callback"])],
+            "per_pair_cpu_ratios": pairs, "median_pair_ratio": statistics.median(pairs),
+            "median_pair_ratio_ci95": bootstrap_median_ci(pairs),
             "peak_rss_mb": rss, "memory_ratio": rss["callback"] / rss["plain"]}
+
+
+def bootstrap_median_ci(values: list[float], draws: int = 10_000, seed: int = 0) -> list[float]:
+    """A 95 % percentile-bootstrap interval of the median of `values` (the pairs' ratios): how far
+    the run set's median could move on another run set of the same size, on this box's noise."""
+    import numpy as np
+    v = np.asarray(values, dtype=float)
+    medians = np.median(np.random.default_rng(seed).choice(v, size=(draws, len(v))), axis=1)
+    return [float(x) for x in np.percentile(medians, [2.5, 97.5])]
 
 
 def quality(args) -> dict:
@@ -241,7 +254,8 @@ def main():
     path.write_text(json.dumps(report, indent=2))  # the timings survive a failing build comparison
     report["quality"] = None if args.timing_only else quality(args)
     path.write_text(json.dumps(report, indent=2))
-    keys = ("median_s", "wall_ratio", "median_cpu_s", "overhead_ratio", "peak_rss_mb", "memory_ratio")
+    keys = ("median_s", "wall_ratio", "median_cpu_s", "overhead_ratio", "median_pair_ratio",
+            "median_pair_ratio_ci95", "peak_rss_mb", "memory_ratio")
     if "training" in report:
         t = report["training"]
         print(json.dumps({k: v for k, v in t.items() if k in keys or k.endswith("_overhead_ratio")}, indent=2))

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m bench.callback_steps                 # the realistic world's Llama, dev seed
     OMP_NUM_THREADS=1 python -m bench.callback_steps --rounds 12 --batches 80
+    OMP_NUM_THREADS=1 python -m bench.callback_steps --width 768 --layers 12 --heads 12 --batches 12 --rounds 3
 
 bench/callback.py's ratio (whole Trainer runs, one process each) moved by ±4 % between pairs of
 the same run here: more than the changes to the hooks it was meant to judge. This one holds two
@@ -10,8 +11,10 @@ through the Trainer's own events (forward pre-hook, refold, collect, K-FAC sums,
 and steps them in turn on the same length-grouped batches (forward, backward, AdamW), alternating
 which goes first. Each batch's time is its minimum over the rounds; the ratio is of their sums.
 Left out: the Trainer's own per-step work (data loading, logging) on both sides, which dilutes the
-ratio, and the callback's work at saves and in its id collator, which adds to it. Writes
-bench/out/callback-steps.json.
+ratio, and the callback's work at saves and in its id collator, which adds to it. `--width`,
+`--layers` and `--heads` widen the world's Llama (the same corpus, tokenizer and batches) to read
+how the ratio falls with model size: the callback's projections grow with d·k, the model's own
+work with d². `--control` steps both copies plain: the ratio an A/A pair reads. Writes bench/out/callback-steps.json.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import copy
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,6 +62,8 @@ def _measure(args, store: str) -> dict:
     from indexer.callback import WherefromCallback
     from service.demo.train import tiny_model
     config, tokenizer, data = batches(args.world, args.seed, args.batches, args.batch_size)
+    sizes = {"n_embd": args.width, "n_layer": args.layers, "n_head": args.heads}
+    config = replace(config, **{k: v for k, v in sizes.items() if v})
     torch.manual_seed(args.seed)
     plain = tiny_model(config, tokenizer).train()
     recorded = copy.deepcopy(plain).train()
@@ -66,11 +72,12 @@ def _measure(args, store: str) -> dict:
     callback = WherefromCallback()
     targs = TrainingArguments(output_dir=store, use_cpu=True, report_to=[])
     state = TrainerState()
-    callback.on_train_begin(targs, state, None, model=recorded)
+    if not args.control:
+        callback.on_train_begin(targs, state, None, model=recorded)
 
     def step(model, batch, ids) -> float:
         t = time.perf_counter()
-        if model is recorded:
+        if model is recorded and not args.control:
             state.global_step += 1
             callback.on_step_begin(targs, state, None, optimizer=optimizers[model])
             model(**batch, **{callback.id_column: ids}).loss.backward()
@@ -89,10 +96,14 @@ def _measure(args, store: str) -> dict:
                 seconds = step(model, batch, ids)
                 if r:
                     best[name][i] = min(best[name][i], seconds)
-    callback.on_train_end(targs, state, None)
+    if not args.control:
+        callback.on_train_end(targs, state, None)
     tokens = sum(int(b["attention_mask"].sum()) for b, _ in data) / len(data)
     ms = {k: 1000 * sum(v) / len(v) for k, v in best.items()}
+    params = sum(p.numel() for p in plain.parameters())
     return {"world": args.world, "seed": args.seed, "batches": len(data), "batch_size": args.batch_size,
+            "control": args.control,
+            "model": {"width": config.n_embd, "layers": config.n_layer, "heads": config.n_head, "parameters": params},
             "rounds": args.rounds, "tokens_per_batch": tokens, "threads": torch.get_num_threads(),
             "ms_per_step": ms, "added_ms": ms["callback"] - ms["plain"], "ratio": ms["callback"] / ms["plain"]}
 
@@ -104,16 +115,24 @@ def main():
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=16, help="the realistic world's training batch")
     ap.add_argument("--rounds", type=int, default=8, help="each batch's time is its minimum over these")
+    ap.add_argument("--control", action="store_true",
+                    help="step the second copy without the callback too: the bench's own A/A difference")
+    ap.add_argument("--width", type=int, help="hidden size (default: the world's model)")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the world's model)")
+    ap.add_argument("--heads", type=int, help="attention heads (default: the world's model)")
     args = ap.parse_args()
     report = measure(args)
     print(f"{'':<10}{'ms/step':>10}")
     for name, ms in report["ms_per_step"].items():
         print(f"{name:<10}{ms:>10.2f}")
     print(f"callback adds {report['added_ms']:.2f} ms a step: {report['ratio']:.3f}x "
-          f"({report['batches']} batches of {report['batch_size']}, {report['tokens_per_batch']:.0f} tokens each, "
+          f"({report['model']['parameters'] / 1e6:.1f}M parameters, "
+          f"{report['batches']} batches of {report['batch_size']}, {report['tokens_per_batch']:.0f} tokens each, "
           f"{report['threads']} thread(s))")
     OUT.mkdir(exist_ok=True)
-    (OUT / "callback-steps.json").write_text(json.dumps(report, indent=2))
+    suffix = f"-{report['model']['width']}x{report['model']['layers']}" if args.width or args.layers else ""
+    suffix += "-control" if args.control else ""
+    (OUT / f"callback-steps{suffix}.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
