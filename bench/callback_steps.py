@@ -11,10 +11,11 @@ through the Trainer's own events (forward pre-hook, refold, collect, K-FAC sums,
 and steps them in turn on the same length-grouped batches (forward, backward, AdamW), alternating
 which goes first. Each batch's time is its minimum over the rounds; the ratio is of their sums.
 Left out: the Trainer's own per-step work (data loading, logging) on both sides, which dilutes the
-ratio, and the callback's work at saves and in its id collator, which adds to it. `--width`,
-`--layers` and `--heads` widen the world's Llama (the same corpus, tokenizer and batches) to read
-how the ratio falls with model size: the callback's projections grow with d·k, the model's own
-work with d². `--control` steps both copies plain: the ratio an A/A pair reads. Writes bench/out/callback-steps.json.
+ratio, and the callback's work at saves and in its id collator, which adds to it.
+`--width`, `--layers` and `--heads` widen the world's Llama (the same corpus, tokenizer and
+batches) to read the ratio against model size: the callback's projections grow with d·k, the
+model's own work with d². `--control` steps both copies plain, so the "callback" column is a
+second plain copy: the ratio an A/A pair reads. Writes bench/out/callback-steps[-WxL][-control].json.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def main():
     print(f"{'':<10}{'ms/step':>10}")
     for name, ms in report["ms_per_step"].items():
         print(f"{name:<10}{ms:>10.2f}")
-    print(f"callback adds {report['added_ms']:.2f} ms a step: {report['ratio']:.3f}x "
+    what = "a second plain copy (--control)" if args.control else "callback"
+    print(f"{what} adds {report['added_ms']:.2f} ms a step: {report['ratio']:.3f}x "
           f"({report['model']['parameters'] / 1e6:.1f}M parameters, "
           f"{report['batches']} batches of {report['batch_size']}, {report['tokens_per_batch']:.0f} tokens each, "
           f"{report['threads']} thread(s))")
