@@ -32,7 +32,7 @@ from db.errors import InputError
 from indexer.config import GradientConfig
 from indexer.curvature import LayerStats, Stats
 from indexer.gradients import Featurizer
-from indexer.modelio import tokenizer_hash, weights_digest
+from indexer.modelio import bias_corrected, tokenizer_hash, weights_digest
 from indexer.store import BLOCK, INFO, read_info, save_npz, write_info
 
 STORE = "wherefrom"  # the callback's store, inside the Trainer's output_dir
@@ -248,14 +248,19 @@ class WherefromCallback(TrainerCallback):
 
 
 def live_second_moments(optimizer, feat: Featurizer) -> dict[str, torch.Tensor]:
-    """Adam's exp_avg_sq of each tracked weight, from the optimizer object itself (none before step 1)."""
+    """Adam's bias-corrected second moment of each tracked weight (`bias_corrected`), from the
+    optimizer object itself (none before step 1), as the offline build reads a checkpoint's."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
     state = getattr(inner, "state", {})
+    beta2 = {id(p): group.get("betas", (0.9, 0.999))[1] for group in getattr(inner, "param_groups", [])
+             for p in group["params"]}
     out = {}
     for layer in feat.layers:
-        v = state.get(layer.module.weight, {}).get("exp_avg_sq")
+        weight = layer.module.weight
+        moments = state.get(weight, {})
+        v = moments.get("exp_avg_sq")
         if v is not None:
-            out[layer.name + ".weight"] = v
+            out[layer.name + ".weight"] = bias_corrected(v, moments.get("step", 0), beta2.get(id(weight), 0.999))
     return out
 
 

@@ -241,7 +241,8 @@ def discover_checkpoints(path: Path, base: Path | None = None) -> list[Checkpoin
 
 
 def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"]:
-    """Map parameter names to Adam's `exp_avg_sq`, following the Trainer's parameter grouping.
+    """Map parameter names to Adam's bias-corrected `exp_avg_sq` (`bias_corrected`), following the
+    Trainer's parameter grouping.
 
     `optimizer.pt` keys state by position: the Trainer puts parameters with weight decay first,
     then those without (biases, norms), each in `named_parameters()` order. Entries whose shape
@@ -257,13 +258,23 @@ def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"
     ordered = [n for n, _ in named if n in decay] + [n for n, _ in named if n not in decay]
     shapes = dict(named)
     index_order = [i for g in state["param_groups"] for i in g["params"]]
+    beta2 = {i: g.get("betas", (0.9, 0.999))[1] for g in state["param_groups"] for i in g["params"]}
     out = {}
     for name, idx in zip(ordered, index_order):
         entry = state["state"].get(idx, {})
         v = entry.get("exp_avg_sq")
         if v is not None and v.shape == shapes[name].shape:
-            out[name] = v.float()
+            out[name] = bias_corrected(v.float(), entry.get("step", 0), beta2[idx])
     return out
+
+
+def bias_corrected(v, step, beta2: float):
+    """Adam's v̂ = v / (1 − β2^step): what its update divides by. Raw, v is (1 − β2^t) v̂, which
+    folded into the projections would weigh a row of step t by 1/√(1 − β2^t): 31× at step 1,
+    1.26× at step 1,000. A checkpoint thousands of steps in barely moves; the callback, which
+    sums rows of every step, does."""
+    step = float(step)
+    return v / (1.0 - beta2 ** step) if step > 0 else v
 
 
 def check_unchanged(recorded: list[dict]) -> None:

@@ -135,3 +135,22 @@ def test_evaluation_batches_are_not_recorded(tmp_path, tiny_world):
     with torch.no_grad():
         trainer.evaluate(trainer.train_dataset)
     assert sum(len(u["ids"]) for u in units(tmp_path)) == before == 3 * DOCS
+
+
+def test_live_moments_are_bias_corrected_as_adam_divides_by_them():
+    """Step t's fold uses v / (1 − β2^t), the second moment Adam's own update divides by: raw, the
+    first steps' rows would weigh up to 1/√(1 − β2) times more than their update did."""
+    from types import SimpleNamespace
+
+    from indexer.callback import live_second_moments
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4, 3)
+    feat = SimpleNamespace(layers=[SimpleNamespace(name="linear", module=linear)])
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    assert live_second_moments(optimizer, feat) == {}  # no moments before the first step
+    for _ in range(3):
+        linear(torch.randn(5, 4)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    got = live_second_moments(optimizer, feat)["linear.weight"]
+    torch.testing.assert_close(got, optimizer.state[linear.weight]["exp_avg_sq"] / (1 - 0.99 ** 3))

@@ -27,7 +27,8 @@ def test_trainer_folder_yields_every_checkpoint_with_its_learning_rate(trained):
 
 
 def test_adam_moments_map_to_the_parameters_the_optimizer_held(trained):
-    """The last checkpoint's optimizer.pt, mapped by our rule, equals the live optimizer's state."""
+    """The last checkpoint's optimizer.pt, mapped by our rule, equals the live optimizer's state,
+    bias-corrected as Adam's update divides by it: v / (1 − β2^step)."""
     folder, trainer = trained
     last = discover_checkpoints(folder)[-1]
     model, _ = load_model(last.path)
@@ -35,9 +36,12 @@ def test_adam_moments_map_to_the_parameters_the_optimizer_held(trained):
     live = dict(trainer.model.named_parameters())
     layers = tracked_layers(model)
     assert {l.name + ".weight" for l in layers} <= set(moments)
+    beta2 = trainer.args.adam_beta2
     for name, v in moments.items():
-        want = trainer.optimizer.state[live[name]]["exp_avg_sq"]
-        assert torch.equal(v, want.float()), name
+        state = trainer.optimizer.state[live[name]]
+        step = float(state["step"])
+        assert step == last.step, name
+        torch.testing.assert_close(v * (1 - beta2 ** step), state["exp_avg_sq"].float(), rtol=1e-6, atol=0)
 
 
 def test_checkpoints_are_selected_by_step_and_recorded_rows_read_back(trained):
