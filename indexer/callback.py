@@ -252,15 +252,13 @@ def live_second_moments(optimizer, feat: Featurizer) -> dict[str, torch.Tensor]:
     optimizer object itself (none before step 1), as the offline build reads a checkpoint's."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
     state = getattr(inner, "state", {})
-    beta2 = {id(p): group.get("betas", (0.9, 0.999))[1] for group in getattr(inner, "param_groups", [])
-             for p in group["params"]}
+    group_of = {id(p): group for group in getattr(inner, "param_groups", []) for p in group["params"]}
     out = {}
     for layer in feat.layers:
         weight = layer.module.weight
-        moments = state.get(weight, {})
-        v = moments.get("exp_avg_sq")
+        v = bias_corrected(state.get(weight, {}), group_of.get(id(weight), {}))
         if v is not None:
-            out[layer.name + ".weight"] = bias_corrected(v, moments.get("step", 0), beta2.get(id(weight), 0.999))
+            out[layer.name + ".weight"] = v
     return out
 
 

@@ -257,24 +257,26 @@ def adam_second_moments(model, optimizer_path: Path) -> dict[str, "torch.Tensor"
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ordered = [n for n, _ in named if n in decay] + [n for n, _ in named if n not in decay]
     shapes = dict(named)
-    index_order = [i for g in state["param_groups"] for i in g["params"]]
-    beta2 = {i: g.get("betas", (0.9, 0.999))[1] for g in state["param_groups"] for i in g["params"]}
+    group_of = {i: g for g in state["param_groups"] for i in g["params"]}  # in the optimizer's order
     out = {}
-    for name, idx in zip(ordered, index_order):
-        entry = state["state"].get(idx, {})
-        v = entry.get("exp_avg_sq")
+    for name, idx in zip(ordered, group_of):
+        v = bias_corrected(state["state"].get(idx, {}), group_of[idx])
         if v is not None and v.shape == shapes[name].shape:
-            out[name] = bias_corrected(v.float(), entry.get("step", 0), beta2[idx])
+            out[name] = v
     return out
 
 
-def bias_corrected(v, step, beta2: float):
-    """Adam's v̂ = v / (1 − β2^step): what its update divides by. Raw, v is (1 − β2^t) v̂, which
-    folded into the projections would weigh a row of step t by 1/√(1 − β2^t): 31× at step 1,
-    1.26× at step 1,000. A checkpoint thousands of steps in barely moves; the callback, which
-    sums rows of every step, does."""
-    step = float(step)
-    return v / (1.0 - beta2 ** step) if step > 0 else v
+def bias_corrected(entry: dict, group: dict):
+    """Adam's v̂ = v / (1 − β2^step) in float32 from one parameter's optimizer state `entry` and its
+    param `group`, or None before its first step: what Adam's update divides by. Raw, v is
+    (1 − β2^t) v̂, which folded into the projections would weigh a row of step t by 1/√(1 − β2^t):
+    31× at step 1, 1.26× at step 1,000. A checkpoint thousands of steps in barely moves; the
+    callback, which sums rows of every step, does."""
+    v = entry.get("exp_avg_sq")
+    if v is None:
+        return None
+    step, beta2 = float(entry.get("step", 0)), group.get("betas", (0.9, 0.999))[1]
+    return v.float() / (1.0 - beta2 ** step) if step > 0 else v.float()
 
 
 def check_unchanged(recorded: list[dict]) -> None:

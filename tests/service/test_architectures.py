@@ -112,9 +112,14 @@ def test_adam_moments_map_to_the_parameters_the_optimizer_held(arch_build):
     assert {l.name + ".weight" for l in tracked_layers(model)} <= set(moments)
     assert set(moments) == set(live)
     for name, v in moments.items():
-        state = arch_build.trainer.optimizer.state[live[name]]  # moments come bias-corrected: v / (1 − β2^step)
-        raw = v * (1 - arch_build.trainer.args.adam_beta2 ** float(state["step"]))
-        torch.testing.assert_close(raw, state["exp_avg_sq"].float(), rtol=1e-6, atol=0, msg=name)
+        assert_raw_moment(v, arch_build.trainer, live[name], name)
+
+
+def assert_raw_moment(v, trainer, param, name: str) -> None:
+    """`v`, bias-corrected (v / (1 − β2^step)), is the live optimizer's exp_avg_sq of `param`."""
+    state = trainer.optimizer.state[param]
+    raw = v * (1 - trainer.args.adam_beta2 ** float(state["step"]))
+    torch.testing.assert_close(raw, state["exp_avg_sq"].float(), rtol=1e-6, atol=0, msg=name)
 
 
 # --- LoRA ------------------------------------------------------------------------------------
@@ -166,9 +171,7 @@ def test_lora_adam_moments_cover_the_adapter_only(lora_build):
     live = {n: p for n, p in lora_build.trainer.model.named_parameters() if p.requires_grad}
     assert set(moments) == set(live) and all(".lora_" in n for n in moments)
     for name, v in moments.items():
-        state = lora_build.trainer.optimizer.state[live[name]]  # moments come bias-corrected: v / (1 − β2^step)
-        raw = v * (1 - lora_build.trainer.args.adam_beta2 ** float(state["step"]))
-        torch.testing.assert_close(raw, state["exp_avg_sq"].float(), rtol=1e-6, atol=0, msg=name)
+        assert_raw_moment(v, lora_build.trainer, live[name], name)
 
 
 @pytest.mark.slow
