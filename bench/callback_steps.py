@@ -97,6 +97,7 @@ def _measure(args, store: str) -> dict:
                 seconds = step(model, batch, ids)
                 if r:
                     best[name][i] = min(best[name][i], seconds)
+    profile = ops_profile(step, [plain, recorded], data[:args.profile]) if args.profile else None
     if not args.control:
         callback.on_train_end(targs, state, None)
     tokens = sum(int(b["attention_mask"].sum()) for b, _ in data) / len(data)
@@ -106,7 +107,26 @@ def _measure(args, store: str) -> dict:
             "control": args.control,
             "model": {"width": config.n_embd, "layers": config.n_layer, "heads": config.n_head, "parameters": params},
             "rounds": args.rounds, "tokens_per_batch": tokens, "threads": torch.get_num_threads(),
-            "ms_per_step": ms, "added_ms": ms["callback"] - ms["plain"], "ratio": ms["callback"] / ms["plain"]}
+            "ms_per_step": ms, "added_ms": ms["callback"] - ms["plain"], "ratio": ms["callback"] / ms["plain"],
+            "profile": profile}
+
+
+def ops_profile(step, models, data) -> list[dict]:
+    """Self CPU time per op of each copy over the same steps under torch.profiler, as the
+    difference a step (callback − plain), largest first: where the callback's time goes. The
+    profiler's own cost per op inflates the many small ones, so read shares, not milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+    per_copy = []
+    for model in models:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch, ids in data:
+                step(model, batch, ids)
+        per_copy.append({e.key: (e.count, e.self_cpu_time_total) for e in prof.key_averages()})
+    plain, recorded = per_copy
+    rows = [{"op": k, "calls": (recorded.get(k, (0, 0))[0] - plain.get(k, (0, 0))[0]) / len(data),
+             "ms": (recorded.get(k, (0, 0))[1] - plain.get(k, (0, 0))[1]) / 1000 / len(data),
+             "plain_ms": plain.get(k, (0, 0))[1] / 1000 / len(data)} for k in set(plain) | set(recorded)]
+    return sorted(rows, key=lambda r: -abs(r["ms"]))
 
 
 def main():
@@ -118,6 +138,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=8, help="each batch's time is its minimum over these")
     ap.add_argument("--control", action="store_true",
                     help="step the second copy without the callback too: the bench's own A/A difference")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile this many steps of each copy: self CPU time per op, callback − plain")
     ap.add_argument("--width", type=int, help="hidden size (default: the world's model)")
     ap.add_argument("--layers", type=int, help="decoder layers (default: the world's model)")
     ap.add_argument("--heads", type=int, help="attention heads (default: the world's model)")
@@ -131,6 +153,12 @@ def main():
           f"({report['model']['parameters'] / 1e6:.1f}M parameters, "
           f"{report['batches']} batches of {report['batch_size']}, {report['tokens_per_batch']:.0f} tokens each, "
           f"{report['threads']} thread(s))")
+    if report["profile"]:
+        total = sum(r["plain_ms"] for r in report["profile"])
+        print(f"\nprofiled, per step (plain: {total:.1f} ms of ops' self time); the 20 largest differences")
+        print(f"{'op':<44}{'calls':>8}{'ms':>9}")
+        for r in report["profile"][:20]:
+            print(f"{r['op'][:43]:<44}{r['calls']:>8.1f}{r['ms']:>9.3f}")
     OUT.mkdir(exist_ok=True)
     suffix = f"-{report['model']['width']}x{report['model']['layers']}" if args.width or args.layers else ""
     suffix += "-control" if args.control else ""
