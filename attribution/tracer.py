@@ -7,7 +7,9 @@ each method gives every candidate its z-score over the candidates and the log of
 rank among them, and `FUSION`'s coefficients sum the six. Dense and BM25 say "which document
 states this", gradients say "which document moves the answer"; z-scores put cosines and BM25
 units on one scale, and the rank terms let a method's top places count where its scores are flat.
-Every method's raw score is kept beside the rank.
+The candidates the fusion believes are sources come first in its order; the rest follow in the
+gradient's (`hybrid_order`). A hit's score is its fused score; every method's raw score is kept
+beside the rank.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ from indexer.modelio import CheckpointInfo
 # replaces (grad 0.25, dense 1) and 0.950 / 0.949 for dense alone; refitted without grad, 0.949 / 0.964.
 FUSION = {"z": {"grad": 0.4235, "dense": 1.9361, "bm25": 1.6494},
           "log_rr": {"grad": 0.1925, "dense": 1.1683, "bm25": -1.8652}}
+# The fusion is a conditional logit, so softmax(fused) over the pool is its P(the fact's source).
+# Past the candidates it gives at least SOURCE_P, the hybrid's list follows the gradient: the
+# fusion's later places are dense's neighbours, which a training step on them barely moves, and
+# the gradient's are the documents that move the answer most (`hybrid_order`; chosen on the dev
+# seeds of both worlds with bench/fusion_tail.py, docs/ranking.md).
+SOURCE_P = 0.02
 
 
 @dataclass
@@ -239,8 +247,12 @@ class Tracer:
              candidates: int = 100, text_query: str | None = None) -> Ranking:
         pool = self.candidates(question, answer, k, method, candidates, text_query)
         t = time.perf_counter()
-        score = fuse(pool.raw) if method == "hybrid" else pool.raw[method]
-        top = np.argsort(-score, kind="stable")[:k]
+        if method == "hybrid":
+            score = fuse(pool.raw)
+            top = hybrid_order(score, pool.raw["grad"])[:k]
+        else:
+            score = pool.raw[method]
+            top = np.argsort(-score, kind="stable")[:k]
         hits = [Hit(int(pool.positions[i]), float(score[i]), {m: float(v[i]) for m, v in pool.raw.items()})
                 for i in top]
         timings = pool.timings
@@ -252,6 +264,17 @@ def fuse(raw: dict[str, np.ndarray], coefficients: dict[str, dict[str, float]] =
     """The hybrid's score of every candidate: per method, z-score and log reciprocal rank, weighted
     by `coefficients` (the product's `FUSION`; bench/fusion.py scores others in the same shape)."""
     return combine(raw, coefficients["z"]) + rank_terms(raw, coefficients["log_rr"])
+
+
+def hybrid_order(fused: np.ndarray, grad: np.ndarray, source_p: float = SOURCE_P) -> np.ndarray:
+    """The hybrid's order of the pool: the likely sources (softmax(fused) ≥ `source_p`, and the top
+    candidate always) by fused score, then every other candidate by its gradient score."""
+    p = np.exp(fused - fused.max())
+    head = p / p.sum() >= source_p
+    head[np.argmax(fused)] = True
+    first = np.flatnonzero(head)[np.argsort(-fused[head], kind="stable")]
+    rest = np.flatnonzero(~head)
+    return np.concatenate([first, rest[np.argsort(-grad[rest], kind="stable")]])
 
 
 def pool_ranks(v: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from attribution.tracer import fuse
+from attribution.tracer import fuse, hybrid_order
 from bench.product_path import OUT, open_build
 from bench.trap_world import stating_ids
 
@@ -30,16 +30,12 @@ Rule = Callable[[dict, np.ndarray], np.ndarray]  # (raw scores, fused) → candi
 
 
 def two_stage(tau: float, relative: bool) -> Rule:
-    """The fusion's likely sources first (p ≥ τ, or p ≥ τ · p_max; the top one always), in its order;
-    then every other candidate by the gradient score."""
+    """The fusion's likely sources first (p ≥ τ: `attribution.tracer.hybrid_order`, or p ≥ τ · p_max),
+    in its order; then every other candidate by the gradient score."""
     def rule(raw, fused):
+        # p ≥ τ · p_max is p ≥ τ · p_max / Σp in the product's terms: the same cut, rescaled per pool
         p = np.exp(fused - fused.max())
-        p /= p.sum()
-        keep = p >= (tau * p.max() if relative else tau)
-        keep[np.argmax(fused)] = True
-        head = np.flatnonzero(keep)[np.argsort(-fused[keep], kind="stable")]
-        rest = np.flatnonzero(~keep)
-        return np.concatenate([head, rest[np.argsort(-raw["grad"][rest], kind="stable")]])
+        return hybrid_order(fused, raw["grad"], tau / p.sum() if relative else tau)
     return rule
 
 
@@ -53,7 +49,7 @@ def prefix(m: int) -> Rule:
 
 
 RULES: dict[str, Rule] = {
-    "fused (the product's)": lambda raw, fused: np.argsort(-fused, kind="stable"),
+    "fused (the rule before)": lambda raw, fused: np.argsort(-fused, kind="stable"),
     "grad": lambda raw, fused: np.argsort(-raw["grad"], kind="stable"),
     "dense": lambda raw, fused: np.argsort(-raw["dense"], kind="stable"),
     **{f"first {m} fused, then grad": prefix(m) for m in (1, 2, 3, 5)},
