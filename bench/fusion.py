@@ -60,17 +60,11 @@ def collect(world_name: str, seed: int, build: str = "data") -> list[Pool]:
                 for p in json.loads(path.read_text())]
     from bench.product_path import open_build
     from indexer import semantic
-    from service.demo.run import is_correct
 
     questions, tracer, ext, _ = open_build(world_name, seed, build)
     pos_of = {e: i for i, e in enumerate(ext)}
     pools = []
-    for q in questions:
-        answer = tracer.generate(q.prompt)
-        if not is_correct(answer, q.answer):
-            continue
-        a = " " + answer.strip()
-        pool = tracer.candidates(q.prompt, a)
+    for q, a, pool in answered_pools(tracer, questions):
         stating = stating_ids(q)
         truth = np.isin(pool.positions, [pos_of[i] for i in stating])
         whole = q.prompt + a  # the text query before attribution/text_query.py
@@ -82,6 +76,16 @@ def collect(world_name: str, seed: int, build: str = "data") -> list[Pool]:
     path.write_text(json.dumps([{"raw": {m: v.tolist() for m, v in p.raw.items()}, "truth": p.truth.tolist(),
                                  "trap": p.trap, "style": p.style, "whole": p.whole_prompt} for p in pools]))
     return pools
+
+
+def answered_pools(tracer, questions):
+    """(question, answer as traced, `Tracer.candidates` pool) of each question the model answers correctly."""
+    from service.demo.run import is_correct
+    for q in questions:
+        answer = tracer.generate(q.prompt)
+        if is_correct(answer, q.answer):
+            a = " " + answer.strip()
+            yield q, a, tracer.candidates(q.prompt, a)
 
 
 # Rules: fit(pools, methods) → score(pool) → (P,) scores. Fixed rules ignore the pools.

@@ -61,19 +61,14 @@ RULES: dict[str, Rule] = {
 def pools(world: str, seed: int) -> list[dict]:
     """Per correctly answered question: its pool's raw scores, truths and each rule's top-10 Δs."""
     from attribution.verify import tail_patcher
-    from service.demo.run import is_correct
+    from bench.fusion import answered_pools
 
     questions, tracer, ext, texts = open_build(world, seed)
     pos_of = {e: i for i, e in enumerate(ext)}
     _, tokenizer, _ = tracer.featurizer(0)
     patcher = tail_patcher(tracer)
     out = []
-    for q in questions:
-        answer = tracer.generate(q.prompt)
-        if not is_correct(answer, q.answer):
-            continue
-        a = " " + answer.strip()
-        pool = tracer.candidates(q.prompt, a)
+    for q, a, pool in answered_pools(tracer, questions):
         fused = fuse(pool.raw)
         tops = {name: rule(pool.raw, fused) for name, rule in RULES.items()}
         docs = sorted({int(i) for order in tops.values() for i in order[:10]})

@@ -31,6 +31,15 @@ def cluster(pg_url, tmp_path_factory):
         forget_queue(REDIS, settings.queue)
 
 
+@pytest.fixture(scope="module")
+def tracer(indexed):
+    """The tracer of the tiny world's default build, as the service opens it."""
+    from service.traces import resolve_build
+    from service.tracer_cache import build_tracer
+    target = resolve_build(indexed.settings)
+    return build_tracer(target.store_path, target.by_step)
+
+
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """`run_cli(*args, env={...})`: (exit code, stdout, stderr) of `wherefrom ARGS`, run in this process."""

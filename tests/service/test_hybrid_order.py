@@ -4,10 +4,9 @@ other candidate in the gradient's order (`attribution.tracer.hybrid_order`)."""
 import numpy as np
 
 from attribution.tracer import SOURCE_P, fuse
-from tests.service.test_text_query import tracer  # noqa: F401  (the module's tracer fixture)
 
 
-def test_the_list_past_the_likely_sources_follows_the_gradient(indexed, tracer):  # noqa: F811
+def test_the_list_past_the_likely_sources_follows_the_gradient(indexed, tracer):
     tails = 0
     for q in indexed.world.questions[:10]:
         answer = " " + q.answer

@@ -16,14 +16,6 @@ WRAPS = {  # how users' prompts arrive: {q} is the bare completion prompt (each 
 }
 
 
-@pytest.fixture(scope="module")
-def tracer(indexed):
-    from service.traces import resolve_build
-    from service.tracer_cache import build_tracer
-    target = resolve_build(indexed.settings)
-    return build_tracer(target.store_path, target.by_step)
-
-
 @pytest.mark.parametrize("wrap", sorted(WRAPS))
 def test_templated_prompt_finds_what_the_bare_question_finds(indexed, tracer, wrap):
     questions = indexed.world.questions
