@@ -15,9 +15,10 @@ def test_the_list_past_the_likely_sources_follows_the_gradient(indexed, tracer):
         p = np.exp(fused - fused.max())
         p /= p.sum()
         at = {int(pos): i for i, pos in enumerate(pool.positions)}
-        hits = [at[h.position] for h in tracer.rank(q.prompt, answer, k=10).hits]
+        ranked = tracer.rank(q.prompt, answer, k=10).hits
+        hits = [at[h.position] for h in ranked]
         assert hits[0] == int(np.argmax(fused))
-        assert [h.score for h in tracer.rank(q.prompt, answer, k=10).hits] == [float(fused[i]) for i in hits]
+        assert [h.score for h in ranked] == [float(fused[i]) for i in hits]  # a hit's score: its fused score
         head = [i for i in hits if p[i] >= SOURCE_P or i == hits[0]]
         assert hits[:len(head)] == head, "a likely source after a candidate the fusion doubts"
         assert [fused[i] for i in head] == sorted((fused[i] for i in head), reverse=True)

@@ -93,7 +93,12 @@ def test_update_with_refit_matches_a_fresh_build(world, base, tiny_world):
             # documents tie exactly, in row order, which the update's appended rows change
             said = {d["id"]: d["text"] for d in tiny_world.documents}
             assert [said[updated_docs[h.position]] for h in x.hits] == [said[fresh_docs[h.position]] for h in y.hits]
-            np.testing.assert_allclose([h.score for h in x.hits], [h.score for h in y.hits], atol=2e-2)
+            # every method's own score; the fused score only where the fused order ranks: its rank
+            # terms break ties (BM25's zeros, equal documents) by row, so past the head, which
+            # follows the gradient, a hit's fused score moves with the update's appended rows
+            raw = lambda r: [[h.scores[m] for m in ("grad", "dense", "bm25")] for h in r.hits]
+            np.testing.assert_allclose(raw(x), raw(y), atol=2e-2)
+            np.testing.assert_allclose(x.hits[0].score, y.hits[0].score, atol=2e-2)
 
 
 def test_update_keeping_curvature_appends_and_finds_the_new_documents(world, base, run_cli):
