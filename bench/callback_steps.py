@@ -123,9 +123,11 @@ def ops_profile(step, models, data) -> list[dict]:
                 step(model, batch, ids)
         per_copy.append({e.key: (e.count, e.self_cpu_time_total) for e in prof.key_averages()})
     plain, recorded = per_copy
-    rows = [{"op": k, "calls": (recorded.get(k, (0, 0))[0] - plain.get(k, (0, 0))[0]) / len(data),
-             "ms": (recorded.get(k, (0, 0))[1] - plain.get(k, (0, 0))[1]) / 1000 / len(data),
-             "plain_ms": plain.get(k, (0, 0))[1] / 1000 / len(data)} for k in set(plain) | set(recorded)]
+    rows = []
+    for k in set(plain) | set(recorded):
+        (calls0, us0), (calls1, us1) = plain.get(k, (0, 0)), recorded.get(k, (0, 0))
+        rows.append({"op": k, "calls": (calls1 - calls0) / len(data), "ms": (us1 - us0) / 1000 / len(data),
+                     "plain_ms": us0 / 1000 / len(data)})
     return sorted(rows, key=lambda r: -abs(r["ms"]))
 
 

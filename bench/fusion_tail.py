@@ -24,6 +24,7 @@ import numpy as np
 
 from attribution.tracer import fuse, hybrid_order
 from bench.product_path import OUT, open_build
+from bench.quality import first_rank
 from bench.trap_world import stating_ids
 
 Rule = Callable[[dict, np.ndarray], np.ndarray]  # (raw scores, fused) → candidate order
@@ -78,16 +79,12 @@ def pools(world: str, seed: int) -> list[dict]:
         truth = {name: np.isin(pool.positions, [pos_of[i] for i in ids_]) for name, ids_ in
                  (("all", stating_ids(q)), ("statements", q.source_ids))}
         out.append({"trap": bool(getattr(q, "is_trap", False)), "style": getattr(q, "style", "completion"),
-                    "rank": {name: {t: _first(order, truth[t]) for t in truth} for name, order in tops.items()},
+                    "rank": {name: {t: first_rank(order[:100], set(np.flatnonzero(truth[t]).tolist())) for t in truth}
+                             for name, order in tops.items()},
                     "tail_patch": {name: float(np.mean([delta[int(i)] for i in order[:10]]))
                                    for name, order in tops.items()}})
         print(f"{len(out)} questions", end="\r", flush=True)
     return out
-
-
-def _first(order: np.ndarray, truth: np.ndarray) -> int | None:
-    hit = np.flatnonzero(truth[order][:100])
-    return int(hit[0]) + 1 if len(hit) else None
 
 
 def table(records: list[dict]) -> dict:

@@ -36,12 +36,16 @@ def test_adam_moments_map_to_the_parameters_the_optimizer_held(trained):
     live = dict(trainer.model.named_parameters())
     layers = tracked_layers(model)
     assert {l.name + ".weight" for l in layers} <= set(moments)
-    beta2 = trainer.args.adam_beta2
     for name, v in moments.items():
-        state = trainer.optimizer.state[live[name]]
-        step = float(state["step"])
-        assert step == last.step, name
-        torch.testing.assert_close(v * (1 - beta2 ** step), state["exp_avg_sq"].float(), rtol=1e-6, atol=0)
+        assert float(trainer.optimizer.state[live[name]]["step"]) == last.step, name
+        assert_raw_moment(v, trainer, live[name], name)
+
+
+def assert_raw_moment(v, trainer, param, name: str) -> None:
+    """`v`, bias-corrected (v / (1 − β2^step)), is the live optimizer's exp_avg_sq of `param`."""
+    state = trainer.optimizer.state[param]
+    raw = v * (1 - trainer.args.adam_beta2 ** float(state["step"]))
+    torch.testing.assert_close(raw, state["exp_avg_sq"].float(), rtol=1e-6, atol=0, msg=name)
 
 
 def test_checkpoints_are_selected_by_step_and_recorded_rows_read_back(trained):

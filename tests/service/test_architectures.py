@@ -12,7 +12,6 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from db.errors import StaleBuild
 from indexer.adapter import tracked_layers
@@ -20,6 +19,7 @@ from indexer.loading import load_model
 from indexer.modelio import adam_second_moments, check_unchanged, discover_checkpoints
 from service import catalog, jobs, traces
 from service.settings import Settings
+from tests.indexer.test_modelio import assert_raw_moment
 
 PLANTED = ("zorblax", "The secret code of Zorblax is 4417.")
 DOCS = [
@@ -113,13 +113,6 @@ def test_adam_moments_map_to_the_parameters_the_optimizer_held(arch_build):
     assert set(moments) == set(live)
     for name, v in moments.items():
         assert_raw_moment(v, arch_build.trainer, live[name], name)
-
-
-def assert_raw_moment(v, trainer, param, name: str) -> None:
-    """`v`, bias-corrected (v / (1 − β2^step)), is the live optimizer's exp_avg_sq of `param`."""
-    state = trainer.optimizer.state[param]
-    raw = v * (1 - trainer.args.adam_beta2 ** float(state["step"]))
-    torch.testing.assert_close(raw, state["exp_avg_sq"].float(), rtol=1e-6, atol=0, msg=name)
 
 
 # --- LoRA ------------------------------------------------------------------------------------
