@@ -36,7 +36,9 @@ class KillAt:
             raise Killed()
 
 
-def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=None):
+def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=None, ranks=1):
+    """A Trainer over the tiny world's first DOCS documents with the callback attached: 8 examples a
+    step in all, split over `accumulation` substeps and `ranks` DDP processes (gloo, on the CPU)."""
     import datasets
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
@@ -49,7 +51,8 @@ def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=
     data = datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in enc],
                                        "attention_mask": [e["attention_mask"] for e in enc],
                                        "wherefrom_id": [d["id"] for d in docs], "note": ["unused"] * DOCS})
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=8 // accumulation,
+    args = TrainingArguments(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=8 // accumulation // ranks,
+                             ddp_backend="gloo" if ranks > 1 else None,
                              gradient_accumulation_steps=accumulation, learning_rate=3e-3, warmup_steps=2,
                              weight_decay=0.01, save_strategy="steps", save_steps=5, logging_steps=5, report_to=[],
                              use_cpu=True, seed=3, disable_tqdm=True,
@@ -62,9 +65,9 @@ def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=
     return trainer, {d["id"]: e["input_ids"] for d, e in zip(docs, enc)}
 
 
-def units(out: Path) -> list[dict]:
+def units(out: Path, rank: int = 0) -> list[dict]:
     found = []
-    for unit in sorted((out / "wherefrom" / "rank-00000").glob("unit-*")):
+    for unit in sorted((out / "wherefrom" / f"rank-{rank:05d}").glob("unit-*")):
         meta = json.loads((unit / "unit.json").read_text())
         raw = np.fromfile(unit / "raw.f32", dtype=np.float32).reshape(meta["rows"], meta["dim"])
         found.append({"name": unit.name, "ids": np.load(unit / "ids.npy"), "steps": np.load(unit / "steps.npy"),
