@@ -31,59 +31,13 @@ from transformers import TrainerCallback
 from db.errors import InputError
 from indexer.config import GradientConfig
 from indexer.curvature import LayerStats, Stats
+from indexer.document_ids import ID_COLUMN, IdCollator, packed_runs, with_ids
 from indexer.gradients import Featurizer
 from indexer.modelio import bias_corrected, tokenizer_hash, weights_digest
 from indexer.store import BLOCK, INFO, read_info, save_npz, write_info
 
 STORE = "wherefrom"  # the callback's store, inside the Trainer's output_dir
-ID_COLUMN = "wherefrom_id"
 OPEN = "open"  # the unit being recorded: discarded by a resumed run
-
-
-class IdCollator:
-    """Takes the id column out of each example before the user's collator and puts the ids back
-    on the batch as a list; the callback's pre-hook removes them before the model sees them."""
-
-    def __init__(self, base, column: str):
-        self.base, self.column = base, column
-
-    def __call__(self, features):
-        ids = []
-        for f in features:
-            value = f[self.column]
-            if isinstance(value, (list, tuple)):
-                raise InputError(f"an example's {self.column!r} holds {len(value)} ids (a packed example): "
-                                 "record one document per example, or index the corpus offline with --chunking packed")
-            ids.append(str(value))
-        batch = self.base([{k: v for k, v in f.items() if k != self.column} for f in features])
-        batch[self.column] = ids
-        return batch
-
-
-class RowIds(torch.utils.data.Dataset):
-    """A map-style dataset whose examples carry their row's document id as the id column."""
-
-    def __init__(self, dataset, column: str, ids: list[str]):
-        self.dataset, self.column, self.ids = dataset, column, ids
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return {**self.dataset[i], self.column: self.ids[i]}
-
-
-def with_ids(dataset, column: str, row_ids: list[str] | None = None):
-    """`dataset` with its id column: its own, else `row_ids[i]` (default: the row index i) for row i."""
-    ids = [str(x) for x in row_ids] if row_ids is not None else [str(i) for i in range(len(dataset))]
-    if len(ids) != len(dataset):
-        raise InputError(f"row_ids names {len(ids)} documents but the dataset has {len(dataset)} rows: "
-                         "give one document id per training example")
-    names = getattr(dataset, "column_names", None)
-    if names is not None:
-        return dataset if column in names else dataset.add_column(column, ids)
-    first = dataset[0] if len(dataset) else {}
-    return dataset if column in first else RowIds(dataset, column, ids)
 
 
 class WherefromCallback(TrainerCallback):
@@ -193,11 +147,18 @@ class WherefromCallback(TrainerCallback):
             raise InputError(f"a training batch has no {'labels' if ids is not None else repr(self.id_column)}: "
                              "add the callback with WherefromCallback(...).attach(trainer), and train a causal LM "
                              "whose collator gives labels")
-        counts = (labels[:, 1:] != -100).sum(1)  # (B,) tokens of each example's loss
+        loss_tokens = labels[:, 1:] != -100  # (B, T-1): the positions whose next token is in the loss
+        if len(ids) == labels.shape[0]:
+            self.feat._runs, counts = None, loss_tokens.sum(1)  # (B,) tokens of each example's loss
+        else:  # several examples to a row: each position's example, and each example's loss tokens
+            self.feat._runs, run_of = packed_runs(kwargs.get("position_ids"), mask, labels.shape, len(ids))
+            per_position = torch.nn.functional.pad(loss_tokens, (0, 1)).flatten().long()
+            counts = torch.zeros(len(ids), dtype=torch.long, device=labels.device).index_add_(0, run_of, per_position)
         items = kwargs.get("num_items_in_batch")
         total = counts.sum() * self.accumulation if items is None else torch.as_tensor(items) / self.world
         self.feat._mask = (mask if mask is not None else torch.ones_like(labels)).to(torch.float32)
-        self.feat._scale = total.to(torch.float32) / counts.clamp_min(1).to(torch.float32)
+        scale = total.to(torch.float32) / counts.clamp_min(1).to(torch.float32)
+        self.feat._scale = scale if self.feat._runs is None else scale[run_of].view(labels.shape)
         self._ids = ids
         self.feat.recording = True
         return args, kwargs

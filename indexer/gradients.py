@@ -58,7 +58,10 @@ class Featurizer:
         self._x: dict[str, torch.Tensor] = {}  # projected inputs of the batch, until `collect`
         self._d: dict[str, torch.Tensor] = {}  # projected output gradients, until `collect`
         self._mask: torch.Tensor | None = None
-        self._scale: torch.Tensor | None = None  # (B,) per-example factor on δ (training: undoes the batch mean)
+        self._scale: torch.Tensor | None = None  # (B,) or (B, T) factor on δ (training: undoes the batch mean)
+        # padding-free packing (indexer.callback): the lengths of the runs of B·T positions that
+        # are one example each, in order; a row per run, not per batch row
+        self._runs: list[int] | None = None
         self._per_token = False
         # hooks registered for a whole training run (indexer.callback) record only batches it marks
         self.recording = True
@@ -205,7 +208,11 @@ class Featurizer:
         self._lead_input.clear()  # nothing of the batch's activations outlives it
         B, T = self._mask.shape
         mask = self._mask.reshape(1, 1, B * T)  # padding zeroed on k rows, not on in_features
-        scaled = mask if self._scale is None else (self._mask * self._scale[:, None]).reshape(1, 1, B * T)
+        if self._scale is None:
+            scaled = mask
+        else:
+            scale = self._scale if self._scale.dim() == 2 else self._scale[:, None]
+            scaled = (self._mask * scale).reshape(1, 1, B * T)
         blocks, rows = [], []
         for names in self._groups:
             device = self.p_in[names[0]].device
@@ -214,6 +221,10 @@ class Featurizer:
             d = torch.stack([self._d.pop(n) for n in names]) * scaled.to(device)  # (L, k_out, B·T)
             if self.stats is not None or self.sums is not None:
                 rows.append(_factor_sums(x, d, mask.to(device)))
+            if self._runs is not None:  # one product per packed example, over its own positions
+                blocks.append(torch.stack([dr @ xr.transpose(1, 2) for dr, xr in
+                                           zip(d.split(self._runs, 2), x.split(self._runs, 2))], 1).flatten(2))
+                continue
             x, d = x.unflatten(2, (B, T)), d.unflatten(2, (B, T))  # (L, k, B, T)
             # per token, the report keeps each (P_out δ_t)(P_in x_t)ᵀ term; their sum is the feature.
             # matmul, not einsum, for the sum: einsum's parsing costs more than the product here

@@ -36,7 +36,7 @@ class KillAt:
             raise Killed()
 
 
-def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=None, ranks=1):
+def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=None, ranks=1, collator=None):
     """A Trainer over the tiny world's first DOCS documents with the callback attached: 8 examples a
     step in all, split over `accumulation` substeps and `ranks` DDP processes (gloo, on the CPU)."""
     import datasets
@@ -59,7 +59,7 @@ def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=
                              train_sampling_strategy="group_by_length" if group_by_length else "random",
                              remove_unused_columns=True)
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      data_collator=collator or DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[extra] if extra else None)
     WherefromCallback(GradientConfig(k_in=4, k_out=4, seed=5)).attach(trainer)
     return trainer, {d["id"]: e["input_ids"] for d, e in zip(docs, enc)}
@@ -108,6 +108,43 @@ def test_rows_equal_offline_features_at_the_checkpoint(tmp_path, tiny_world, acc
     assert [s["step"] for s in info["saves"]] == [5, 10, 15]
     assert sorted(map(int, info["learning_rates"])) == list(range(15))
     assert info["learning_rates"]["0"] == 0.0 and info["learning_rates"]["2"] > 0
+
+
+def offline_at(out: Path, step: int, examples: list[list[int]]) -> np.ndarray:
+    """The offline features of `examples` (token lists, one padded batch) at checkpoint-`step`."""
+    model, tokenizer = load_model(out / f"checkpoint-{step}")
+    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=5),
+                      adam_second_moments(model, out / f"checkpoint-{step}" / "optimizer.pt"))
+    return feat.features(*collate(examples, tokenizer.pad_token_id)).numpy()
+
+
+def test_padding_free_packing_records_each_example_as_if_alone(tmp_path, tiny_world):
+    from transformers import DataCollatorWithFlattening
+    trainer, tokens = make_trainer(tmp_path, tiny_world, collator=DataCollatorWithFlattening())
+    trainer.train()
+    found = units(tmp_path)
+    assert sorted(np.concatenate([u["ids"] for u in found]).tolist()) == sorted(list(tokens) * 3)
+    # the 8 examples of a step share one row of the batch; each one's row is its own gradient
+    unit = found[1]
+    at = unit["steps"] == 5
+    assert at.sum() == 8
+    want = offline_at(tmp_path, 5, [tokens[i] for i in unit["ids"][at]])
+    rel = np.linalg.norm(unit["raw"][at] - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert rel.max() < 1e-4, rel
+
+
+def test_packing_whose_examples_attend_to_each_other_is_refused(tmp_path, tiny_world):
+    from transformers import DataCollatorWithFlattening
+
+    from db.errors import InputError
+    flat = DataCollatorWithFlattening()
+
+    def with_mask(features):  # an attention mask over the packed row lets the examples see each other
+        batch = flat(features)
+        return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    trainer, _ = make_trainer(tmp_path, tiny_world, collator=with_mask)
+    with pytest.raises(InputError, match="DataCollatorWithFlattening"):
+        trainer.train()
 
 
 def test_killed_and_resumed_run_records_the_same_store(tmp_path, tiny_world):
