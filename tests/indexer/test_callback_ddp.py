@@ -12,11 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.callback import recorded_ids, write_training_shard
-from indexer.config import GradientConfig
-from indexer.gradients import Featurizer, collate
-from indexer.loading import load_model
-from indexer.modelio import adam_second_moments
-from tests.indexer.test_callback import DOCS, make_trainer, units
+from tests.indexer.test_callback import DOCS, make_trainer, offline_at, units
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,14 +39,11 @@ def test_two_ranks_record_their_own_rows_and_publish_as_one(tmp_path, tiny_world
         assert len(a["ids"]) == len(b["ids"]) == DOCS // 2
         assert sorted(a["ids"].tolist() + b["ids"].tolist()) == sorted(tokens)
     # each rank's rows at weight version 5 are checkpoint-5's offline features of those examples
-    model, tokenizer = load_model(tmp_path / "checkpoint-5")
-    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=5),
-                      adam_second_moments(model, tmp_path / "checkpoint-5" / "optimizer.pt"))
     for found in ranks:
         unit = found[1]
         at = unit["steps"] == 5
         assert at.sum() == 4
-        want = feat.features(*collate([tokens[i] for i in unit["ids"][at]], tokenizer.pad_token_id)).numpy()
+        want = offline_at(tmp_path, 5, [tokens[i] for i in unit["ids"][at]])
         rel = np.linalg.norm(unit["raw"][at] - want, axis=1) / np.linalg.norm(want, axis=1)
         assert rel.max() < 1e-4, rel
     info = json.loads((tmp_path / "wherefrom" / "info.json").read_text())
