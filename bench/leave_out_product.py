@@ -167,8 +167,12 @@ def both_seeds(runs: dict, seed: int) -> dict:
         seeds = sorted(drops.keys() & default.keys())
         if method in ("hybrid", "none") or len(seeds) < 2:
             continue
-        d = np.mean([default[s] - drops[s] for s in seeds], axis=0)
-        out[method] = {"seeds": seeds, "mean": float(d.mean()), "sem": float(d.std(ddof=1) / np.sqrt(len(d)))}
+        per_seed = np.array([default[s] - drops[s] for s in seeds])  # (seeds, facts)
+        d = per_seed.mean(0)
+        out[method] = {"seeds": seeds, "mean": float(d.mean()), "sem": float(d.std(ddof=1) / np.sqrt(len(d))),
+                       # facts the default's documents unlearn more, or less, at every seed
+                       "above_at_every_seed": int((per_seed > 0).all(0).sum()),
+                       "below_at_every_seed": int((per_seed < 0).all(0).sum())}
     return out
 
 
@@ -198,7 +202,8 @@ def main():
                   f"{x['sem']:>8.3f}{x['still_top']:>5}/{r['facts']}"
                   + (f"{paired[0]:>18.3f} ± {paired[1]:.3f}" if paired else ""))
         for name, x in r["both_seeds"].items():
-            print(f"default − {name}, per fact over seeds {x['seeds']}: {x['mean']:.3f} ± {x['sem']:.3f}")
+            print(f"default − {name}, per fact over seeds {x['seeds']}: {x['mean']:.3f} ± {x['sem']:.3f}; "
+                  f"facts above at every seed {x['above_at_every_seed']}, below {x['below_at_every_seed']}")
 
 
 if __name__ == "__main__":
