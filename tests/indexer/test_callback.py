@@ -36,7 +36,8 @@ class KillAt:
             raise Killed()
 
 
-def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=None, ranks=1, collator=None):
+def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=None, ranks=1, collator=None,
+                 arch="gpt2"):
     """A Trainer over the tiny world's first DOCS documents with the callback attached: 8 examples a
     step in all, split over `accumulation` substeps and `ranks` DDP processes (gloo, on the CPU)."""
     import datasets
@@ -46,7 +47,7 @@ def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=
     docs = world.documents[:DOCS]
     set_seed(3)
     tokenizer = train_tokenizer([d["text"] for d in docs], 256)
-    model = tiny_model(TrainConfig(n_layer=2, n_embd=32, n_head=2, n_positions=64), tokenizer)
+    model = tiny_model(TrainConfig(arch=arch, n_layer=2, n_embd=32, n_head=2, n_positions=64), tokenizer)
     enc = [tokenizer(d["text"] + tokenizer.eos_token, truncation=True, max_length=64) for d in docs]
     data = datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in enc],
                                        "attention_mask": [e["attention_mask"] for e in enc],
@@ -118,9 +119,10 @@ def offline_at(out: Path, step: int, examples: list[list[int]]) -> np.ndarray:
     return feat.features(*collate(examples, tokenizer.pad_token_id)).numpy()
 
 
-def test_padding_free_packing_records_each_example_as_if_alone(tmp_path, tiny_world):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padding_free_packing_records_each_example_as_if_alone(tmp_path, tiny_world, arch):
     from transformers import DataCollatorWithFlattening
-    trainer, tokens = make_trainer(tmp_path, tiny_world, collator=DataCollatorWithFlattening())
+    trainer, tokens = make_trainer(tmp_path, tiny_world, collator=DataCollatorWithFlattening(), arch=arch)
     trainer.train()
     found = units(tmp_path)
     assert sorted(np.concatenate([u["ids"] for u in found]).tolist()) == sorted(list(tokens) * 3)
