@@ -119,6 +119,15 @@ def offline_at(out: Path, step: int, examples: list[list[int]]) -> np.ndarray:
     return feat.features(*collate(examples, tokenizer.pad_token_id)).numpy()
 
 
+def assert_offline_at_5(out: Path, unit: dict, tokens: dict, rows: int) -> None:
+    """The unit holds `rows` rows of weight version 5, each checkpoint-5's offline feature of its example."""
+    at = unit["steps"] == 5
+    assert at.sum() == rows
+    want = offline_at(out, 5, [tokens[i] for i in unit["ids"][at]])
+    rel = np.linalg.norm(unit["raw"][at] - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert rel.max() < 1e-4, rel
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_padding_free_packing_records_each_example_as_if_alone(tmp_path, tiny_world, arch):
     from transformers import DataCollatorWithFlattening
@@ -127,12 +136,7 @@ def test_padding_free_packing_records_each_example_as_if_alone(tmp_path, tiny_wo
     found = units(tmp_path)
     assert sorted(np.concatenate([u["ids"] for u in found]).tolist()) == sorted(list(tokens) * 3)
     # the 8 examples of a step share one row of the batch; each one's row is its own gradient
-    unit = found[1]
-    at = unit["steps"] == 5
-    assert at.sum() == 8
-    want = offline_at(tmp_path, 5, [tokens[i] for i in unit["ids"][at]])
-    rel = np.linalg.norm(unit["raw"][at] - want, axis=1) / np.linalg.norm(want, axis=1)
-    assert rel.max() < 1e-4, rel
+    assert_offline_at_5(tmp_path, found[1], tokens, 8)
 
 
 def test_packing_whose_examples_attend_to_each_other_is_refused(tmp_path, tiny_world):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.callback import recorded_ids, write_training_shard
-from tests.indexer.test_callback import DOCS, make_trainer, offline_at, units
+from tests.indexer.test_callback import DOCS, assert_offline_at_5, make_trainer, units
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,12 +40,7 @@ def test_two_ranks_record_their_own_rows_and_publish_as_one(tmp_path, tiny_world
         assert sorted(a["ids"].tolist() + b["ids"].tolist()) == sorted(tokens)
     # each rank's rows at weight version 5 are checkpoint-5's offline features of those examples
     for found in ranks:
-        unit = found[1]
-        at = unit["steps"] == 5
-        assert at.sum() == 4
-        want = offline_at(tmp_path, 5, [tokens[i] for i in unit["ids"][at]])
-        rel = np.linalg.norm(unit["raw"][at] - want, axis=1) / np.linalg.norm(want, axis=1)
-        assert rel.max() < 1e-4, rel
+        assert_offline_at_5(tmp_path, found[1], tokens, 4)
     info = json.loads((tmp_path / "wherefrom" / "info.json").read_text())
     assert [s["step"] for s in info["saves"]] == [5, 10, 15] and info["world_size"] == 2
     # publishing reads both ranks: one row per document, every exposure of both summed in
