@@ -148,16 +148,16 @@ def report(seed: int) -> dict:
         if ref is not None and ref is not x and not name.startswith("none"):
             d = np.array(ref["drops"]) - np.array(x["drops"])
             x["default_minus_this"] = [float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))]
-    out["both_seeds"] = both_seeds(out["runs"], seed)
+    out["both_seeds"] = both_seeds(out["runs"])
     (OUT / f"leave-out-realistic-seed{seed}.json").write_text(json.dumps(out, indent=1))
     return out
 
 
-def both_seeds(runs: dict, seed: int) -> dict:
+def both_seeds(runs: dict) -> dict:
     """Per method run at two or more training seeds beside the default: the default's drop minus
     the method's, per fact averaged over the seeds, then mean ± sem over the facts. Averaging a
-    fact's seeds first halves the retraining noise in each fact's difference and keeps the facts,
-    not the (fact, seed) pairs, as the independent draws."""
+    fact's two seeds first halves the variance that retraining adds to its difference, and keeps
+    the facts, not the (fact, seed) pairs, as the independent draws."""
     by_method: dict[str, dict[int, np.ndarray]] = {}
     for name, x in runs.items():
         method = name.partition("-seed")[0]
