@@ -36,10 +36,15 @@ def db_url(request, tmp_path):
     return request.getfixturevalue("pg_url")
 
 
-@pytest.fixture(scope="session")
-def tiny_world():
+def make_tiny_world():
+    """The tiny world of the `tiny_world` fixture, for processes a test starts (tests/indexer/ddp_rank.py)."""
     from service.demo.world import make_world
     return make_world(seed=7, n_people=10, n_filler=20)
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    return make_tiny_world()
 
 
 @pytest.fixture(scope="session")

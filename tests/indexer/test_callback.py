@@ -40,18 +40,12 @@ def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=
                  arch="gpt2"):
     """A Trainer over the tiny world's first DOCS documents with the callback attached: 8 examples a
     step in all, split over `accumulation` substeps and `ranks` DDP processes (gloo, on the CPU)."""
-    import datasets
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
-    from service.demo.train import TrainConfig, tiny_model, train_tokenizer
-    docs = world.documents[:DOCS]
+    from service.demo.train import TrainConfig, tiny_model
     set_seed(3)
-    tokenizer = train_tokenizer([d["text"] for d in docs], 256)
+    tokenizer, data, tokens = tiny_data(world)
     model = tiny_model(TrainConfig(arch=arch, n_layer=2, n_embd=32, n_head=2, n_positions=64), tokenizer)
-    enc = [tokenizer(d["text"] + tokenizer.eos_token, truncation=True, max_length=64) for d in docs]
-    data = datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in enc],
-                                       "attention_mask": [e["attention_mask"] for e in enc],
-                                       "wherefrom_id": [d["id"] for d in docs], "note": ["unused"] * DOCS})
     args = TrainingArguments(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=8 // accumulation // ranks,
                              ddp_backend="gloo" if ranks > 1 else None,
                              gradient_accumulation_steps=accumulation, learning_rate=3e-3, warmup_steps=2,
@@ -63,7 +57,22 @@ def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=
                       data_collator=collator or DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[extra] if extra else None)
     WherefromCallback(GradientConfig(k_in=4, k_out=4, seed=5)).attach(trainer)
-    return trainer, {d["id"]: e["input_ids"] for d, e in zip(docs, enc)}
+    return trainer, tokens
+
+
+def tiny_data(world):
+    """(tokenizer, dataset, each document's tokens) of the world's first DOCS documents: the dataset
+    carries the id column and a column the model does not read."""
+    import datasets
+
+    from service.demo.train import train_tokenizer
+    docs = world.documents[:DOCS]
+    tokenizer = train_tokenizer([d["text"] for d in docs], 256)
+    enc = [tokenizer(d["text"] + tokenizer.eos_token, truncation=True, max_length=64) for d in docs]
+    data = datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in enc],
+                                       "attention_mask": [e["attention_mask"] for e in enc],
+                                       "wherefrom_id": [d["id"] for d in docs], "note": ["unused"] * DOCS})
+    return tokenizer, data, {d["id"]: e["input_ids"] for d, e in zip(docs, enc)}
 
 
 def units(out: Path, rank: int = 0) -> list[dict]:
@@ -87,17 +96,8 @@ def test_rows_equal_offline_features_at_the_checkpoint(tmp_path, tiny_world, acc
     assert sorted(ids.tolist()) == sorted(list(tokens) * 3)
     # rows recorded at weight version 5 saw exactly checkpoint-5's weights and Adam moments
     unit = found[1]
-    at = unit["steps"] == 5
-    assert at.sum() == 8
-    model, tokenizer = load_model(tmp_path / "checkpoint-5")
-    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=5),
-                      adam_second_moments(model, tmp_path / "checkpoint-5" / "optimizer.pt"))
+    feat = assert_offline_at_5(tmp_path, unit, tokens, 8)
     assert len(feat.normalised) == len(feat.layers)
-    feat.stats = Stats()
-    want = feat.features(*collate([tokens[i] for i in unit["ids"][at]], tokenizer.pad_token_id)).numpy()
-    got = unit["raw"][at]
-    rel = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
-    assert rel.max() < 1e-4, rel
     # the step's K-FAC sums are those of its batch, δ rescaled to each example's mean-token loss
     k = list(unit["stats"]["steps"]).index(5)
     for i, layer in enumerate(feat.layers):
@@ -111,21 +111,20 @@ def test_rows_equal_offline_features_at_the_checkpoint(tmp_path, tiny_world, acc
     assert info["learning_rates"]["0"] == 0.0 and info["learning_rates"]["2"] > 0
 
 
-def offline_at(out: Path, step: int, examples: list[list[int]]) -> np.ndarray:
-    """The offline features of `examples` (token lists, one padded batch) at checkpoint-`step`."""
-    model, tokenizer = load_model(out / f"checkpoint-{step}")
-    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=5),
-                      adam_second_moments(model, out / f"checkpoint-{step}" / "optimizer.pt"))
-    return feat.features(*collate(examples, tokenizer.pad_token_id)).numpy()
-
-
-def assert_offline_at_5(out: Path, unit: dict, tokens: dict, rows: int) -> None:
-    """The unit holds `rows` rows of weight version 5, each checkpoint-5's offline feature of its example."""
+def assert_offline_at_5(out: Path, unit: dict, tokens: dict, rows: int) -> Featurizer:
+    """The unit holds `rows` rows of weight version 5, each checkpoint-5's offline feature of its
+    example (one padded batch, Adam's moments from its optimizer.pt). Returns the featurizer, with
+    the batch's K-FAC sums in `stats`."""
     at = unit["steps"] == 5
     assert at.sum() == rows
-    want = offline_at(out, 5, [tokens[i] for i in unit["ids"][at]])
+    model, tokenizer = load_model(out / "checkpoint-5")
+    feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=5),
+                      adam_second_moments(model, out / "checkpoint-5" / "optimizer.pt"))
+    feat.stats = Stats()
+    want = feat.features(*collate([tokens[i] for i in unit["ids"][at]], tokenizer.pad_token_id)).numpy()
     rel = np.linalg.norm(unit["raw"][at] - want, axis=1) / np.linalg.norm(want, axis=1)
     assert rel.max() < 1e-4, rel
+    return feat
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.callback import recorded_ids, write_training_shard
-from tests.indexer.test_callback import DOCS, assert_offline_at_5, make_trainer, units
+from tests.indexer.test_callback import DOCS, assert_offline_at_5, tiny_data, units
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_two_ranks_record_their_own_rows_and_publish_as_one(tmp_path, tiny_world
     for found in ranks:  # 4 examples a rank and step, 5 steps an epoch: a unit per save on each rank
         assert [u["name"] for u in found] == ["unit-00000005", "unit-00000010", "unit-00000015"]
     # a save window is an epoch here: the ranks split it, every document once, nothing else
-    _, tokens = make_trainer(tmp_path / "ref", tiny_world)
+    tokens = tiny_data(tiny_world)[2]
     for a, b in zip(*ranks):
         assert len(a["ids"]) == len(b["ids"]) == DOCS // 2
         assert sorted(a["ids"].tolist() + b["ids"].tolist()) == sorted(tokens)
