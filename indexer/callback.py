@@ -32,8 +32,8 @@ from db.errors import InputError
 from indexer.config import GradientConfig
 from indexer.curvature import LayerStats, Stats
 from indexer.document_ids import ID_COLUMN, IdCollator, packed_runs, with_ids
-from indexer.gradients import Featurizer
-from indexer.modelio import bias_corrected, tokenizer_hash, weights_digest
+from indexer.gradients import Factored, Featurizer, factored
+from indexer.modelio import bias_correction, tokenizer_hash, weights_digest
 from indexer.store import BLOCK, INFO, read_info, save_npz, write_info
 
 STORE = "wherefrom"  # the callback's store, inside the Trainer's output_dir
@@ -208,18 +208,20 @@ class WherefromCallback(TrainerCallback):
                 "world_size": int(os.environ.get("WORLD_SIZE", 1))})
 
 
-def live_second_moments(optimizer, feat: Featurizer) -> dict[str, torch.Tensor]:
-    """Adam's bias-corrected second moment of each tracked weight (`bias_corrected`), from the
-    optimizer object itself (none before step 1), as the offline build reads a checkpoint's."""
+def live_second_moments(optimizer, feat: Featurizer) -> dict[str, Factored]:
+    """Adam's bias-corrected second moment of each tracked weight, as the means the fold reads
+    (`Factored`), from the optimizer object itself (none before step 1), as the offline build reads
+    a checkpoint's (`bias_corrected`): the correction divides the means, not a copy of v."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
     state = getattr(inner, "state", {})
     group_of = {id(p): group for group in getattr(inner, "param_groups", []) for p in group["params"]}
     out = {}
     for layer in feat.layers:
         weight = layer.module.weight
-        v = bias_corrected(state.get(weight, {}), group_of.get(id(weight), {}))
-        if v is not None:
-            out[layer.name + ".weight"] = v
+        entry = state.get(weight, {})
+        if entry.get("exp_avg_sq") is not None:
+            divisor = bias_correction(entry, group_of.get(id(weight), {}))
+            out[layer.name + ".weight"] = factored(entry["exp_avg_sq"], layer.transposed, divisor)
     return out
 
 

@@ -14,6 +14,7 @@ columns by c^-½ — folded into the projections at no cost per example.
 from __future__ import annotations
 
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +32,24 @@ def _gaussian(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     return torch.randn(rows, cols, generator=g) / rows**0.5
+
+
+class Factored(NamedTuple):
+    """Adam's second moment v of one weight as all the fold reads of it: its mean over the inputs
+    (out_features,) and over the outputs (in_features,)."""
+    row: torch.Tensor
+    col: torch.Tensor
+
+
+def factored(v: torch.Tensor, transposed: bool = False, divisor: float = 1.0) -> Factored:
+    """`v` (the weight's shape; (in, out) where `transposed`, as GPT-2's Conv1D) as `Factored`, in
+    float32 and divided by `divisor`. The callback passes Adam's raw moment with its bias correction:
+    a refold then reads each v once and copies none (a float32 copy of every v, stacked by shape,
+    was ~2 GB on the device every few steps at 7B parameters)."""
+    v = v.float()
+    n_out, n_in = (v.shape[1], v.shape[0]) if transposed else v.shape
+    row, col = (v.sum(0), v.sum(1)) if transposed else (v.sum(1), v.sum(0))
+    return Factored(row / (n_in * divisor), col / (n_out * divisor))
 
 
 class Featurizer:
@@ -85,6 +104,8 @@ class Featurizer:
         groups: dict[tuple, list] = {}
         for layer in self.layers:
             v = moments.get(layer.name + ".weight")
+            if v is not None and not isinstance(v, Factored):
+                v = factored(v, layer.transposed)
             weight = layer.module.weight
             key = (layer.out_features, layer.in_features, weight.device, weight.dtype, v is not None)
             groups.setdefault(key, []).append((layer, v))
@@ -93,10 +114,9 @@ class Featurizer:
             p_out = self._stacked(config.k_out, n_out, names, "out", device)  # (L, k_out, out)
             p_in = self._stacked(config.k_in, n_in, names, "in", device)  # (L, k_in, in)
             if has_v:
-                v = torch.stack([(v.T if layer.transposed else v).to(device, torch.float32)
-                                 for layer, v in members])  # (L, out, in)
-                row, col = v.mean(2), v.mean(1)
-                scale = v.mean((1, 2)).clamp_min(config.eps).sqrt()
+                row = torch.stack([v.row.to(device, torch.float32) for _, v in members])  # (L, out)
+                col = torch.stack([v.col.to(device, torch.float32) for _, v in members])  # (L, in)
+                scale = row.mean(1).clamp_min(config.eps).sqrt()
                 p_out = p_out * (row + config.eps).rsqrt()[:, None, :] * scale[:, None, None]
                 p_in = p_in * (col + config.eps).rsqrt()[:, None, :]
                 normalised.update(names)

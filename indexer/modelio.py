@@ -273,10 +273,13 @@ def bias_corrected(entry: dict, group: dict):
     31× at step 1, 1.26× at step 1,000. A checkpoint thousands of steps in barely moves; the
     callback, which sums rows of every step, does."""
     v = entry.get("exp_avg_sq")
-    if v is None:
-        return None
+    return None if v is None else v.float() / bias_correction(entry, group)
+
+
+def bias_correction(entry: dict, group: dict) -> float:
+    """Adam's 1 − β2^step for one parameter's optimizer state (1 before its first step)."""
     step, beta2 = float(entry.get("step", 0)), group.get("betas", (0.9, 0.999))[1]
-    return v.float() / (1.0 - beta2 ** step) if step > 0 else v.float()
+    return 1.0 - beta2 ** step if step > 0 else 1.0
 
 
 def check_unchanged(recorded: list[dict]) -> None:

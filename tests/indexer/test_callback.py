@@ -190,12 +190,14 @@ def test_live_moments_are_bias_corrected_as_adam_divides_by_them():
     from indexer.callback import live_second_moments
     torch.manual_seed(0)
     linear = torch.nn.Linear(4, 3)
-    feat = SimpleNamespace(layers=[SimpleNamespace(name="linear", module=linear)])
+    feat = SimpleNamespace(layers=[SimpleNamespace(name="linear", module=linear, transposed=False)])
     optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-2, betas=(0.9, 0.99))
     assert live_second_moments(optimizer, feat) == {}  # no moments before the first step
     for _ in range(3):
         linear(torch.randn(5, 4)).pow(2).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-    got = live_second_moments(optimizer, feat)["linear.weight"]
-    torch.testing.assert_close(got, optimizer.state[linear.weight]["exp_avg_sq"] / (1 - 0.99 ** 3))
+    got = live_second_moments(optimizer, feat)["linear.weight"]  # the means of v̂ the fold reads
+    v = optimizer.state[linear.weight]["exp_avg_sq"] / (1 - 0.99 ** 3)
+    torch.testing.assert_close(got.row, v.mean(1))
+    torch.testing.assert_close(got.col, v.mean(0))
