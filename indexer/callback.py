@@ -31,10 +31,12 @@ from transformers import TrainerCallback
 from db.errors import InputError
 from indexer.config import GradientConfig
 from indexer.curvature import LayerStats, Stats
-from indexer.document_ids import ID_COLUMN, IdCollator, packed_runs, with_ids
+from indexer.document_ids import ID_COLUMN, IdCollator, packed_runs, per_token_ids, segment_runs, with_ids
 from indexer.gradients import Factored, Featurizer, factored
 from indexer.modelio import bias_correction, tokenizer_hash, weights_digest
 from indexer.store import BLOCK, INFO, read_info, save_npz, write_info
+
+__all__ = ["WherefromCallback", "per_token_ids"]
 
 STORE = "wherefrom"  # the callback's store, inside the Trainer's output_dir
 OPEN = "open"  # the unit being recorded: discarded by a resumed run
@@ -58,6 +60,7 @@ class WherefromCallback(TrainerCallback):
         self.store_dir = Path(store_dir) if store_dir else None
         self.feat: Featurizer | None = None
         self._handles = []
+        self._keep = None  # the recorded runs of a batch of blocks: those with a token in the loss
 
     def attach(self, trainer) -> WherefromCallback:
         """Add the callback to `trainer` and carry the id column from the dataset to the model.
@@ -148,12 +151,19 @@ class WherefromCallback(TrainerCallback):
                              "add the callback with WherefromCallback(...).attach(trainer), and train a causal LM "
                              "whose collator gives labels")
         loss_tokens = labels[:, 1:] != -100  # (B, T-1): the positions whose next token is in the loss
-        if len(ids) == labels.shape[0]:
+        self._keep, per_token = None, bool(ids) and isinstance(ids[0], list)
+        if per_token:  # concatenated blocks (group_texts): an id per token, a row per document segment
+            self.feat._runs, run_of, ids = segment_runs(ids, mask, labels.shape, labels.device)
+        elif len(ids) == labels.shape[0]:
             self.feat._runs, counts = None, loss_tokens.sum(1)  # (B,) tokens of each example's loss
-        else:  # several examples to a row: each position's example, and each example's loss tokens
+        else:  # padding-free packing: several examples to a row, cut where the position ids restart
             self.feat._runs, run_of = packed_runs(kwargs.get("position_ids"), mask, labels.shape, len(ids))
+        if self.feat._runs is not None:  # each position's example, and each example's loss tokens
             per_position = torch.nn.functional.pad(loss_tokens, (0, 1)).flatten().long()
             counts = torch.zeros(len(ids), dtype=torch.long, device=labels.device).index_add_(0, run_of, per_position)
+            if per_token and not bool((counts > 0).all()):  # a segment none of whose tokens is in the loss
+                self._keep = (counts > 0).cpu().numpy()
+                ids = [i for i, k in zip(ids, self._keep) if k]
         items = kwargs.get("num_items_in_batch")
         total = counts.sum() * self.accumulation if items is None else torch.as_tensor(items) / self.world
         self.feat._mask = (mask if mask is not None else torch.ones_like(labels)).to(torch.float32)
@@ -166,6 +176,8 @@ class WherefromCallback(TrainerCallback):
     def _collect(self) -> None:
         self.feat.recording = False
         rows = self.feat.collect().detach().to("cpu", torch.float32).numpy()  # (B, D)
+        if self._keep is not None:
+            rows = rows[self._keep]
         self._raw.write(np.ascontiguousarray(rows).data)  # the array's buffer: no bytes copy
         self._rows += [(i, self.step) for i in self._ids]
 

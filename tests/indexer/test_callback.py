@@ -37,14 +37,16 @@ class KillAt:
 
 
 def make_trainer(out: Path, world, accumulation=1, group_by_length=False, extra=None, ranks=1, collator=None,
-                 arch="gpt2"):
+                 arch="gpt2", prepare=None):
     """A Trainer over the tiny world's first DOCS documents with the callback attached: 8 examples a
-    step in all, split over `accumulation` substeps and `ranks` DDP processes (gloo, on the CPU)."""
+    step in all, split over `accumulation` substeps and `ranks` DDP processes (gloo, on the CPU);
+    `prepare` maps the dataset first (blocks of concatenated documents)."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
     from service.demo.train import TrainConfig, tiny_model
     set_seed(3)
     tokenizer, data, tokens = tiny_data(world)
+    data = prepare(data) if prepare else data
     model = tiny_model(TrainConfig(arch=arch, n_layer=2, n_embd=32, n_head=2, n_positions=64), tokenizer)
     args = TrainingArguments(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=8 // accumulation // ranks,
                              ddp_backend="gloo" if ranks > 1 else None,
