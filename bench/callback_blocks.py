@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from itertools import chain
 from pathlib import Path
@@ -154,6 +155,7 @@ def main():
     tokenizer = train_tokenizer([d["text"] for d in world.documents], world.config.vocab_size)
     data = block_dataset(world.documents, tokenizer, args.block)
     out = OUT / f"callback-blocks-s{args.seed}"
+    shutil.rmtree(out, ignore_errors=True)  # a previous run's checkpoints are not this one's
     t = time.perf_counter()
     last = train_blocks(world, data, tokenizer, out / "model", args.epochs)
     trained = time.perf_counter() - t
