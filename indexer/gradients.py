@@ -45,7 +45,7 @@ def factored(v: torch.Tensor, transposed: bool = False, divisor: float = 1.0) ->
     """`v` (the weight's shape; (in, out) where `transposed`, as GPT-2's Conv1D) as `Factored`, in
     float32 and divided by `divisor`. The callback passes Adam's raw moment with its bias correction:
     a refold then reads each v once and copies none (a float32 copy of every v, stacked by shape,
-    was ~2 GB on the device every few steps at 7B parameters)."""
+    was several GB on the device every few steps at 7B parameters)."""
     v = v.float()
     n_out, n_in = (v.shape[1], v.shape[0]) if transposed else v.shape
     row, col = (v.sum(0), v.sum(1)) if transposed else (v.sum(1), v.sum(0))
