@@ -15,7 +15,7 @@ every (block, document segment) whose tokens are predicted:
 Reports their cosine and relative error over the segments, and retrieval: each question's query
 gradient (answer tokens, one checkpoint, no curvature) ranks the documents by cosine, a document's
 row being the sum of its segments' rows; MRR of the first source document with either row set,
-and the overlap of the two top-10s. Writes bench/out/callback-blocks.json.
+and the overlap of the two top-10s. Writes bench/out/callback-blocks-e<epochs>.json.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def main():
                          "p1": float(np.percentile(cos, 1))},
               "relative_error": {"median": float(np.median(rel)), "p90": float(np.percentile(rel, 90))},
               "retrieval": retrieval(feat, tokenizer, world.questions, names, exact, split)}
-    (OUT / "callback-blocks.json").write_text(json.dumps(result, indent=2))
+    (OUT / f"callback-blocks-e{args.epochs}.json").write_text(json.dumps(result, indent=2))
     print(f"{result['blocks']} blocks of {args.block}, {result['segments']} segments of {result['documents']} "
           f"documents; callback recorded {exposures} rows over {args.epochs} epochs ({trained:.0f} s training)")
     print(f"{'':24}{'median':>9}{'p10':>9}{'p1':>9}")
