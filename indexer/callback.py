@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,6 +41,9 @@ __all__ = ["WherefromCallback", "per_token_ids"]
 
 STORE = "wherefrom"  # the callback's store, inside the Trainer's output_dir
 OPEN = "open"  # the unit being recorded: discarded by a resumed run
+BLOCKS_WARNING = ("concatenated blocks are recorded split by position, an approximation of each document "
+                  "segment's own gradient (median cosine 0.71 on bench/callback_blocks.py's trained model): "
+                  "for exact rows index the corpus offline with --chunking packed (docs/training.md)")
 
 
 class WherefromCallback(TrainerCallback):
@@ -61,6 +65,7 @@ class WherefromCallback(TrainerCallback):
         self.feat: Featurizer | None = None
         self._handles = []
         self._keep = None  # the recorded runs of a batch of blocks: those with a token in the loss
+        self._warned = False  # BLOCKS_WARNING, once a run
 
     def attach(self, trainer) -> WherefromCallback:
         """Add the callback to `trainer` and carry the id column from the dataset to the model.
@@ -154,6 +159,9 @@ class WherefromCallback(TrainerCallback):
         self._keep, per_token = None, bool(ids) and isinstance(ids[0], list)
         if per_token:  # concatenated blocks (group_texts): an id per token, a row per document segment
             self.feat._runs, run_of, ids = segment_runs(ids, mask, labels.shape, labels.device)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(BLOCKS_WARNING, stacklevel=2)
         elif len(ids) == labels.shape[0]:
             self.feat._runs, counts = None, loss_tokens.sum(1)  # (B,) tokens of each example's loss
         else:  # padding-free packing: several examples to a row, cut where the position ids restart

@@ -53,7 +53,8 @@ def test_blocks_record_each_segment_as_the_block_gradient_at_its_positions(tmp_p
     from transformers import DataCollatorForLanguageModeling
     trainer, _ = make_trainer(tmp_path, tiny_world, prepare=blocks)
     data = trainer.train_dataset
-    trainer.train()
+    with pytest.warns(UserWarning, match="--chunking packed"):
+        trainer.train()
     found = units(tmp_path)
     model, tokenizer = load_model(tmp_path / "checkpoint-5")
     batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(
