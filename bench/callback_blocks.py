@@ -24,6 +24,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 
@@ -33,39 +34,49 @@ import torch
 OUT = Path("bench/out")
 
 
-def block_dataset(docs: list[dict], tokenizer, block: int):
-    """The corpus as run_clm trains it: text + eos per document, every column concatenated and cut
-    into blocks of `block`; the id column repeated over each document's tokens first."""
-    import datasets
+def group_texts(examples: dict, block: int) -> dict:
+    """run_clm's own: every column concatenated, then cut into blocks of `block`, the remainder dropped."""
+    joined = {k: list(chain(*examples[k])) for k in examples}
+    total = len(joined["input_ids"]) // block * block
+    return {k: [v[i:i + block] for i in range(0, total, block)] for k, v in joined.items()}
 
+
+def blocks_of(data, block: int):
+    """A tokenized dataset (one document a row, with its id column) as run_clm trains it: the id
+    repeated over each document's tokens, then every column concatenated and cut into blocks."""
     from indexer.document_ids import per_token_ids
-    enc = [tokenizer(d["text"] + tokenizer.eos_token)["input_ids"] for d in docs]
-    data = datasets.Dataset.from_dict({"input_ids": enc, "attention_mask": [[1] * len(e) for e in enc],
-                                       "wherefrom_id": [d["id"] for d in docs]})
+    return per_token_ids(data).map(group_texts, batched=True, batch_size=len(data), fn_kwargs={"block": block})
 
-    def group_texts(examples):
-        joined = {k: list(chain(*examples[k])) for k in examples}
-        total = len(joined["input_ids"]) // block * block
-        return {k: [v[i:i + block] for i in range(0, total, block)] for k, v in joined.items()}
-    return per_token_ids(data).map(group_texts, batched=True, batch_size=len(data))
+
+def block_dataset(docs: list[dict], tokenizer, block: int):
+    """The corpus's blocks: text + eos per document (`blocks_of`)."""
+    import datasets
+    enc = [tokenizer(d["text"] + tokenizer.eos_token)["input_ids"] for d in docs]
+    return blocks_of(datasets.Dataset.from_dict({"input_ids": enc, "attention_mask": [[1] * len(e) for e in enc],
+                                                 "wherefrom_id": [d["id"] for d in docs]}), block)
+
+
+def split_rows(terms: torch.Tensor, labels: torch.Tensor, runs: list[int], run_of: torch.Tensor):
+    """What the callback records for each run of a batch of blocks, from the per-position terms
+    (B, T, D) of each row's mean-token loss gradient: their sum over the run, rescaled to the run's
+    own mean-token loss. Returns (rows (runs, D) float64, each run's loss tokens)."""
+    from indexer.document_ids import loss_positions
+    per_position = loss_positions(labels).flatten().double()
+    n_row = per_position.view(labels.shape).sum(1).repeat_interleave(labels.shape[1])
+    n_run = torch.zeros(len(runs), dtype=torch.float64).index_add_(0, run_of, per_position)
+    weights = n_row / n_run.clamp_min(1)[run_of]
+    rows = torch.zeros(len(runs), terms.shape[-1], dtype=torch.float64).index_add_(
+        0, run_of, terms.flatten(0, 1).double() * weights[:, None])
+    return rows, n_run
 
 
 def train_blocks(world, data, tokenizer, out: Path, epochs: int):
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
-
+    """The world's model and config trained on the blocks with the callback; its last checkpoint."""
     from indexer.callback import WherefromCallback
-    from service.demo.train import tiny_model
-    c = world.config
-    set_seed(c.seed)
-    steps = -(-len(data) // c.batch_size) * epochs
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=c.batch_size,
-                             learning_rate=c.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-                             weight_decay=0.01, save_strategy="steps", save_steps=-(-steps // c.n_checkpoints),
-                             logging_steps=10**9, report_to=[], use_cpu=True, seed=c.seed, disable_tqdm=True)
-    trainer = Trainer(model=tiny_model(c, tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    WherefromCallback().attach(trainer)
-    trainer.train()
+    from service.demo.train import train
+    # every block is BLOCK tokens: length grouping would only reorder them
+    train([], out, replace(world.config, epochs=epochs, group_by_length=False), tokenizer=tokenizer,
+          callback=WherefromCallback(), dataset=data)
     return max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -77,14 +88,10 @@ def segment_rows(feat, data, collator, batch: int = 16) -> tuple[list[str], np.n
         rows = data[s:s + batch]
         b = collator([{"input_ids": i, "attention_mask": m} for i, m in zip(rows["input_ids"], rows["attention_mask"])])
         runs, run_of, docs = segment_runs(rows["wherefrom_id"], b["attention_mask"], b["labels"].shape)
-        terms = feat.features(b["input_ids"], b["attention_mask"], b["labels"], per_token=True).double()
-        per_position = torch.nn.functional.pad(b["labels"][:, 1:] != -100, (0, 1)).flatten().double()
-        width = b["labels"].shape[1]
-        n_row = per_position.view(-1, width).sum(1).repeat_interleave(width)
-        n_run = torch.zeros(len(runs), dtype=torch.float64).index_add_(0, run_of, per_position)
+        terms = feat.features(b["input_ids"], b["attention_mask"], b["labels"], per_token=True)
+        rows_split, n_run = split_rows(terms, b["labels"], runs, run_of)
         keep = (n_run > 0).numpy()
-        rows_split = torch.zeros(len(runs), terms.shape[-1], dtype=torch.float64).index_add_(
-            0, run_of, terms.flatten(0, 1) * (n_row / n_run.clamp_min(1)[run_of])[:, None])
+        width = b["labels"].shape[1]
         # the exact row of each run: the block again, labels on the run's predicted tokens only
         starts = np.cumsum([0] + runs[:-1])
         ids, mask, labels = [], [], []

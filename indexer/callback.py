@@ -32,7 +32,8 @@ from transformers import TrainerCallback
 from db.errors import InputError
 from indexer.config import GradientConfig
 from indexer.curvature import LayerStats, Stats
-from indexer.document_ids import ID_COLUMN, IdCollator, packed_runs, per_token_ids, segment_runs, with_ids
+from indexer.document_ids import (ID_COLUMN, IdCollator, loss_positions, packed_runs, per_token_ids,
+                                  segment_runs, with_ids)
 from indexer.gradients import Factored, Featurizer, factored
 from indexer.modelio import bias_correction, tokenizer_hash, weights_digest
 from indexer.store import BLOCK, INFO, read_info, save_npz, write_info
@@ -64,8 +65,6 @@ class WherefromCallback(TrainerCallback):
         self.store_dir = Path(store_dir) if store_dir else None
         self.feat: Featurizer | None = None
         self._handles = []
-        self._keep = None  # the recorded runs of a batch of blocks: those with a token in the loss
-        self._warned = False  # BLOCKS_WARNING, once a run
 
     def attach(self, trainer) -> WherefromCallback:
         """Add the callback to `trainer` and carry the id column from the dataset to the model.
@@ -96,6 +95,7 @@ class WherefromCallback(TrainerCallback):
         self.feat.sums = self._zero_sums()
         self._names = [layer.name for layer in self.feat.layers]
         self._rows, self._step_stats, self.lrs, self._refold = [], [], {}, True
+        self._keep, self._warned = None, False  # a batch of blocks' runs with a loss token; BLOCKS_WARNING given
         # the layers' hooks stay for the run (16 registrations and removals a step cost 0.3 % of
         # it) and record the batches `_pre_forward` marks
         self.feat.recording = False
@@ -155,7 +155,7 @@ class WherefromCallback(TrainerCallback):
             raise InputError(f"a training batch has no {'labels' if ids is not None else repr(self.id_column)}: "
                              "add the callback with WherefromCallback(...).attach(trainer), and train a causal LM "
                              "whose collator gives labels")
-        loss_tokens = labels[:, 1:] != -100  # (B, T-1): the positions whose next token is in the loss
+        loss_at = loss_positions(labels)  # (B, T)
         self._keep, per_token = None, bool(ids) and isinstance(ids[0], list)
         if per_token:  # concatenated blocks (group_texts): an id per token, a row per document segment
             self.feat._runs, run_of, ids = segment_runs(ids, mask, labels.shape, labels.device)
@@ -163,12 +163,12 @@ class WherefromCallback(TrainerCallback):
                 self._warned = True
                 warnings.warn(BLOCKS_WARNING, stacklevel=2)
         elif len(ids) == labels.shape[0]:
-            self.feat._runs, counts = None, loss_tokens.sum(1)  # (B,) tokens of each example's loss
+            self.feat._runs, counts = None, loss_at.sum(1)  # (B,) tokens of each example's loss
         else:  # padding-free packing: several examples to a row, cut where the position ids restart
             self.feat._runs, run_of = packed_runs(kwargs.get("position_ids"), mask, labels.shape, len(ids))
         if self.feat._runs is not None:  # each position's example, and each example's loss tokens
-            per_position = torch.nn.functional.pad(loss_tokens, (0, 1)).flatten().long()
-            counts = torch.zeros(len(ids), dtype=torch.long, device=labels.device).index_add_(0, run_of, per_position)
+            counts = torch.zeros(len(ids), dtype=torch.long, device=labels.device).index_add_(
+                0, run_of, loss_at.flatten().long())
             if per_token and not bool((counts > 0).all()):  # a segment none of whose tokens is in the loss
                 self._keep = (counts > 0).cpu().numpy()
                 ids = [i for i, k in zip(ids, self._keep) if k]

@@ -91,6 +91,12 @@ def packed_runs(position_ids, mask, shape: tuple[int, int], examples: int) -> tu
     return torch.bincount(run_of, minlength=examples).tolist(), run_of
 
 
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose loss term counts, position t's predicting token t + 1 (the
+    causal LM's shift), so the last position never does. Summed over a run: its loss tokens."""
+    return torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))
+
+
 def per_token_ids(dataset, column: str = ID_COLUMN, row_ids: list[str] | None = None, tokens: str = "input_ids"):
     """`dataset` (a tokenized `datasets.Dataset`, one document a row) with its id column repeated
     over each row's tokens, so that concatenating and cutting the rows into blocks (HF run_clm's

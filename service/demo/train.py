@@ -77,13 +77,14 @@ def tiny_model(config: TrainConfig, tokenizer):
 
 
 def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), progress=None,
-          tokenizer=None, model=None, callback=None):
+          tokenizer=None, model=None, callback=None, dataset=None):
     """Train on `texts` (one document per example, eos appended), save checkpoints to `out_dir`,
     and return the Trainer (its in-memory optimizer lets tests check what was saved).
 
     `tokenizer`: default, one fitted on `texts`; `model`: default, `tiny_model(config)` (pass a
     PEFT model to train a LoRA adapter). `progress(stage, n, total)` is called after every step.
     `callback`: an `indexer.callback.WherefromCallback` to record the gradient store while training.
+    `dataset`: tokenized examples to train on in place of `texts` (bench/callback_blocks.py's blocks).
     """
     import torch
     from transformers import (DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments,
@@ -99,7 +100,8 @@ def train(texts: list[str], out_dir: Path, config: TrainConfig = TrainConfig(), 
     tokenizer = tokenizer or train_tokenizer(texts, config.vocab_size)
     model = model if model is not None else tiny_model(config, tokenizer)
     eos = tokenizer.eos_token
-    dataset = [tokenizer(t + eos, truncation=True, max_length=config.n_positions) for t in texts]
+    if dataset is None:
+        dataset = [tokenizer(t + eos, truncation=True, max_length=config.n_positions) for t in texts]
     steps_per_epoch = -(-len(dataset) // config.batch_size)
     total = steps_per_epoch * config.epochs
     args = TrainingArguments(

@@ -1,14 +1,13 @@
 """Concatenated blocks (HF run_clm's group_texts): the callback records one row per (block,
 document segment), the segment's share of the block's gradient split by position."""
 
-from itertools import chain
-
 import numpy as np
 import pytest
 import torch
 
+from bench.callback_blocks import blocks_of, split_rows
 from indexer.config import GradientConfig
-from indexer.document_ids import IdCollator, per_token_ids, segment_runs
+from indexer.document_ids import IdCollator, segment_runs
 from indexer.gradients import Featurizer
 from indexer.loading import load_model
 from indexer.modelio import adam_second_moments
@@ -17,15 +16,8 @@ from tests.indexer.test_callback import make_trainer, units
 BLOCK = 32
 
 
-def group_texts(examples):
-    """run_clm's own: every column concatenated, then cut into blocks of BLOCK, the remainder dropped."""
-    joined = {k: list(chain(*examples[k])) for k in examples}
-    total = len(joined["input_ids"]) // BLOCK * BLOCK
-    return {k: [v[i:i + BLOCK] for i in range(0, total, BLOCK)] for k, v in joined.items()}
-
-
 def blocks(data):
-    return per_token_ids(data.remove_columns(["note"])).map(group_texts, batched=True)
+    return blocks_of(data.remove_columns(["note"]), BLOCK)
 
 
 def test_segment_runs_give_each_position_the_document_of_the_token_it_predicts():
@@ -64,11 +56,7 @@ def test_blocks_record_each_segment_as_the_block_gradient_at_its_positions(tmp_p
     feat = Featurizer(model, GradientConfig(k_in=4, k_out=4, seed=5),
                       adam_second_moments(model, tmp_path / "checkpoint-5" / "optimizer.pt"))
     terms = feat.features(batch["input_ids"], batch["attention_mask"], batch["labels"], per_token=True)
-    per_position = torch.nn.functional.pad(batch["labels"][:, 1:] != -100, (0, 1)).flatten().double()
-    row_tokens = per_position.view(len(data), -1).sum(1).repeat_interleave(BLOCK)
-    weights = (row_tokens / torch.zeros(len(runs), dtype=torch.float64).index_add_(0, run_of, per_position)[run_of])
-    want = torch.zeros(len(runs), terms.shape[-1], dtype=torch.float64).index_add_(
-        0, run_of, terms.flatten(0, 1).double() * weights[:, None]).numpy()
+    want = split_rows(terms, batch["labels"], runs, run_of)[0].numpy()
     unit = found[1]
     at = np.flatnonzero(unit["steps"] == 5)
     assert len(at) >= 8  # 8 blocks a step, each at least one segment
