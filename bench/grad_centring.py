@@ -37,11 +37,10 @@ ALPHAS = (0.5, 1.0)
 MARKERS = {"qa": "Answer:", "fewshot": "Answer:", "chat": "<|assistant|>"}
 
 
-def parts(tracer, prompt: str, answer: str) -> list[dict]:
-    """Per checkpoint, before EK-FAC: the raw block features `f` (L, k_out, k_in); Σ_t P_out δ_t over
-    every position (`d_all`) and over the answer positions (`d_at`), (L, k_out); the mean projected
-    input over every position (`x_all`) and over the answer positions (`x_at`), (L, k_in). Every
-    position's δ is nonzero: later positions attend to it."""
+def raw_parts(tracer, prompt: str, answer: str) -> tuple[list[dict], int]:
+    """Per checkpoint, before EK-FAC: the raw block features `f` (L, k_out, k_in), and every
+    position's projected input `x` (L, k_in, T) and output gradient `d` (L, k_out, T), so that
+    f[l] = Σ_t d[l, :, t] x[l, :, t]ᵀ; and the index of the first answer token."""
     out = []
     for c in range(len(tracer.ckpts)):
         model, tokenizer, feat = tracer.featurizer(c)
@@ -62,10 +61,22 @@ def parts(tracer, prompt: str, answer: str) -> list[dict]:
             f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first])).numpy()[0]
         finally:
             del feat.collect
-        at = slice(first - 1, len(ids) - 1)  # the positions whose next token is an answer token
         x, d = grabbed["x"], grabbed["d"]
-        out.append({"f": f.reshape(len(d), d.shape[1], x.shape[1]).astype(np.float64),
-                    "d_all": d.sum(2), "d_at": d[:, :, at].sum(2), "x_all": x.mean(2), "x_at": x[:, :, at].mean(2)})
+        out.append({"f": f.reshape(len(d), d.shape[1], x.shape[1]).astype(np.float64), "x": x, "d": d})
+    return out, first
+
+
+def parts(tracer, prompt: str, answer: str) -> list[dict]:
+    """`raw_parts` summarised: Σ_t P_out δ_t over every position (`d_all`) and over the answer
+    positions (`d_at`), (L, k_out); the mean projected input over every position (`x_all`) and over
+    the answer positions (`x_at`), (L, k_in). Every position's δ is nonzero: later positions attend to it."""
+    raw, first = raw_parts(tracer, prompt, answer)
+    out = []
+    for p in raw:
+        x, d = p["x"], p["d"]
+        at = slice(first - 1, x.shape[2] - 1)  # the positions whose next token is an answer token
+        out.append({"f": p["f"], "d_all": d.sum(2), "d_at": d[:, :, at].sum(2), "x_all": x.mean(2),
+                    "x_at": x[:, :, at].mean(2)})
     return out
 
 
