@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attribution.query_positions import named_words
 from attribution.tracer import Tracer, encode_qa
 from attribution.verify import lexical_spans
 from indexer.gradients import collate, per_example_loss
@@ -132,14 +133,6 @@ def word_attribution(tracer: Tracer, question: str, answer: str) -> list[tuple[s
         # the target is the answer's tokens as they follow the question, the ids the trace used
         result = attr.attribute(inp, target=torch.tensor(ids[first:], device=model.device), forward_in_tokens=False)
     return [(w, float(s)) for w, s in zip(words, result.seq_attr.tolist())]
-
-
-def named_words(question: str) -> set[str]:
-    """Capitalised words of the question (its names), lowercased. The first word counts only when
-    the next is capitalised too: "Mirela Stoven was…" names Mirela, "Where was…" names nothing."""
-    words = re.findall(r"\w+", question)
-    return {w.lower() for i, w in enumerate(words)
-            if w[:1].isupper() and (i > 0 or (len(words) > 1 and words[1][:1].isupper()))}
 
 
 @dataclass

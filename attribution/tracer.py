@@ -1,6 +1,7 @@
 """Trace one answer against a build's stores: answer, query gradient, candidates, ranking.
 
-The gradient query is the loss on the answer tokens after the exact prompt; the text query (dense,
+The gradient query is the loss on the answer tokens after the exact prompt, its gradient summed over
+the question's names and the answer's positions (`query_positions`); the text query (dense,
 BM25) is the question's content and the answer, the prompt's template removed (`text_query`).
 The hybrid rule (the default): candidates are the union of the gradient, dense and BM25 top-K;
 each method gives every candidate its z-score over the candidates and the log of its reciprocal
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from attribution.methods import METHODS
+from attribution.query_positions import subject_and_answer
 from attribution.text_query import derive as derive_text_query, learn_markers
 from db.errors import InputError
 from indexer import lexical, semantic, store
@@ -176,14 +178,24 @@ class Tracer:
             raise InputError(f"question and answer take {n} tokens but the model's context is {limit}: "
                              "shorten the question")
 
-    def query_gradient(self, question: str, answer: str) -> np.ndarray:
-        """Concatenated per-checkpoint query features, loss on the answer tokens only. (D,)"""
+    def query_gradient(self, question: str, answer: str, positions: str = "subject") -> np.ndarray:
+        """Concatenated per-checkpoint query features, loss on the answer tokens only. (D,)
+
+        `positions` "subject" sums each layer's gradient over the question's names and the
+        positions that emit the answer (`attribution.query_positions`); "all" over every position,
+        the loss's full gradient."""
         parts = []
         for c in range(len(self.ckpts)):
             model, tokenizer, feat = self.featurizer(c)
             ids, first = encode_qa(tokenizer, question, answer)
             self._check_length(len(ids), model)
-            f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first])).numpy()
+            weights = None
+            if positions == "subject":
+                offsets = tokenizer(question + answer, add_special_tokens=False,
+                                    return_offsets_mapping=True)["offset_mapping"]
+                weights = torch.from_numpy(subject_and_answer(offsets, question, first, self.text_markers()))[None]
+            f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]),
+                              position_weights=weights).numpy()
             if self.curvatures[c] is not None:
                 f = self.curvatures[c].apply(f)
             parts.append(f[0] / max(np.linalg.norm(f[0]), 1e-30) * self.weights[c])

@@ -7,7 +7,7 @@ The loss stays on the answer tokens of the exact prompt; only the sum over posit
 position's δ is nonzero (later positions attend to it), so the block is a sum of one term per
 position: the template's positions ("Question:", "Answer:", a chat template's tags and system
 prompt, a few-shot prompt's solved examples), the question's content (`text_query.question_content`),
-its names (`explain.named_words`), and the positions that predict the answer tokens. Session 19
+its names (`query_positions.named_words`), and the positions that predict the answer tokens. Session 19
 found that a QA query, ranked among statements only, finds its sources (MRR 0.72 against 0.21): what
 buries them is other documents of its template. If the template's positions carry that likeness,
 dropping their terms should lift QA, chat and few-shot prompts and leave completions (whose content
@@ -17,26 +17,14 @@ stored rows are unchanged (no rebuild). Writes bench/out/grad-positions-<world>-
 
 from __future__ import annotations
 
-import re
 import time
 
 import numpy as np
 
-from attribution.explain import named_words
-from attribution.text_query import question_content
+from attribution.query_positions import content_span, name_spans
 from bench.grad_blocks import queries_of, reciprocal_rank
 from bench.grad_centring import raw_parts
 from bench.grad_whiten import cli, new_report, record_variant
-
-
-def content_span(prompt: str, markers) -> tuple[int, int]:
-    """Character span of the question's content in `prompt` (its last occurrence); the whole prompt
-    when the content cannot be found as written."""
-    words = question_content(prompt, markers).split()
-    if not words:
-        return 0, len(prompt)
-    found = list(re.finditer(r"\s+".join(map(re.escape, words)), prompt))
-    return (found[-1].start(), found[-1].end()) if found else (0, len(prompt))
 
 
 def position_sets(tokenizer, prompt: str, answer: str, first: int, markers) -> dict[str, np.ndarray]:
@@ -45,8 +33,7 @@ def position_sets(tokenizer, prompt: str, answer: str, first: int, markers) -> d
     T = len(offsets)
     lo, hi = content_span(prompt, markers)
     content = np.array([a >= lo and b <= hi and b > a for a, b in offsets])
-    names = named_words(prompt[lo:hi])
-    spans = [(m.start() + lo, m.end() + lo) for m in re.finditer(r"\w+", prompt[lo:hi]) if m.group().lower() in names]
+    spans = name_spans(prompt, markers)
     named = np.array([any(a < e and b > s for s, e in spans) for a, b in offsets])
     predicting = np.zeros(T, bool)
     predicting[first - 1:T - 1] = True  # the positions whose next token is an answer token
@@ -92,10 +79,10 @@ def run(world: str, seed: int) -> dict:
     def record(name, vectors):
         record_variant(report, name, [reciprocal_rank(grad @ v, p) for v, p in zip(vectors, positives)])
 
-    record("today", queries)
-    record("today, rebuilt from the positions", [query_of(tracer, r, s["all"]) for r, s in zip(raws, sets)])
+    record("the product's query (names + answer)", queries)  # Tracer.query_gradient
+    record("all positions (the loss's full gradient)", [query_of(tracer, r, s["all"]) for r, s in zip(raws, sets)])
     for name in sets[0]:
-        if name != "all":
+        if name != "all":  # "names + answer" rebuilds the product's query: a check of the parts
             record(name, [query_of(tracer, r, s[name]) for r, s in zip(raws, sets)])
     for kept in ("content + answer", "names + answer"):
         for weight in (0.25, 0.5):  # the other positions kept, but weighed down

@@ -182,16 +182,20 @@ class Featurizer:
         return output.detach().requires_grad_(True)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+                 labels: torch.Tensor, per_token: bool = False,
+                 position_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example gradients of each example's mean token loss over `labels` != -100.
 
         Returns (B, D) float32 on the CPU in layer order, not normalised; with `per_token`,
         (B, T, D): each position's term of the sum over positions, which sums to the (B, D) feature.
+        `position_weights` (B, T) weighs each position's term of that sum (a trace's query keeps the
+        subject's and the answer's positions: attribution.query_positions).
         """
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         labels = labels.to(self.device)
         self._mask = attention_mask.to(torch.float32)  # a float32 mask makes each projection float32
         self._per_token = per_token
+        self._scale = None if position_weights is None else position_weights.to(self.device, torch.float32)
         self._x.clear(); self._d.clear(); self._lead_input.clear()
         if self._leads is None:
             self._seen = []  # a batch cut off by running out of memory

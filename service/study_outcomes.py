@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attribution.explain import named_words
+from attribution.query_positions import named_words
 from attribution.tracer import encode_qa
 from attribution.verify import lexical_match, lexical_spans
 from db import study_repo
