@@ -184,6 +184,8 @@ class Tracer:
         `positions` "subject" sums each layer's gradient over the question's names and the
         positions that emit the answer (`attribution.query_positions`); "all" over every position,
         the loss's full gradient."""
+        if positions not in ("subject", "all"):
+            raise ValueError(f"positions is 'subject' or 'all', not {positions!r}")
         parts = []
         for c in range(len(self.ckpts)):
             model, tokenizer, feat = self.featurizer(c)
