@@ -46,11 +46,21 @@ def name_spans(prompt: str, markers: Markers) -> list[tuple[int, int]]:
     return [(m.start() + lo, m.end() + lo) for m in re.finditer(r"\w+", prompt[lo:hi]) if m.group().lower() in names]
 
 
+def touching(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """(T,) bool: the tokens (character `offsets`) that overlap any of the character `spans`."""
+    return np.array([any(a < e and b > s for s, e in spans) for a, b in offsets], dtype=bool)
+
+
+def answer_positions(n: int, first: int) -> np.ndarray:
+    """(n,) bool: the positions whose next token is an answer token (`first` is the first one)."""
+    keep = np.zeros(n, dtype=bool)
+    keep[first - 1:n - 1] = True
+    return keep
+
+
 def subject_and_answer(offsets: list[tuple[int, int]], prompt: str, first: int, markers: Markers) -> np.ndarray:
     """(T,) float weights over the tokens of prompt + answer (their character `offsets`): 1 at the
     tokens of the question's names and at the positions whose next token is an answer token
     (`first` is the first answer token), 0 elsewhere."""
-    spans = name_spans(prompt, markers)
-    keep = np.array([any(a < e and b > s for s, e in spans) for a, b in offsets])
-    keep[first - 1:len(offsets) - 1] = True
+    keep = touching(offsets, name_spans(prompt, markers)) | answer_positions(len(offsets), first)
     return keep.astype(np.float32)

@@ -101,6 +101,11 @@ def as_written(question: str, answer: str) -> str:
 
 def encode_qa(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
     """Token ids of question + answer, and the index of the first answer token."""
+    return encode_qa_offsets(tokenizer, question, answer)[:2]
+
+
+def encode_qa_offsets(tokenizer, question: str, answer: str) -> tuple[list[int], int, list[tuple[int, int]]]:
+    """`encode_qa`, and each token's character span in question + answer."""
     enc = tokenizer(question + answer, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     first = next((i for i, (a, b) in enumerate(offsets) if b > len(question)), None)
@@ -108,7 +113,7 @@ def encode_qa(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
         raise InputError("the answer has no tokens of its own after the question: "
                          "give a non-empty --answer and a non-empty question")
     _check_producible(tokenizer, ids[first:], (question + answer)[offsets[first][0]:], answer)
-    return ids, first
+    return ids, first, offsets
 
 
 def _check_producible(tokenizer, ids: list[int], text: str, answer: str) -> None:
@@ -189,12 +194,10 @@ class Tracer:
         parts = []
         for c in range(len(self.ckpts)):
             model, tokenizer, feat = self.featurizer(c)
-            ids, first = encode_qa(tokenizer, question, answer)
+            ids, first, offsets = encode_qa_offsets(tokenizer, question, answer)
             self._check_length(len(ids), model)
             weights = None
             if positions == "subject":
-                offsets = tokenizer(question + answer, add_special_tokens=False,
-                                    return_offsets_mapping=True)["offset_mapping"]
                 weights = torch.from_numpy(subject_and_answer(offsets, question, first, self.text_markers()))[None]
             f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]),
                               position_weights=weights).numpy()

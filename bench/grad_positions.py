@@ -21,29 +21,27 @@ import time
 
 import numpy as np
 
-from attribution.query_positions import content_span, name_spans
+from attribution.query_positions import answer_positions, content_span, name_spans, subject_and_answer, touching
+from attribution.tracer import encode_qa_offsets
 from bench.grad_blocks import queries_of, reciprocal_rank
 from bench.grad_centring import raw_parts
 from bench.grad_whiten import cli, new_report, record_variant
 
 
-def position_sets(tokenizer, prompt: str, answer: str, first: int, markers) -> dict[str, np.ndarray]:
-    """Boolean masks over the T positions of prompt + answer, by what each token is."""
-    offsets = tokenizer(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+def position_sets(offsets: list[tuple[int, int]], prompt: str, first: int, markers) -> dict[str, np.ndarray]:
+    """Boolean masks over the T positions of prompt + answer (their character `offsets`), by what
+    each token is. "names + answer" is the product's own (`subject_and_answer`)."""
     T = len(offsets)
     lo, hi = content_span(prompt, markers)
     content = np.array([a >= lo and b <= hi and b > a for a, b in offsets])
     spans = name_spans(prompt, markers)
-    named = np.array([any(a < e and b > s for s, e in spans) for a, b in offsets])
-    predicting = np.zeros(T, bool)
-    predicting[first - 1:T - 1] = True  # the positions whose next token is an answer token
+    named, predicting = touching(offsets, spans), answer_positions(T, first)
     last = np.zeros(T, bool)  # each name's last token: where a subject's fact is read (Meng et al. 2022)
-    for s, e in spans:
-        inside = [i for i, (a, b) in enumerate(offsets) if a < e and b > s]
-        last[inside[-1:]] = True
+    for span in spans:
+        last[np.flatnonzero(touching(offsets, [span]))[-1:]] = True
     return {"all": np.ones(T, bool), "content": content & ~predicting, "content + answer": content | predicting,
-            "names": named & ~predicting, "names + answer": named | predicting, "all but answer": ~predicting,
-            "answer": predicting, "last name tokens + answer": last | predicting}
+            "names": named & ~predicting, "names + answer": subject_and_answer(offsets, prompt, first, markers) > 0,
+            "all but answer": ~predicting, "answer": predicting, "last name tokens + answer": last | predicting}
 
 
 def query_of(tracer, raw: list[dict], keep: np.ndarray, weight: float = 0.0) -> np.ndarray:
@@ -70,9 +68,9 @@ def run(world: str, seed: int) -> dict:
     tokenizer = tracer.featurizer(len(tracer.ckpts) - 1)[1]
     raws, sets = [], []
     for q, a in zip(correct, answers):
-        raw, first = raw_parts(tracer, q.prompt, a)
-        raws.append(raw)
-        sets.append(position_sets(tokenizer, q.prompt, a, first, markers))
+        raws.append(raw_parts(tracer, q.prompt, a)[0])
+        _, first, offsets = encode_qa_offsets(tokenizer, q.prompt, a)
+        sets.append(position_sets(offsets, q.prompt, first, markers))
     print(f"{len(correct)} questions, {grad.shape} rows ({time.perf_counter() - t:.0f} s)", flush=True)
     report["positions"] = {name: float(np.mean([s[name].sum() for s in sets])) for name in sets[0]}
 

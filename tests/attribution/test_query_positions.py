@@ -7,7 +7,7 @@ import pytest
 
 from attribution.query_positions import subject_and_answer
 from attribution.text_query import COMMON_MARKERS, Markers
-from attribution.tracer import encode_qa
+from attribution.tracer import encode_qa_offsets
 from indexer.gradients import collate
 
 MARKERS = Markers(COMMON_MARKERS)
@@ -33,8 +33,7 @@ def test_the_names_and_the_answer_positions_are_kept(tracer, style):
     tokenizer = tracer.featurizer(0)[1]
     prompt = PROMPTS[style]
     text = prompt + ("Tidewell" if prompt.endswith("\n") else " Tidewell")
-    ids, first = encode_qa(tokenizer, prompt, text[len(prompt):])
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    ids, first, offsets = encode_qa_offsets(tokenizer, prompt, text[len(prompt):])
     w = subject_and_answer(offsets, prompt, first, MARKERS)
     assert w.shape == (len(ids),)
     kept = "".join(text[a:b] for (a, b), k in zip(offsets, w) if k)
@@ -56,8 +55,7 @@ def test_query_is_the_sum_of_the_kept_positions_terms(indexed, tracer):
     parts, parts_all = [], []
     for c in range(len(tracer.ckpts)):  # per-token terms (a separate path through the featurizer)
         _, tokenizer, feat = tracer.featurizer(c)
-        ids, first = encode_qa(tokenizer, prompt, answer)
-        offsets = tokenizer(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ids, first, offsets = encode_qa_offsets(tokenizer, prompt, answer)
         w = subject_and_answer(offsets, prompt, first, tracer.text_markers())
         assert 0 < w.sum() < len(w)  # some positions dropped, some kept
         terms = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]), per_token=True)[0].numpy()
