@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.methods import METHODS
+from attribution.methods import METHODS, check_positions
 from attribution.query_positions import subject_and_answer
 from attribution.text_query import derive as derive_text_query, learn_markers
 from db.errors import InputError
@@ -67,6 +67,7 @@ class Pool:
     answer: str
     answer_generated: bool
     text_query: str  # what dense and BM25 searched with
+    gradient_query: dict  # the positions the gradient query summed over (`Tracer.gradient_query`)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -76,6 +77,7 @@ class Ranking:
     answer_generated: bool
     hits: list[Hit]
     text_query: str
+    gradient_query: dict
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -186,19 +188,17 @@ class Tracer:
     def query_gradient(self, question: str, answer: str, positions: str = "subject") -> np.ndarray:
         """Concatenated per-checkpoint query features, loss on the answer tokens only. (D,)
 
-        `positions` "subject" sums each layer's gradient over the question's names and the
-        positions that emit the answer (`attribution.query_positions`); "all" over every position,
-        the loss's full gradient."""
-        if positions not in ("subject", "all"):
-            raise ValueError(f"positions is 'subject' or 'all', not {positions!r}")
+        `positions` (`QUERY_POSITIONS`) "subject" sums each layer's gradient over the question's
+        names and the positions that emit the answer (`attribution.query_positions`); "all" over
+        every position, the loss's full gradient."""
+        check_positions(positions)
         parts = []
         for c in range(len(self.ckpts)):
             model, tokenizer, feat = self.featurizer(c)
-            ids, first, offsets = encode_qa_offsets(tokenizer, question, answer)
+            ids, first, weights = self._query_tokens(tokenizer, question, answer, positions)
             self._check_length(len(ids), model)
-            weights = None
-            if positions == "subject":
-                weights = torch.from_numpy(subject_and_answer(offsets, question, first, self.text_markers()))[None]
+            if weights is not None:
+                weights = torch.from_numpy(weights)[None]
             f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]),
                               position_weights=weights).numpy()
             if self.curvatures[c] is not None:
@@ -206,16 +206,37 @@ class Tracer:
             parts.append(f[0] / max(np.linalg.norm(f[0]), 1e-30) * self.weights[c])
         return np.concatenate(parts).astype(np.float32)
 
+    def _query_tokens(self, tokenizer, question: str, answer: str, positions: str):
+        """(ids, first answer token, (T,) weights or None for every position) of the gradient query."""
+        ids, first, offsets = encode_qa_offsets(tokenizer, question, answer)
+        if positions == "all":
+            return ids, first, None
+        return ids, first, subject_and_answer(offsets, question, first, self.text_markers())
+
+    def gradient_query(self, question: str, answer: str, positions: str = "subject") -> dict:
+        """What the gradient query summed over, as a trace records it: {"positions": "subject",
+        "tokens": the kept tokens' text} or {"positions": "all"} (every token of prompt + answer)."""
+        check_positions(positions)
+        if positions == "all":
+            return {"positions": "all"}
+        tokenizer = self.featurizer(len(self.ckpts) - 1)[1]
+        _, first, offsets = encode_qa_offsets(tokenizer, question, answer)
+        keep = subject_and_answer(offsets, question, first, self.text_markers())
+        text = question + answer
+        return {"positions": "subject", "tokens": [text[a:b] for (a, b), k in zip(offsets, keep) if k]}
+
     def text_markers(self):
         """The user-turn markers of the model's chat template (`attribution.text_query`), learned once."""
         return self.cached("text_markers", lambda: learn_markers(self.featurizer(len(self.ckpts) - 1)[1]))
 
     def candidates(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
-                   candidates: int = 100, text_query: str | None = None) -> Pool:
+                   candidates: int = 100, text_query: str | None = None,
+                   gradient_positions: str = "subject") -> Pool:
         """The candidate rows and every method's raw score on them (one pass; `rank` orders them).
 
-        The gradient query is the loss on the answer tokens of the exact prompt; the text query
-        (dense, BM25) is `text_query` as given, else derived from the question's content.
+        The gradient query is the loss on the answer tokens of the exact prompt, summed over
+        `gradient_positions` (`query_gradient`); the text query (dense, BM25) is `text_query` as
+        given, else derived from the question's content.
         """
         if not question.strip():
             raise InputError("the question is empty: ask something")
@@ -223,6 +244,7 @@ class Tracer:
             raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         if text_query is not None and not text_query.strip():
             raise InputError("the text query is empty: pass --text-query with the words to search for, or leave it out")
+        check_positions(gradient_positions)
         timings, t = {}, time.perf_counter()
         generated = answer is None
         if generated:
@@ -233,7 +255,7 @@ class Tracer:
             raise InputError("the answer is empty: pass --answer with the text to trace")
         if not generated:
             answer = as_written(question, answer)  # the trace records the answer it traced
-        q_grad = self.query_gradient(question, answer)
+        q_grad = self.query_gradient(question, answer, gradient_positions)
         timings["query_gradient"] = time.perf_counter() - t
         t = time.perf_counter()
         q_text = text_query if text_query is not None else derive_text_query(question, answer, self.text_markers())
@@ -258,11 +280,12 @@ class Tracer:
             "bm25": bm25[pool],
         }
         timings["candidates"] = time.perf_counter() - t
-        return Pool(pool, raw, answer, generated, q_text, timings)
+        return Pool(pool, raw, answer, generated, q_text,
+                    self.gradient_query(question, answer, gradient_positions), timings)
 
     def rank(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
-             candidates: int = 100, text_query: str | None = None) -> Ranking:
-        pool = self.candidates(question, answer, k, method, candidates, text_query)
+             candidates: int = 100, text_query: str | None = None, gradient_positions: str = "subject") -> Ranking:
+        pool = self.candidates(question, answer, k, method, candidates, text_query, gradient_positions)
         t = time.perf_counter()
         if method == "hybrid":
             score = fuse(pool.raw)
@@ -274,7 +297,7 @@ class Tracer:
                 for i in top]
         timings = pool.timings
         timings["rank"] = time.perf_counter() - t + timings.pop("candidates")
-        return Ranking(pool.answer, pool.answer_generated, hits, pool.text_query, timings)
+        return Ranking(pool.answer, pool.answer_generated, hits, pool.text_query, pool.gradient_query, timings)
 
 
 def fuse(raw: dict[str, np.ndarray], coefficients: dict[str, dict[str, float]] = FUSION) -> np.ndarray:

@@ -34,6 +34,9 @@ class TraceRequest(BaseModel):
     text_query: str | None = Field(None, min_length=1, max_length=4000,
                                    description="What dense and BM25 search with; default: the question's content "
                                                "(chat template, system and few-shot parts removed) and the answer.")
+    gradient_positions: Literal["subject", "all"] = Field(
+        "subject", description="What the gradient query sums over: the question's names and the answer's "
+                               "positions (subject), or every position of prompt and answer (all).")
     run_async: bool = Field(False, alias="async",
                             description="Queue the trace and answer 202 with a job to poll at /jobs/{id}.")
 

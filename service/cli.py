@@ -98,6 +98,9 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
           verify: bool = typer.Option(False, "--verify", help="Tail-patch and lexical check of each document."),
           text_query: Optional[str] = typer.Option(None, "--text-query", help="What dense and BM25 search with; "
                                                    "default: the question's content (template removed) and the answer."),
+          gradient_positions: str = typer.Option("subject", "--gradient-positions",
+                                                 help="subject | all: what the gradient query sums over, the "
+                                                      "question's names and the answer's positions, or every position."),
           corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="Default: the latest build's."),
           model: Optional[str] = typer.Option(None, "--model", "-m", help="Default: the latest build's."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -110,13 +113,14 @@ def trace(question: str = typer.Argument(..., help="The prompt or question the m
         from service import jobs
         from service.job_params import TraceJob
         settings = _settings(data_dir)
-        spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify, text_query)
+        spec = TraceJob(question, answer, corpus, model, k, method, rerank, verify, text_query, gradient_positions)
         _print_jobs([jobs.get(settings, jobs.submit(settings, spec))], as_json)
         return
     from indexer.config import applied
     from service import traces
     with applied(runtime_of(device=device, dtype=dtype)):
-        out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify, text_query)
+        out = traces.trace(_settings(data_dir), question, answer, corpus, model, k, method, rerank, verify,
+                           text_query, gradient_positions)
     if as_json:
         typer.echo(json.dumps(asdict(out), indent=2))
     else:

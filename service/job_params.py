@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from attribution.methods import METHODS, RERANKS
+from attribution.methods import METHODS, QUERY_POSITIONS, RERANKS, check_positions
 from db.errors import InputError
 
 MAX_K = 1000
@@ -51,6 +51,9 @@ class TraceJob(_Params):
     verify: bool = field(default=False, metadata={"help": "Tail-patch and lexical check of each document."})
     text_query: str | None = field(default=None, metadata={"help": "What dense and BM25 search with; default: the "
                                                                    "question's content (template removed) and the answer."})
+    gradient_positions: str = field(default="subject", metadata={
+        "help": f"{' | '.join(QUERY_POSITIONS)}: what the gradient query sums over, the question's names and the "
+                "answer's positions (default) or every position."})
 
     kind = "trace"
 
@@ -61,6 +64,7 @@ class TraceJob(_Params):
             raise InputError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.text_query is not None and not self.text_query.strip():
             raise InputError("the text query is empty: pass --text-query with the words to search for, or leave it out")
+        check_positions(self.gradient_positions)
         if self.rerank not in (None, *RERANKS):
             raise InputError(f"unknown rerank {self.rerank!r}: use --rerank exact, or leave it out")
 

@@ -51,6 +51,12 @@ def print_trace(out, truth: set[str] | None = None, correct: bool | None = None,
     if getattr(out, "text_query", None):
         head.append("\nT ", style="bold cyan").append(out.text_query, style="dim")
         head.append("  (what dense and BM25 searched)", style="dim")
+    gq = getattr(out, "gradient_query", None)
+    if gq:
+        kept = " · ".join(t.strip() or repr(t) for t in gq.get("tokens", [])) if gq["positions"] == "subject" \
+            else "every position"
+        head.append("\nG ", style="bold cyan").append(kept, style="dim")
+        head.append("  (what the gradient query summed over)", style="dim")
     console.print(head)
     if out.supported is False:
         console.print("unsupported: probably not learned from this corpus — no returned document states "

@@ -235,7 +235,8 @@ def _store(settings: Settings, job_id: int, shard: int, worker: str, target: _Ta
             hits = [(h, *entries[h.position]) for h in ranking.hits]
             t = repo.save_trace(s, Trace(question=question, answer=ranking.answer,
                                          answer_generated=ranking.answer_generated, model_id=target.model_id,
-                                         build_id=target.build_id, method=target.method, timings=ranking.timings),
+                                         build_id=target.build_id, method=target.method, timings=ranking.timings,
+                                         text_query=ranking.text_query, gradient_query=ranking.gradient_query),
                                 [{"rank": r, "document_id": d.id, "position": h.position, "score": h.score,
                                   "scores": h.scores} for r, (h, _, d) in enumerate(hits, 1)])
             texts = [d.text[e.char_start:e.char_end] for _, e, d in hits]

@@ -37,23 +37,26 @@ def resolve_build(settings: Settings, corpus: str | None = None, model: str | No
 
 def trace(settings: Settings, question: str, answer: str | None = None, corpus: str | None = None,
           model: str | None = None, k: int = 10, method: str = "hybrid", rerank: str | None = None,
-          verify: bool = False, text_query: str | None = None, job_id: int | None = None) -> TraceOutcome:
+          verify: bool = False, text_query: str | None = None, gradient_positions: str = "subject",
+          job_id: int | None = None) -> TraceOutcome:
     """Trace one answer and store the trace and its ranked results in one transaction.
 
     `rerank="exact"` rescores the top candidates with full, unprojected gradients;
     `verify` adds a tail-patch and a lexical check to every returned document; `text_query`
-    replaces the derived dense/BM25 query (the trace records the one it used).
+    replaces the derived dense/BM25 query (the trace records the one it used); `gradient_positions`
+    "all" sums the gradient query over every position, not only the names' and the answer's.
     With `job_id` (a trace job), the same transaction finishes the job; a second delivery of that
     job raises JobFinished there and stores nothing.
     """
     from attribution.rerank import RERANK_N
 
-    TraceJob(question, answer, corpus, model, k, method, rerank, verify, text_query)  # the request's checks, in one place
+    TraceJob(question, answer, corpus, model, k, method, rerank, verify, text_query,
+             gradient_positions)  # the request's checks, in one place
     target = resolve_build(settings, corpus, model)
     with model_lock:
         tracer = build_tracer(target.store_path, target.by_step)
         ranking = tracer.rank(question, answer, k=max(k, RERANK_N) if rerank else k, method=method,
-                              text_query=text_query)
+                              text_query=text_query, gradient_positions=gradient_positions)
         if rerank or verify:
             with transaction(settings.database_url) as s:
                 texts = repo.texts_at(s, target.build_id, [h.position for h in ranking.hits])
@@ -77,7 +80,7 @@ def _store(settings: Settings, target: BuildTarget, question: str, method: str, 
         t = repo.save_trace(s, Trace(question=question, answer=ranking.answer,
                                      answer_generated=ranking.answer_generated, model_id=target.model_id,
                                      build_id=target.build_id, method=method, timings=ranking.timings,
-                                     text_query=ranking.text_query,
+                                     text_query=ranking.text_query, gradient_query=ranking.gradient_query,
                                      job_id=job_id),
                             [{"rank": r, "document_id": entries[h.position][1].id, "position": h.position,
                               "score": h.score, "scores": h.scores} for r, h in enumerate(ranking.hits, 1)])

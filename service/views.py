@@ -42,6 +42,7 @@ class TraceOutcome:
     created_at: str | None = None
     supported: bool | None = None  # None unless verified; False: no document backs the answer
     text_query: str | None = None  # what dense and BM25 searched with; None for traces stored before it was kept
+    gradient_query: dict | None = None  # the positions the gradient query summed over; None before it was kept
 
 
 def trace_outcome(t, model_name: str, entries: dict) -> TraceOutcome:
@@ -51,7 +52,7 @@ def trace_outcome(t, model_name: str, entries: dict) -> TraceOutcome:
                      entries[r.position][0].char_end, r.score, r.scores) for r in t.results]
     return TraceOutcome(t.id, t.question, t.answer, t.answer_generated, t.method, hits, t.timings,
                         model_name, t.build_id, iso_utc(t.created_at), supported([h.scores for h in hits]),
-                        t.text_query)
+                        t.text_query, t.gradient_query)
 
 
 @dataclass

@@ -102,7 +102,7 @@ def test_workers_starting_together_migrate_the_database_once(own_db_url):
         with ThreadPoolExecutor(len(engines)) as pool:
             list(pool.map(upgrade, engines))
         with engines[0].connect() as c:
-            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0008"]
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0009"]
     finally:
         for e in engines:
             e.dispose()

@@ -100,3 +100,14 @@ def index_world(settings, tiny_world, model_dir, root, name: str, config=None):
     catalog.ingest(settings, corpus, name)
     catalog.add_model(settings, model_dir, name)
     return jobs.index_here(settings, name, name, config)
+
+
+@pytest.fixture
+def api_client(indexed):
+    """A FastAPI test client of the tiny world's data dir, with a valid bearer token."""
+    from fastapi.testclient import TestClient
+    from service.api import create_app
+    from service.settings import ApiSettings
+    token = "t" * ApiSettings.MIN_TOKEN
+    return TestClient(create_app(indexed.settings, ApiSettings(token=token)),
+                      headers={"Authorization": f"Bearer {token}"})

@@ -136,4 +136,4 @@ def test_worker_check_and_db_upgrade(cli, monkeypatch):
     code, out, err = cli("worker", "--check", env={"WHEREFROM_BROKER_URL": REDIS})
     assert code in (0, None) and "reachable" in out, err
     code, out, _ = cli("db", "upgrade")
-    assert code in (0, None) and "revision 0008" in out
+    assert code in (0, None) and "revision 0009" in out

@@ -57,14 +57,8 @@ def test_blank_text_query_is_refused_and_changes_nothing(indexed, run_cli):
     assert state(indexed.settings) == before
 
 
-def test_api_takes_a_text_query(indexed):
-    from fastapi.testclient import TestClient
-    from service.api import create_app
-    from service.settings import ApiSettings
-    q = indexed.world.questions[1]
-    token = "t" * ApiSettings.MIN_TOKEN
-    client = TestClient(create_app(indexed.settings, ApiSettings(token=token)),
-                        headers={"Authorization": f"Bearer {token}"})
+def test_api_takes_a_text_query(indexed, api_client):
+    q, client = indexed.world.questions[1], api_client
     before = state(indexed.settings)
     r = client.post("/traces", json={"question": q.prompt, "answer": " " + q.answer, "text_query": " \n"})
     assert r.status_code == 400 and r.json()["error"].startswith("the text query is empty")
