@@ -196,6 +196,7 @@ class Featurizer:
         self._mask = attention_mask.to(torch.float32)  # a float32 mask makes each projection float32
         self._per_token = per_token
         self._scale = None if position_weights is None else position_weights.to(self.device, torch.float32)
+        self._runs = None  # one example a row: packed runs are the training callback's (indexer.callback)
         self._x.clear(); self._d.clear(); self._lead_input.clear()
         if self._leads is None:
             self._seen = []  # a batch cut off by running out of memory
