@@ -194,8 +194,12 @@ def tail_patch(settings, seed: int, records: list[dict], n: int = TAIL_PATCH_QUE
         got = dict(zip(docs, patcher.deltas(r["prompt"], " " + r["answer"].strip(), ids)))
         for m, top in r["top10"].items():
             deltas.setdefault(m, []).append(float(np.mean([got[e] for e in top])))
+    styles = [r["style"] for r in chosen[:n]]
+    by_style = {s: {m: float(np.mean([d for d, t in zip(v, styles) if t == s])) for m, v in deltas.items()}
+                for s in sorted(set(styles))}
     return {"questions": min(n, len(chosen)), "prompts": [r["prompt"] for r in chosen[:n]],
             "mean_top10_delta": {m: float(np.mean(v)) for m, v in deltas.items()},
+            "by_style": {s: {"questions": styles.count(s), **v} for s, v in by_style.items()},
             "per_question": {m: v for m, v in deltas.items() if m != "random"}}
 
 
@@ -211,7 +215,8 @@ def paired(a: dict, b: dict) -> dict:
     return out
 
 
-def run(world: str, seed: int, proj: int | None = None, exact: bool = False, limit: int | None = None) -> dict:
+def run(world: str, seed: int, proj: int | None = None, exact: bool = False, limit: int | None = None,
+        tail_questions: int = TAIL_PATCH_QUESTIONS) -> dict:
     """Default build, every question traced; optionally beside an exact-index build of the same config.
 
     With `proj`, a build of `proj` × `proj` projections and an exact index (a projection sweep
@@ -239,7 +244,7 @@ def run(world: str, seed: int, proj: int | None = None, exact: bool = False, lim
               "store": facts, "config": asdict(gradient), "records": records, "summary": summary(records)}
     if not proj:
         save_features(settings, questions, records, folder / "features.npz")
-        report["tail_patch"] = tail_patch(settings, seed, records)
+        report["tail_patch"] = tail_patch(settings, seed, records, tail_questions)
     if exact and report["store"]["factory"] != "Flat":
         flat, flat_seconds = build(folder, corpus, model, BuildConfig(gradient=gradient, factory="Flat"), name + "-flat")
         flat_records = trace_all(flat, questions, ("grad",))  # the exact index's grad beside the default
@@ -274,3 +279,5 @@ def print_report(report: dict) -> None:
         t = report["tail_patch"]
         print(f"tail-patch, mean Δ log p(answer) of the top-10 over {t['questions']} questions:",
               {m: round(v, 4) for m, v in t["mean_top10_delta"].items()})
+        for style, v in t.get("by_style", {}).items():
+            print(f"  {style} ({v['questions']}):", {m: round(x, 4) for m, x in v.items() if m != "questions"})

@@ -203,12 +203,14 @@ def main():
     ap.add_argument("--proj", type=int, default=None, help="projection size per side (default: GradientConfig's)")
     ap.add_argument("--exact", action="store_true", help="also a build forced to an exact FAISS index")
     ap.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    ap.add_argument("--tail-patch", type=int, default=TAIL_PATCH_QUESTIONS,
+                    help="correctly answered questions whose top-10s are tail-patched (a seeded sample)")
     ap.add_argument("--baselines", action="store_true", help="trap world: also score every baseline method")
     args = ap.parse_args()
     from bench import product_path
     seed = args.seed if args.seed is not None else (101 if args.world == "trap" else 200)
     OUT.mkdir(parents=True, exist_ok=True)
-    report = product_path.run(args.world, seed, args.proj, args.exact, args.limit)
+    report = product_path.run(args.world, seed, args.proj, args.exact, args.limit, args.tail_patch)
     product_path.print_report(report)
     suffix = f"-proj{args.proj}" if args.proj else ""
     (OUT / f"quality-{args.world}-seed{seed}{suffix}.json").write_text(json.dumps(report, indent=1))
