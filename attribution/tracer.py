@@ -67,7 +67,7 @@ class Pool:
     answer: str
     answer_generated: bool
     text_query: str  # what dense and BM25 searched with
-    gradient_query: dict  # the positions the gradient query summed over (`Tracer.gradient_query`)
+    gradient_query: dict  # what the gradient query summed over (`Tracer._query`)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -191,39 +191,28 @@ class Tracer:
         `positions` (`QUERY_POSITIONS`) "subject" sums each layer's gradient over the question's
         names and the positions that emit the answer (`attribution.query_positions`); "all" over
         every position, the loss's full gradient."""
+        return self._query(question, answer, positions)[0]
+
+    def _query(self, question: str, answer: str, positions: str) -> tuple[np.ndarray, dict]:
+        """`query_gradient`, and what it summed over as a trace records it: {"positions": "subject",
+        "tokens": the kept tokens' text (the last checkpoint's tokenizer)} or {"positions": "all"}."""
         check_positions(positions)
-        parts = []
+        parts, record = [], {"positions": positions}
         for c in range(len(self.ckpts)):
             model, tokenizer, feat = self.featurizer(c)
-            ids, first, weights = self._query_tokens(tokenizer, question, answer, positions)
+            ids, first, offsets = encode_qa_offsets(tokenizer, question, answer)
             self._check_length(len(ids), model)
-            if weights is not None:
-                weights = torch.from_numpy(weights)[None]
+            weights = None
+            if positions == "subject":
+                keep = subject_and_answer(offsets, question, first, self.text_markers())
+                record["tokens"] = [(question + answer)[a:b] for (a, b), k in zip(offsets, keep) if k]
+                weights = torch.from_numpy(keep)[None]
             f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]),
                               position_weights=weights).numpy()
             if self.curvatures[c] is not None:
                 f = self.curvatures[c].apply(f)
             parts.append(f[0] / max(np.linalg.norm(f[0]), 1e-30) * self.weights[c])
-        return np.concatenate(parts).astype(np.float32)
-
-    def _query_tokens(self, tokenizer, question: str, answer: str, positions: str):
-        """(ids, first answer token, (T,) weights or None for every position) of the gradient query."""
-        ids, first, offsets = encode_qa_offsets(tokenizer, question, answer)
-        if positions == "all":
-            return ids, first, None
-        return ids, first, subject_and_answer(offsets, question, first, self.text_markers())
-
-    def gradient_query(self, question: str, answer: str, positions: str = "subject") -> dict:
-        """What the gradient query summed over, as a trace records it: {"positions": "subject",
-        "tokens": the kept tokens' text} or {"positions": "all"} (every token of prompt + answer)."""
-        check_positions(positions)
-        if positions == "all":
-            return {"positions": "all"}
-        tokenizer = self.featurizer(len(self.ckpts) - 1)[1]
-        _, first, offsets = encode_qa_offsets(tokenizer, question, answer)
-        keep = subject_and_answer(offsets, question, first, self.text_markers())
-        text = question + answer
-        return {"positions": "subject", "tokens": [text[a:b] for (a, b), k in zip(offsets, keep) if k]}
+        return np.concatenate(parts).astype(np.float32), record
 
     def text_markers(self):
         """The user-turn markers of the model's chat template (`attribution.text_query`), learned once."""
@@ -235,7 +224,7 @@ class Tracer:
         """The candidate rows and every method's raw score on them (one pass; `rank` orders them).
 
         The gradient query is the loss on the answer tokens of the exact prompt, summed over
-        `gradient_positions` (`query_gradient`); the text query (dense, BM25) is `text_query` as
+        `gradient_positions` (`query_gradient`, checked before any answer is generated); the text query (dense, BM25) is `text_query` as
         given, else derived from the question's content.
         """
         if not question.strip():
@@ -255,7 +244,7 @@ class Tracer:
             raise InputError("the answer is empty: pass --answer with the text to trace")
         if not generated:
             answer = as_written(question, answer)  # the trace records the answer it traced
-        q_grad = self.query_gradient(question, answer, gradient_positions)
+        q_grad, q_record = self._query(question, answer, gradient_positions)
         timings["query_gradient"] = time.perf_counter() - t
         t = time.perf_counter()
         q_text = text_query if text_query is not None else derive_text_query(question, answer, self.text_markers())
@@ -280,8 +269,7 @@ class Tracer:
             "bm25": bm25[pool],
         }
         timings["candidates"] = time.perf_counter() - t
-        return Pool(pool, raw, answer, generated, q_text,
-                    self.gradient_query(question, answer, gradient_positions), timings)
+        return Pool(pool, raw, answer, generated, q_text, q_record, timings)
 
     def rank(self, question: str, answer: str | None = None, k: int = 10, method: str = "hybrid",
              candidates: int = 100, text_query: str | None = None, gradient_positions: str = "subject") -> Ranking:

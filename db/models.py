@@ -103,7 +103,7 @@ class Trace(Base):
     timings: Mapped[dict] = mapped_column(JSON, default=dict)  # seconds per stage
     # what dense and BM25 searched with (the prompt's template removed); NULL for traces before 0007
     text_query: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # the positions the gradient query summed over (`Tracer.gradient_query`); NULL before 0009
+    # the positions the gradient query summed over (`Tracer._query`); NULL before 0009
     gradient_query: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # the job that traced it: unique, so a trace job delivered twice still stores one trace

@@ -26,7 +26,9 @@ def test_trace_records_the_names_and_answer_positions_and_show_prints_them(index
     assert "Question" not in kept and len(kept) < len(q.prompt)  # the template and the relation words left out
     assert ":" in kept  # "Answer:" emits the answer
     code, out, _ = run_cli("show", str(json.loads(out)["trace_id"]), env=_env(indexed))
-    assert code == 0 and "what the gradient query summed over" in out
+    line = next((row for row in out.splitlines() if row.startswith("G ")), "")
+    assert code == 0 and "what the gradient query summed over" in line
+    assert all(t.strip() in line for t in recorded["tokens"] if t.strip())  # the kept tokens, as recorded
 
 
 def test_every_position_is_a_different_query_and_is_recorded(indexed, run_cli):
@@ -59,7 +61,8 @@ def test_api_and_trace_jobs_take_the_positions(indexed, api_client):
     q, client = indexed.world.questions[1], api_client
     before = state(indexed.settings)
     r = client.post("/traces", json={"question": q.prompt, "answer": " " + q.answer, "gradient_positions": "every"})
-    assert 400 <= r.status_code < 500
+    assert r.status_code == 422
+    assert r.json()["error"].startswith("gradient_positions: Input should be 'subject' or 'all'")
     assert state(indexed.settings) == before
     r = client.post("/traces", json={"question": q.prompt, "answer": " " + q.answer, "gradient_positions": "all"})
     assert r.status_code == 201 and r.json()["gradient_query"] == {"positions": "all"}
