@@ -216,7 +216,7 @@ def paired(a: dict, b: dict) -> dict:
 
 
 def run(world: str, seed: int, proj: int | None = None, exact: bool = False, limit: int | None = None,
-        tail_questions: int = TAIL_PATCH_QUESTIONS) -> dict:
+        tail_questions: int | None = None) -> dict:
     """Default build, every question traced; optionally beside an exact-index build of the same config.
 
     With `proj`, a build of `proj` × `proj` projections and an exact index (a projection sweep
@@ -244,7 +244,7 @@ def run(world: str, seed: int, proj: int | None = None, exact: bool = False, lim
               "store": facts, "config": asdict(gradient), "records": records, "summary": summary(records)}
     if not proj:
         save_features(settings, questions, records, folder / "features.npz")
-        report["tail_patch"] = tail_patch(settings, seed, records, tail_questions)
+        report["tail_patch"] = tail_patch(settings, seed, records, tail_questions or TAIL_PATCH_QUESTIONS)
     if exact and report["store"]["factory"] != "Flat":
         flat, flat_seconds = build(folder, corpus, model, BuildConfig(gradient=gradient, factory="Flat"), name + "-flat")
         flat_records = trace_all(flat, questions, ("grad",))  # the exact index's grad beside the default

@@ -203,8 +203,9 @@ def main():
     ap.add_argument("--proj", type=int, default=None, help="projection size per side (default: GradientConfig's)")
     ap.add_argument("--exact", action="store_true", help="also a build forced to an exact FAISS index")
     ap.add_argument("--limit", type=int, default=None, help="the first N questions only")
-    ap.add_argument("--tail-patch", type=int, default=TAIL_PATCH_QUESTIONS,
-                    help="correctly answered questions whose top-10s are tail-patched (a seeded sample)")
+    ap.add_argument("--tail-patch", type=int, default=None,
+                    help="correctly answered questions whose top-10s are tail-patched, a seeded sample "
+                         "(default: bench.product_path.TAIL_PATCH_QUESTIONS)")
     ap.add_argument("--baselines", action="store_true", help="trap world: also score every baseline method")
     args = ap.parse_args()
     from bench import product_path
