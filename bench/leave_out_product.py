@@ -32,6 +32,9 @@ from bench.trap_world import stating_ids
 
 OUT = Path("bench/out")
 METHODS = ("hybrid", "grad", "dense", "bm25")
+# ranked lists beside the methods': the default with the loss's full gradient as its query
+# (`trace --gradient-positions all`, the query before session 24's names-and-answer positions)
+VARIANTS = {"hybrid_all": {"method": "hybrid", "gradient_positions": "all"}}
 
 
 def folder(seed: int) -> Path:
@@ -74,16 +77,22 @@ def plan(seed: int, n_facts: int, k: int) -> dict:
         if is_correct(answer, q.answer):
             chosen.append({"prompt": q.prompt, "answer": answer, "style": q.style, "sources": stating_ids(q)})
             facts.add((q.person, q.attribute))
-    sets = {m: set() for m in METHODS + ("random", "truth")}
+    sets = {m: set() for m in METHODS + tuple(VARIANTS) + ("random", "truth")}
     for q in chosen:
-        for m in METHODS:
-            sets[m] |= {ext[h.position] for h in tracer.rank(q["prompt"], q["answer"], k=k, method=m).hits}
+        for m in METHODS + tuple(VARIANTS):
+            sets[m] |= top_k(tracer, ext, q, k, m)
         sets["random"] |= set(rng.sample([d["id"] for d in docs], k))
         sets["truth"] |= set(q["sources"][:k])
     out = {"seed": seed, "k": k, "facts": chosen, "sets": {m: sorted(s) for m, s in sets.items()}}
     folder(seed).mkdir(parents=True, exist_ok=True)
     (folder(seed) / "plan.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def top_k(tracer, ext: list[str], fact: dict, k: int, name: str) -> set[str]:
+    """The documents of a method's (or a VARIANTS entry's) top-k for one fact."""
+    how = VARIANTS.get(name, {"method": name})
+    return {ext[h.position] for h in tracer.rank(fact["prompt"], fact["answer"], k=k, **how).hits}
 
 
 def train_without(seed: int, method: str, train_seed: int | None) -> Path:
@@ -182,7 +191,8 @@ def main():
     ap.add_argument("--seed", type=int, default=201)
     ap.add_argument("--facts", type=int, default=30)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--method", default="hybrid", help="hybrid, grad, dense, bm25, random, truth or none")
+    ap.add_argument("--method", default="hybrid",
+                    help="hybrid, grad, dense, bm25, random, truth, none, or a variant: " + ", ".join(VARIANTS))
     ap.add_argument("--train-seed", type=int, help="retrain with this seed instead of the world's")
     args = ap.parse_args()
     if args.step == "plan":
