@@ -197,21 +197,19 @@ class Tracer:
         """`query_gradient`, and what it summed over as a trace records it: {"positions": "subject",
         "tokens": the kept tokens' text (the last checkpoint's tokenizer)} or {"positions": "all"}."""
         check_positions(positions)
-        parts, record = [], {"positions": positions}
+        parts, record, keep = [], {"positions": positions}, None
         for c in range(len(self.ckpts)):
             model, tokenizer, feat = self.featurizer(c)
             ids, first, offsets = encode_qa_offsets(tokenizer, question, answer)
             self._check_length(len(ids), model)
-            weights = None
-            if positions == "subject":
-                keep = subject_and_answer(offsets, question, first, self.text_markers())
-                record["tokens"] = [(question + answer)[a:b] for (a, b), k in zip(offsets, keep) if k]
-                weights = torch.from_numpy(keep)[None]
+            keep = subject_and_answer(offsets, question, first, self.text_markers()) if positions == "subject" else None
             f = feat.features(*collate([ids], tokenizer.pad_token_id, label_from=[first]),
-                              position_weights=weights).numpy()
+                              position_weights=None if keep is None else torch.from_numpy(keep)[None]).numpy()
             if self.curvatures[c] is not None:
                 f = self.curvatures[c].apply(f)
             parts.append(f[0] / max(np.linalg.norm(f[0]), 1e-30) * self.weights[c])
+        if keep is not None:  # the kept tokens' text, by the last checkpoint's tokenizer and mask
+            record["tokens"] = [(question + answer)[a:b] for (a, b), k in zip(offsets, keep) if k]
         return np.concatenate(parts).astype(np.float32), record
 
     def text_markers(self):

@@ -10,7 +10,8 @@ method's top-k documents and see how much the answers' log-probability drops.
 method's top-k for each through the world's default build (`bench.callback`'s offline build of the
 same model, else `bench.product_path`'s): `hybrid` (the default), `grad`, `dense`, `bm25`, `random`
 (k random documents per fact: what removing that many documents does by itself) and the facts' true
-sources (`truth`, k per fact: statements first, then question–answer restatements). Each method's
+sources (`truth`, k per fact: statements first, then question–answer restatements), and the
+`VARIANTS` lists (`hybrid_all`: the default traced with `--gradient-positions all`). Each method's
 documents for all facts are removed together and the model is retrained from scratch with the
 world's training config and seed, and the full model's tokenizer (a tokenizer refitted on fewer
 documents would change the log-probabilities being compared).
@@ -35,6 +36,7 @@ METHODS = ("hybrid", "grad", "dense", "bm25")
 # ranked lists beside the methods': the default with the loss's full gradient as its query
 # (`trace --gradient-positions all`, the query before session 24's names-and-answer positions)
 VARIANTS = {"hybrid_all": {"method": "hybrid", "gradient_positions": "all"}}
+RANKED = METHODS + tuple(VARIANTS)  # every list `plan` takes through the build
 
 
 def folder(seed: int) -> Path:
@@ -77,9 +79,9 @@ def plan(seed: int, n_facts: int, k: int) -> dict:
         if is_correct(answer, q.answer):
             chosen.append({"prompt": q.prompt, "answer": answer, "style": q.style, "sources": stating_ids(q)})
             facts.add((q.person, q.attribute))
-    sets = {m: set() for m in METHODS + tuple(VARIANTS) + ("random", "truth")}
+    sets = {m: set() for m in RANKED + ("random", "truth")}
     for q in chosen:
-        for m in METHODS + tuple(VARIANTS):
+        for m in RANKED:
             sets[m] |= top_k(tracer, ext, q, k, m)
         sets["random"] |= set(rng.sample([d["id"] for d in docs], k))
         sets["truth"] |= set(q["sources"][:k])
